@@ -1,0 +1,22 @@
+"""Facts about FER2013 that every module agrees on.
+
+Class order is the Kaggle `emotion` column's (Goodfellow et al. 2013, "Challenges in Representation Learning");
+it is a tested invariant because shards, checkpoints and registered models all store class *indices*.
+"""
+
+FER_CLASSES: tuple[str, ...] = ("Angry", "Disgust", "Fear", "Happy", "Sad", "Surprise", "Neutral")
+NUM_CLASSES = len(FER_CLASSES)
+
+FACE_SIDE = 48
+"""FER2013 faces are 48x48 grayscale."""
+FACE_PIXELS = FACE_SIDE * FACE_SIDE
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+KAGGLE_USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MANIFEST_NAME = "manifest.json"
+SHARD_FORMAT = "ferdist-fer-shards"
+SHARD_FORMAT_VERSION = 1

@@ -1,0 +1,278 @@
+"""Streaming the shards to training and evaluation: a WebDataset pipeline per rank and DataLoader worker.
+
+Sharding across ranks is explicit because Ray's ``prepare_data_loader`` does not split ``IterableDataset`` s.
+
+* **Training** (``training=True``): each epoch the shard list is permuted from ``(seed, epoch)`` and dealt to ranks
+  round-robin (`shards_for`). Each rank cycles through its shards, shuffles samples in a seeded buffer and stops after
+  exactly ``steps_per_epoch`` full batches, the same number on every rank, so DDP's collectives never wait on a rank
+  that ran out of data. Restarting at an epoch reproduces that epoch's order exactly.
+* **Evaluation** (``training=False``): shards are dealt to ranks and then loader workers without repetition or
+  shuffling, and the last batch may be short, so across all ranks every sample is seen exactly once.
+
+Batches are ``uint8`` tensors ``[B, 1, 48, 48]``: augmentation, resizing and normalisation happen on the training
+device, so the loader only reads and decodes ~1.5 kB PNGs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ferdist import storage
+from ferdist.config import DataConfig
+from ferdist.constants import MANIFEST_NAME
+from ferdist.errors import CorruptDataError, FerdistError
+from ferdist.shards import DecodedShard, Manifest, decode_shard, manifest_from_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardedDataset:
+    """A manifest and where its shards live."""
+
+    manifest: Manifest
+    base_uri: str
+    endpoint_url: str | None = None
+
+    def shards(self, split: str) -> list[tuple[str, int]]:
+        """(URI, sample count) of each shard of ``split``."""
+        info = self.manifest.split(split)
+        return list(zip(self.manifest.shard_uris(self.base_uri, split), (s.samples for s in info.shards), strict=True))
+
+
+def open_dataset(uri: str, *, endpoint_url: str | None = None) -> ShardedDataset:
+    """Reads the manifest at ``uri`` (a dataset folder/prefix, or the manifest.json itself)."""
+    base = uri.rstrip("/")
+    if base.endswith(".json"):
+        manifest_uri, base = base, base.rsplit("/", 1)[0] if "/" in base else "."
+    else:
+        manifest_uri = storage.parse_uri(base).join(MANIFEST_NAME).uri
+    try:
+        data = storage.read_bytes(manifest_uri, endpoint_url=endpoint_url)
+    except FerdistError as exn:
+        if "does not exist" not in str(exn):
+            raise
+        raise FerdistError(
+            f"no manifest at '{manifest_uri}'; shard the data there first (python jobs/shard.py --dest {base}) — "
+            "a folder of shards without manifest.json is an incomplete dataset"
+        ) from None
+    return ShardedDataset(manifest=manifest_from_json(data, uri=manifest_uri), base_uri=base, endpoint_url=endpoint_url)
+
+
+def shards_for(urls: Sequence[str], *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> list[str]:
+    """The shards rank ``rank`` reads in ``epoch``: a seeded per-epoch permutation (if shuffling) dealt round-robin."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(len(urls)) if shuffle else np.arange(len(urls))
+    return [urls[i] for i in order[rank::world_size]]
+
+
+def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> int:
+    """Optimizer steps per epoch: full global batches only, identical on every rank."""
+    return num_samples // (batch_size * world_size)
+
+
+class _BadSampleGuard:
+    """Counts unreadable samples in one loader process and stops the epoch past the threshold."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+
+    def lost(self, shard: str, missing: int, reason: str) -> None:
+        self.count += missing
+        log.warning("skipped %d unreadable sample(s) in %s: %s", missing, shard, reason)
+        if self.count > self.limit:
+            raise CorruptDataError(
+                f"{self.count} unreadable samples so far (limit data.max_bad_samples={self.limit}), the latest in "
+                f"shard {shard}: {reason}; re-create the shards with jobs/shard.py or raise the limit"
+            )
+
+
+class _ShardStream(IterableDataset):
+    """The samples one loader worker of one rank reads in one epoch."""
+
+    def __init__(
+        self,
+        dataset: ShardedDataset,
+        split: str,
+        cfg: DataConfig,
+        *,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        seed: int,
+        training: bool,
+        batch_size: int,
+    ) -> None:
+        super().__init__()
+        self.dataset, self.split, self.cfg = dataset, split, cfg
+        self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
+        self.training, self.batch_size = training, batch_size
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def _my_shards(self) -> Iterator[tuple[str, int]]:
+        counts = dict(self.dataset.shards(self.split))
+        mine = shards_for(
+            list(counts),
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch=self.epoch,
+            seed=self.seed,
+            shuffle=self.training,
+        )
+        worker, workers = self._worker()
+        # Training cycles so every rank fills its quota of batches whatever its share of shards; evaluation reads
+        # each shard once.
+        seq = itertools.cycle(mine) if self.training else iter(mine)
+        for url in itertools.islice(seq, worker, None, workers):
+            yield url, counts[url]
+
+    def _decoded_shards(self) -> Iterator[DecodedShard]:
+        guard = _BadSampleGuard(self.cfg.max_bad_samples)
+        manifest = self.dataset.manifest
+        uris = manifest.shard_uris(self.dataset.base_uri, self.split)
+        sha = {uri: info.sha256 for uri, info in zip(uris, manifest.split(self.split).shards, strict=True)}
+        for url, expected in self._my_shards():
+            reasons: list[str] = []
+            data = storage.read_bytes(url, endpoint_url=self.dataset.endpoint_url)
+            shard = decode_shard(data, shard=url, sha256=sha[url], on_bad=lambda _s, why, r=reasons: r.append(why))
+            if len(shard) < expected or reasons:
+                guard.lost(url, max(expected - len(shard), len(reasons)), "; ".join(reasons) or "samples missing")
+            yield shard
+
+    def quota(self) -> int | None:
+        """Samples this loader worker yields in a training epoch (None in evaluation: all of its shards)."""
+        if not self.training:
+            return None
+        steps = steps_per_epoch(
+            self.dataset.manifest.split(self.split).samples, batch_size=self.batch_size, world_size=self.world_size
+        )
+        worker, workers = self._worker()
+        return (steps // workers + (1 if worker < steps % workers else 0)) * self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker, _ = self._worker()
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker]) if self.training else None
+        pipeline = wds.DataPipeline(
+            self._decoded_shards,
+            functools.partial(
+                batches, batch_size=self.batch_size, buffer=self.cfg.shuffle_buffer, rng=rng, limit=self.quota()
+            ),
+        )
+        return iter(pipeline)
+
+
+def batches(
+    shards: Iterable[DecodedShard], *, batch_size: int, buffer: int, rng: np.random.Generator | None, limit: int | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches from decoded shards: shuffled in blocks of >= ``buffer`` samples when ``rng`` is given, else in order.
+
+    With ``limit`` (training) only full batches are emitted, up to ``limit`` samples; without it (evaluation) every
+    sample is emitted exactly once and the last batch may be short.
+    """
+    emitted = 0
+    leftover: DecodedShard | None = None
+    for block in _blocks(shards, min_size=buffer if rng is not None else batch_size):
+        if leftover is not None:
+            block = _concat([leftover, block])
+        if rng is not None:
+            block = _take(block, rng.permutation(len(block)))
+        full = len(block) // batch_size * batch_size
+        for start in range(0, full, batch_size):
+            if limit is not None and emitted >= limit:
+                return
+            yield as_batch(_take(block, slice(start, start + batch_size)))
+            emitted += batch_size
+        leftover = _take(block, slice(full, len(block)))
+    if limit is None and leftover is not None and len(leftover):
+        yield as_batch(leftover)
+
+
+def _blocks(shards: Iterable[DecodedShard], *, min_size: int) -> Iterator[DecodedShard]:
+    """Consecutive shards joined into blocks of at least ``min_size`` samples (the last may be smaller)."""
+    pending: list[DecodedShard] = []
+    for shard in shards:
+        pending.append(shard)
+        if sum(len(p) for p in pending) >= min_size:
+            yield _concat(pending)
+            pending = []
+    if pending:
+        yield _concat(pending)
+
+
+def _concat(parts: list[DecodedShard]) -> DecodedShard:
+    if len(parts) == 1:
+        return parts[0]
+    return DecodedShard(
+        rows=np.concatenate([p.rows for p in parts]),
+        labels=np.concatenate([p.labels for p in parts]),
+        images=np.concatenate([p.images for p in parts]),
+    )
+
+
+def _take(block: DecodedShard, index: np.ndarray | slice) -> DecodedShard:
+    return DecodedShard(rows=block.rows[index], labels=block.labels[index], images=block.images[index])
+
+
+def as_batch(block: DecodedShard) -> dict[str, torch.Tensor]:
+    """A batch: ``image`` uint8 [B, 1, 48, 48], ``label`` int64 [B], ``row`` int64 [B] (source row indices)."""
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(block.images[:, None])),
+        "label": torch.from_numpy(np.ascontiguousarray(block.labels)),
+        "row": torch.from_numpy(np.ascontiguousarray(block.rows)),
+    }
+
+
+def build_loader(
+    dataset: ShardedDataset,
+    split: str,
+    cfg: DataConfig,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    seed: int = 0,
+    training: bool,
+) -> DataLoader:
+    """A DataLoader over one rank's share of ``split`` for ``epoch`` (see the module docstring for the contract)."""
+    split_info = dataset.manifest.split(split)
+    num_shards = len(split_info.shards)
+    if training:
+        if steps_per_epoch(split_info.samples, batch_size=batch_size, world_size=world_size) < 1:
+            raise FerdistError(
+                f"split '{split}' has {split_info.samples} samples, fewer than one global batch "
+                f"({batch_size} x {world_size} workers); lower the batch size"
+            )
+        if num_shards < world_size:
+            raise FerdistError(
+                f"split '{split}' has {num_shards} shards for {world_size} workers; re-shard with a smaller "
+                "--samples-per-shard so every worker reads its own shards"
+            )
+    rank_shards = len(range(rank, num_shards, world_size))
+    # More loader workers than shards would leave some idle (evaluation) or re-read shards (training).
+    workers = min(cfg.loader_workers, rank_shards)
+    stream = _ShardStream(
+        dataset,
+        split,
+        cfg,
+        rank=rank,
+        world_size=world_size,
+        epoch=epoch,
+        seed=seed,
+        training=training,
+        batch_size=batch_size,
+    )
+    return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)

@@ -1,0 +1,290 @@
+"""Readers for the two layouts FER2013 is distributed in, validated row by row.
+
+* The Kaggle CSV (``emotion,pixels,Usage``; Goodfellow et al. 2013), plain or as ``.gz``, ``.xz``, or the Kaggle
+  ``fer2013.tar.gz`` holding ``fer2013/fer2013.csv``. Usage maps Training→train, PublicTest→val, PrivateTest→test.
+* Image folders (``train/<class>/*.png|jpg``, ``test/<class>/…``, class names case-insensitive, e.g. the Kaggle
+  "msambare/fer2013" version). ``val/`` is used when present; otherwise a seeded, stratified slice of train.
+
+A reader does the cheap structural checks up front (header, Usage, folder names) and returns a `Source`; the
+per-row work (parsing 2,304 pixels, decoding a file) happens in `Source.load`, which the shard writer runs in
+worker processes. Every problem is a `FerdistError` naming the file and line (CSV lines count the header as line 1).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ferdist.constants import FACE_PIXELS, FACE_SIDE, FER_CLASSES, KAGGLE_USAGE_TO_SPLIT, NUM_CLASSES
+from ferdist.errors import FerdistError
+from ferdist.shards import SourceInfo
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
+KAGGLE_COLUMNS = ("emotion", "pixels", "usage")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Validated faces from a source: ``images`` uint8[n, 48, 48] and ``labels`` int64[n] for ``rows``."""
+
+    rows: np.ndarray
+    images: np.ndarray
+    labels: np.ndarray
+
+
+class Source:
+    """A validated FER source: which rows go to which split, and how to load a set of rows."""
+
+    info: SourceInfo
+    splits: dict[str, np.ndarray]
+    """Split name → sorted source row indices."""
+
+    def load(self, rows: Sequence[int]) -> Batch:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- Kaggle CSV
+
+
+def read_csv_bytes(path: Path) -> bytes:
+    """The CSV text of a plain, .gz, .xz or Kaggle .tar.gz FER2013 file."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".tar.gz", ".tgz", ".tar")):
+            with tarfile.open(path) as tar:
+                members = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".csv")]
+                preferred = [m for m in members if m.name.lower().endswith("fer2013.csv")] or members
+                if not preferred:
+                    raise FerdistError(f"{path}: the archive holds no .csv file; expected fer2013/fer2013.csv")
+                f = tar.extractfile(preferred[0])
+                assert f is not None
+                return f.read()
+        if name.endswith(".gz"):
+            return gzip.decompress(path.read_bytes())
+        if name.endswith(".xz"):
+            xz = shutil.which("xz")
+            if xz:
+                # xz's own multi-threaded decoder is ~2x faster than the lzma module on multi-block files.
+                done = subprocess.run([xz, "-dc", "-T0", str(path)], capture_output=True, check=False)
+                if done.returncode == 0:
+                    return done.stdout
+                raise FerdistError(f"{path}: not a valid .xz file ({done.stderr.decode().strip()})")
+            return lzma.decompress(path.read_bytes())
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise FerdistError(
+            f"{path}: no such file; pass --source a fer2013.csv[.gz|.xz], fer2013.tar.gz or folder"
+        ) from None
+    except (OSError, EOFError, lzma.LZMAError, tarfile.TarError) as exn:
+        raise FerdistError(f"{path}: cannot be read as {name.rsplit('.', 1)[-1]} ({exn})") from None
+
+
+class KaggleCsv(Source):
+    """The Kaggle FER2013 CSV, held in memory as lines (301 MB for the full set)."""
+
+    def __init__(self, text: bytes, *, name: str, info: SourceInfo) -> None:
+        self.name, self.info = name, info
+        if b"\r" in text:
+            text = text.replace(b"\r\n", b"\n")
+        lines = text.split(b"\n")
+        while lines and not lines[-1].strip():
+            lines.pop()
+        if not lines:
+            raise FerdistError(f"{name}: the file is empty; expected the Kaggle header emotion,pixels,Usage and rows")
+        header = [c.strip().strip(b'"').decode(errors="replace").strip().lower() for c in lines[0].split(b",")]
+        missing = [c for c in KAGGLE_COLUMNS if c not in header]
+        if missing:
+            raise FerdistError(
+                f"{name}: line 1: missing column(s) {', '.join(missing)} (header is {','.join(header)}); "
+                "expected the Kaggle layout emotion,pixels,Usage"
+            )
+        self.ncols = len(header)
+        self.col = {c: header.index(c) for c in KAGGLE_COLUMNS}
+        self.lines = lines[1:]
+        if not self.lines:
+            raise FerdistError(f"{name}: the file has a header but no rows")
+        self.splits = self._split_by_usage()
+
+    def _field(self, line: bytes, col: int) -> bytes:
+        # Pixels are the bulk of each line; slicing the short columns avoids copying them.
+        if col == self.ncols - 1:
+            return line[line.rfind(b",") + 1 :]
+        if col == 0:
+            return line[: line.find(b",")]
+        return line.split(b",")[col]
+
+    def _split_by_usage(self) -> dict[str, np.ndarray]:
+        usage_col = self.col["usage"]
+        by_split: dict[str, list[int]] = {s: [] for s in KAGGLE_USAGE_TO_SPLIT.values()}
+        known = {k.encode(): v for k, v in KAGGLE_USAGE_TO_SPLIT.items()}
+        for row, line in enumerate(self.lines):
+            usage = self._field(line, usage_col).strip().strip(b'"')
+            split = known.get(usage)
+            if split is None:
+                if line.count(b",") != self.ncols - 1:
+                    self._bad(row, f"has {line.count(b',') + 1} fields, expected {self.ncols}")
+                self._bad(
+                    row,
+                    f"unknown Usage '{usage.decode(errors='replace')}' (expected Training, PublicTest or PrivateTest)",
+                )
+            by_split[split].append(row)
+        return {s: np.asarray(r, dtype=np.int64) for s, r in by_split.items() if r}
+
+    def _bad(self, row: int, what: str) -> None:
+        raise FerdistError(f"{self.name}: line {row + 2}: {what}; fix or remove that row and re-run")
+
+    def load(self, rows: Sequence[int]) -> Batch:
+        images = np.empty((len(rows), FACE_SIDE, FACE_SIDE), dtype=np.uint8)
+        labels = np.empty(len(rows), dtype=np.int64)
+        c_label, c_pixels = self.col["emotion"], self.col["pixels"]
+        for i, row in enumerate(rows):
+            fields = self.lines[row].split(b",")
+            if len(fields) != self.ncols:
+                self._bad(row, f"has {len(fields)} fields, expected {self.ncols}")
+            try:
+                label = int(fields[c_label].strip().strip(b'"'))
+            except ValueError:
+                self._bad(row, f"emotion '{fields[c_label].decode(errors='replace')}' is not an integer")
+            if not 0 <= label < NUM_CLASSES:
+                self._bad(row, f"emotion {label} is outside 0-{NUM_CLASSES - 1}")
+            text = fields[c_pixels].strip().strip(b'"')
+            # np.fromstring's text mode is the fastest C parser numpy has for space-separated integers; it stops
+            # at the first non-number, which the count check below reports.
+            pixels = np.fromstring(text, dtype=np.int32, sep=" ") if text else np.empty(0, np.int32)
+            if pixels.size != FACE_PIXELS:
+                self._bad(row, f"has {len(text.split())} pixel values, expected {FACE_PIXELS} (48x48)")
+            if pixels.min() < 0 or pixels.max() > 255:
+                bad = int(pixels[(pixels < 0) | (pixels > 255)][0])
+                self._bad(row, f"pixel value {bad} is outside 0-255")
+            images[i] = pixels.reshape(FACE_SIDE, FACE_SIDE)
+            labels[i] = label
+        return Batch(rows=np.asarray(rows, dtype=np.int64), images=images, labels=labels)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+class ImageFolder(Source):
+    """``train/<class>/*`` and ``test/<class>/*`` (and optionally ``val/<class>/*``) under one root."""
+
+    def __init__(self, root: Path, *, val_fraction: float, seed: int) -> None:
+        self.root = root
+        files: list[tuple[str, Path, int]] = []  # (split folder, path, label)
+        for split_dir in ("train", "val", "test"):
+            folder = _child_ci(root, split_dir) or (_child_ci(root, "validation") if split_dir == "val" else None)
+            if folder is None:
+                continue
+            for class_dir in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+                if not class_dir.is_dir():
+                    raise FerdistError(
+                        f"{class_dir}: expected only class folders in {folder} ({', '.join(FER_CLASSES)})"
+                    )
+                label = _class_index(class_dir)
+                for path in sorted(class_dir.rglob("*")):
+                    if path.name.startswith(".") or path.is_dir():
+                        continue
+                    if path.suffix.lower() not in IMAGE_SUFFIXES:
+                        raise FerdistError(f"{path}: not an image file; remove it or move it out of {root}")
+                    files.append((split_dir, path, label))
+        if not any(s == "train" for s, _, _ in files):
+            raise FerdistError(f"{root}: no images under train/<class>/; expected train/ and test/ folders of classes")
+        self.paths = [p for _, p, _ in files]
+        self.labels = np.asarray([lab for _, _, lab in files], dtype=np.int64)
+        digest = hashlib.sha256()
+        for path in self.paths:
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+        self.info = SourceInfo(name=root.name, kind="image-folder", sha256=digest.hexdigest())
+        split_of = np.asarray([s for s, _, _ in files])
+        self.splits = {}
+        train = np.flatnonzero(split_of == "train")
+        if (split_of == "val").any():
+            self.splits["train"], self.splits["val"] = train, np.flatnonzero(split_of == "val")
+        else:
+            self.splits["train"], self.splits["val"] = stratified_split(train, self.labels[train], val_fraction, seed)
+        if (split_of == "test").any():
+            self.splits["test"] = np.flatnonzero(split_of == "test")
+        self.splits = {k: v for k, v in self.splits.items() if v.size}
+
+    def load(self, rows: Sequence[int]) -> Batch:
+        from PIL import Image, UnidentifiedImageError
+
+        images = np.empty((len(rows), FACE_SIDE, FACE_SIDE), dtype=np.uint8)
+        for i, row in enumerate(rows):
+            path = self.paths[row]
+            try:
+                with Image.open(path) as img:
+                    gray = img.convert("L")
+                    if gray.size != (FACE_SIDE, FACE_SIDE):
+                        gray = gray.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR)
+                    images[i] = np.asarray(gray)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exn:
+                raise FerdistError(f"{path}: not a readable image ({exn}); remove or replace it and re-run") from None
+        rows_arr = np.asarray(rows, dtype=np.int64)
+        return Batch(rows=rows_arr, images=images, labels=self.labels[rows_arr])
+
+
+def _child_ci(folder: Path, name: str) -> Path | None:
+    """The sub-folder of ``folder`` called ``name``, ignoring case."""
+    for child in folder.iterdir():
+        if child.is_dir() and child.name.lower() == name:
+            return child
+    return None
+
+
+def _class_index(class_dir: Path) -> int:
+    names = [c.lower() for c in FER_CLASSES]
+    name = class_dir.name.lower()
+    if name.isdigit() and int(name) < NUM_CLASSES:
+        return int(name)
+    if name not in names:
+        raise FerdistError(
+            f"{class_dir}: unknown class folder '{class_dir.name}'; expected one of {', '.join(FER_CLASSES)}"
+        )
+    return names.index(name)
+
+
+def stratified_split(rows: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Splits ``rows`` into (train, val) with ``fraction`` of every class in val, reproducibly for a seed."""
+    rng = np.random.default_rng(seed)
+    val: list[np.ndarray] = []
+    for label in range(NUM_CLASSES):
+        members = rows[labels == label]
+        take = int(round(fraction * members.size))
+        val.append(rng.permutation(members)[:take])
+    val_rows = np.sort(np.concatenate(val)) if val else np.empty(0, np.int64)
+    return np.setdiff1d(rows, val_rows), val_rows
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def open_source(source: str | Path, *, val_fraction: float = 0.1, seed: int = 0) -> Source:
+    """Opens a FER2013 source: a Kaggle CSV (plain/.gz/.xz/.tar.gz) or an image folder root."""
+    path = Path(source)
+    if path.is_dir():
+        return ImageFolder(path, val_fraction=val_fraction, seed=seed)
+    if not path.exists():
+        raise FerdistError(
+            f"{path}: no such file or folder; pass --source a fer2013.csv[.gz|.xz], fer2013.tar.gz or image folder"
+        )
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    info = SourceInfo(name=path.name, kind="kaggle-csv", sha256=digest.hexdigest())
+    return KaggleCsv(read_csv_bytes(path), name=str(path), info=info)
+
+
+def csv_source_from_bytes(text: bytes, *, name: str, kind: str, synthetic: bool) -> KaggleCsv:
+    """A CSV source from text already in memory (the synthetic generator's output)."""
+    info = SourceInfo(name=name, kind=kind, sha256=hashlib.sha256(text).hexdigest(), synthetic=synthetic)
+    return KaggleCsv(text, name=name, info=info)

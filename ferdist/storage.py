@@ -1,0 +1,212 @@
+"""Read and write whole objects on a local folder or an S3-compatible store, by URI.
+
+URIs are plain paths, ``file://`` URLs or ``s3://bucket/key``. S3 goes through boto3 with bounded timeouts and
+botocore's standard retry mode, so a flaky connection is retried and an unreachable endpoint fails in seconds
+rather than hanging. The endpoint comes from the caller (``--endpoint-url``) or boto3's own ``AWS_ENDPOINT_URL``,
+which is how MinIO and other S3-compatible stores are reached. Every boto3 error is turned into one
+`FerdistError` sentence; credentials never appear in messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from ferdist.errors import FerdistError
+
+# Objects above this size go up in parts, so a lost connection costs one part, not the object.
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed storage URI: either a local path or an S3 bucket and key."""
+
+    uri: str
+    bucket: str | None = None
+    key: str = ""
+    path: Path | None = None
+
+    @property
+    def is_s3(self) -> bool:
+        return self.bucket is not None
+
+    def join(self, name: str) -> Location:
+        """The location of ``name`` inside this one (a folder or key prefix)."""
+        if self.is_s3:
+            key = f"{self.key.rstrip('/')}/{name}" if self.key.strip("/") else name
+            return Location(uri=f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
+        assert self.path is not None
+        return Location(uri=str(self.path / name), path=self.path / name)
+
+
+def parse_uri(uri: str) -> Location:
+    """Parses a local path, ``file://`` URL or ``s3://bucket/prefix`` into a `Location`."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise FerdistError(f"'{uri}' names no bucket; write it as s3://BUCKET/PREFIX")
+        return Location(uri=uri, bucket=parsed.netloc, key=parsed.path.lstrip("/"))
+    if parsed.scheme == "file":
+        return Location(uri=uri, path=Path(parsed.path))
+    if parsed.scheme in ("", "c", "d") or len(parsed.scheme) == 1:  # "c:" is a Windows drive, not a scheme
+        return Location(uri=uri, path=Path(uri))
+    raise FerdistError(f"unsupported storage URI '{uri}'; use a local path, file://PATH or s3://BUCKET/PREFIX")
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint_url: str | None, pid: int) -> Any:
+    # One client per process: boto3 clients are thread-safe but must not cross a fork, hence the pid in the key.
+    import boto3
+    from botocore.config import Config
+
+    del pid
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 5, "mode": "standard"},
+        # Path-style addressing works with every S3-compatible server (MinIO, moto, Ceph) as well as AWS.
+        s3={"addressing_style": "path"} if endpoint_url else {},
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """The boto3 S3 client for this process (``endpoint_url=None`` lets boto3 read ``AWS_ENDPOINT_URL``)."""
+    return _s3_client(endpoint_url, os.getpid())
+
+
+@contextlib.contextmanager
+def explained_s3_errors(loc: Location, endpoint_url: str | None) -> Iterator[None]:
+    """Turns boto3's exceptions into one sentence naming the URI and the fix."""
+    from botocore import exceptions as bx
+
+    where = f"'{loc.uri}'" + (f" at {endpoint_url}" if endpoint_url else "")
+    try:
+        yield
+    except bx.NoCredentialsError:
+        raise FerdistError(
+            f"no S3 credentials found for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+            "or run where an instance role grants access"
+        ) from None
+    except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError) as exn:
+        endpoint = getattr(exn, "kwargs", {}).get("endpoint_url") or endpoint_url or "the default AWS endpoint"
+        raise FerdistError(
+            f"cannot reach the S3 endpoint {endpoint} for '{loc.uri}'; check --endpoint-url / AWS_ENDPOINT_URL "
+            "and that the server is running"
+        ) from None
+    except bx.ClientError as exn:
+        code = str(exn.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket",):
+            raise FerdistError(
+                f"bucket '{loc.bucket}' does not exist for {where}; create it (aws s3 mb s3://{loc.bucket}) "
+                "or fix the URI"
+            ) from None
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise FerdistError(f"{where} does not exist") from None
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+            raise FerdistError(
+                f"S3 refused access to {where} ({code}); check the credentials and the bucket policy"
+            ) from None
+        raise FerdistError(f"S3 request for {where} failed: {code or exn}") from None
+
+
+def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
+    """Reads a whole object or file (shards are small; reading whole makes retries simple)."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        assert loc.path is not None
+        try:
+            return loc.path.read_bytes()
+        except FileNotFoundError:
+            raise FerdistError(f"'{uri}' does not exist") from None
+        except IsADirectoryError:
+            raise FerdistError(f"'{uri}' is a folder, not a file") from None
+    client = s3_client(endpoint_url)
+    with explained_s3_errors(loc, endpoint_url):
+        return client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+
+
+def object_sha256(uri: str, *, endpoint_url: str | None = None) -> str | None:
+    """The sha256 recorded for an object when ferdist wrote it, or None if it is absent or was written otherwise."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        assert loc.path is not None
+        if not loc.path.is_file():
+            return None
+        return hashlib.sha256(loc.path.read_bytes()).hexdigest()
+    from botocore.exceptions import ClientError
+
+    client = s3_client(endpoint_url)
+    with explained_s3_errors(loc, endpoint_url):
+        try:
+            head = client.head_object(Bucket=loc.bucket, Key=loc.key)
+        except ClientError as exn:
+            if str(exn.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+    return head.get("Metadata", {}).get("sha256")
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint_url: str | None = None) -> None:
+    """Writes a whole object atomically: readers see the old object or the new one, never a prefix of it."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        assert loc.path is not None
+        loc.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=loc.path.parent, prefix=f".{loc.path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    client = s3_client(endpoint_url)
+    transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+    extra = {"Metadata": {"sha256": hashlib.sha256(data).hexdigest()}}
+    with explained_s3_errors(loc, endpoint_url):
+        client.upload_fileobj(io.BytesIO(data), loc.bucket, loc.key, ExtraArgs=extra, Config=transfer)
+
+
+def delete(uri: str, *, endpoint_url: str | None = None) -> None:
+    """Deletes a file or object if it exists."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        assert loc.path is not None
+        with contextlib.suppress(FileNotFoundError):
+            loc.path.unlink()
+        return
+    client = s3_client(endpoint_url)
+    with explained_s3_errors(loc, endpoint_url):
+        client.delete_object(Bucket=loc.bucket, Key=loc.key)
+
+
+def check_writable(uri: str, *, endpoint_url: str | None = None) -> None:
+    """Fails early, before any work, if the destination bucket or folder cannot be written."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        assert loc.path is not None
+        try:
+            loc.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exn:
+            raise FerdistError(f"cannot create the folder '{uri}': {exn.strerror}") from None
+        if not os.access(loc.path, os.W_OK):
+            raise FerdistError(f"the folder '{uri}' is not writable; choose another --dest") from None
+        return
+    client = s3_client(endpoint_url)
+    with explained_s3_errors(loc, endpoint_url):
+        client.head_bucket(Bucket=loc.bucket)
