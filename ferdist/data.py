@@ -159,8 +159,13 @@ class _ShardStream(IterableDataset):
         steps = steps_per_epoch(
             self.dataset.manifest.split(self.split).samples, batch_size=self.batch_size, world_size=self.world_size
         )
+        counts = dict(self.dataset.shards(self.split))
+        mine = shards_for(
+            list(counts), rank=self.rank, world_size=self.world_size, epoch=self.epoch, seed=self.seed, shuffle=True
+        )
         worker, workers = self._worker()
-        return (steps // workers + (1 if worker < steps % workers else 0)) * self.batch_size
+        available = [sum(counts[u] for u in mine[w::workers]) for w in range(workers)]
+        return worker_batches(available, steps=steps, batch_size=self.batch_size)[worker] * self.batch_size
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, _ = self._worker()
@@ -174,6 +179,20 @@ class _ShardStream(IterableDataset):
         return iter(pipeline)
 
 
+def worker_batches(available: Sequence[int], *, steps: int, batch_size: int) -> list[int]:
+    """Splits a rank's ``steps`` batches over its loader workers by the samples each holds.
+
+    Workers only wrap around their shards (re-reading samples) when the rank as a whole is short of samples.
+    """
+    share = [a // batch_size for a in available]
+    while sum(share) > steps:
+        share[share.index(max(share))] -= 1
+    by_remainder = sorted(range(len(available)), key=lambda w: (-(available[w] - share[w] * batch_size), w))
+    for i in range(steps - sum(share)):
+        share[by_remainder[i % len(share)]] += 1
+    return share
+
+
 def batches(
     shards: Iterable[DecodedShard], *, batch_size: int, buffer: int, rng: np.random.Generator | None, limit: int | None
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -185,10 +204,12 @@ def batches(
     emitted = 0
     leftover: DecodedShard | None = None
     for block in _blocks(shards, min_size=buffer if rng is not None else batch_size):
-        if leftover is not None:
-            block = _concat([leftover, block])
         if rng is not None:
             block = _take(block, rng.permutation(len(block)))
+        if leftover is not None:
+            # Leftovers were shuffled already and go first, so a worker that wraps around its shards repeats as few
+            # samples as it needs to fill its last batch.
+            block = _concat([leftover, block])
         full = len(block) // batch_size * batch_size
         for start in range(0, full, batch_size):
             if limit is not None and emitted >= limit:

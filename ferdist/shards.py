@@ -10,7 +10,7 @@ A dataset is a folder (or S3 prefix) of WebDataset tars plus ``manifest.json``, 
 PNGs are written here with zlib directly rather than through Pillow or libpng: the bytes then depend only on zlib,
 which keeps shards byte-identical across machines and library versions, and a 48x48 image encodes in about half the
 time. The pixels sit in uncompressed deflate blocks (see `encode_pngs`), so decoding is a copy; a fast path reads
-exactly this layout and any other valid PNG goes through torchvision's libpng decoder.
+exactly this layout and any other valid PNG goes through Pillow.
 """
 
 from __future__ import annotations
@@ -93,16 +93,13 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def _decode_png_general(data: bytes) -> np.ndarray:
-    import torch
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_image as tv_decode
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        img = tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.GRAY)
-    except (RuntimeError, ValueError) as exn:
-        first_line = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
-        raise ValueError(f"not a readable image ({first_line})") from None
-    return img[0].numpy()
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("L"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exn:
+        raise ValueError(f"not a readable image ({exn})") from None
 
 
 # --------------------------------------------------------------------------- tar
@@ -155,6 +152,8 @@ def iter_shard(data: bytes, *, shard: str, on_bad: BadSampleHandler) -> Iterator
                 key, parts = member_key, {}
             parts[ext] = payload
     except (tarfile.TarError, EOFError, OSError) as exn:
+        if key is not None:  # the sample before the damage may be whole; _decode_sample reports it if not
+            yield from _decode_sample(key, parts, shard=shard, on_bad=on_bad)
         on_bad(shard, f"unreadable tar ({exn}); the rest of the shard was skipped")
         return
     if key is not None:

@@ -207,6 +207,14 @@ def check_writable(uri: str, *, endpoint_url: str | None = None) -> None:
         if not os.access(loc.path, os.W_OK):
             raise FerdistError(f"the folder '{uri}' is not writable; choose another --dest") from None
         return
+    from botocore.exceptions import ClientError
+
     client = s3_client(endpoint_url)
     with explained_s3_errors(loc, endpoint_url):
-        client.head_bucket(Bucket=loc.bucket)
+        try:
+            client.head_bucket(Bucket=loc.bucket)
+        except ClientError as exn:
+            if str(exn.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+                # HEAD responses have no body, so a missing bucket arrives as a bare 404.
+                exn.response["Error"]["Code"] = "NoSuchBucket"
+            raise

@@ -85,7 +85,7 @@ def summary(result: ShardingResult, console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the terminal width
     try:
         if args.source == "synthetic":
             source = csv_source_from_bytes(
