@@ -25,6 +25,7 @@ from ferdist.errors import FerdistError
 
 # Objects above this size go up in parts, so a lost connection costs one part, not the object.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
+READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ def explained_s3_errors(loc: Location, endpoint_url: str | None) -> Iterator[Non
             f"cannot reach the S3 endpoint {endpoint} for '{loc.uri}'; check --endpoint-url / AWS_ENDPOINT_URL "
             "and that the server is running"
         ) from None
+    except (bx.IncompleteReadError, bx.ResponseStreamingError):
+        raise FerdistError(
+            f"the connection dropped while reading {where}, {READ_ATTEMPTS} times; check the network to the S3 endpoint"
+        ) from None
     except bx.ClientError as exn:
         code = str(exn.response.get("Error", {}).get("Code", ""))
         if code in ("NoSuchBucket",):
@@ -131,9 +136,18 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
             raise FerdistError(f"'{uri}' does not exist") from None
         except IsADirectoryError:
             raise FerdistError(f"'{uri}' is a folder, not a file") from None
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
     client = s3_client(endpoint_url)
     with explained_s3_errors(loc, endpoint_url):
-        return client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+        # botocore retries the request; a connection dropped while the body streams is retried here.
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            except (IncompleteReadError, ResponseStreamingError):
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+    raise AssertionError("unreachable")
 
 
 def object_sha256(uri: str, *, endpoint_url: str | None = None) -> str | None:
