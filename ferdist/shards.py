@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ferdist.constants import FACE_SIDE, FER_CLASSES, NUM_CLASSES, SHARD_FORMAT, SHARD_FORMAT_VERSION, SPLITS
+from ferdist.constants import FACE_SIDE, FER_CLASSES, NUM_CLASSES, SHARD_FORMAT, SHARD_FORMAT_VERSION
 from ferdist.errors import FerdistError
 
 BadSampleHandler = Callable[[str, str], None]
@@ -400,10 +400,6 @@ def manifest_from_json(data: bytes, *, uri: str) -> Manifest:
 def split_info(shards: Iterable[ShardInfo], class_counts: Sequence[int]) -> SplitInfo:
     shard_list = list(shards)
     return SplitInfo(samples=sum(s.samples for s in shard_list), class_counts=list(class_counts), shards=shard_list)
-
-
-def ordered_splits(splits: dict[str, SplitInfo]) -> dict[str, SplitInfo]:
-    return {name: splits[name] for name in SPLITS if name in splits}
 
 
 def sha256_hex(data: bytes) -> str:
