@@ -284,7 +284,11 @@ def open_source(source: str | Path, *, val_fraction: float = 0.1, seed: int = 0)
     return KaggleCsv(read_csv_bytes(path), name=str(path), info=info)
 
 
-def csv_source_from_bytes(text: bytes, *, name: str, kind: str, synthetic: bool) -> KaggleCsv:
-    """A CSV source from text already in memory (the synthetic generator's output)."""
-    info = SourceInfo(name=name, kind=kind, sha256=hashlib.sha256(text).hexdigest(), synthetic=synthetic)
+def synthetic_source(rows: int = 3000, *, seed: int = 0) -> KaggleCsv:
+    """The SYNTHETIC set (`ferdist.synth`) as a CSV source, marked synthetic in its manifest."""
+    from ferdist.synth import make_synthetic_csv
+
+    text = make_synthetic_csv(rows, seed=seed)
+    name = f"synthetic-{rows}-seed{seed}.csv"
+    info = SourceInfo(name=name, kind="synthetic-csv", sha256=hashlib.sha256(text).hexdigest(), synthetic=True)
     return KaggleCsv(text, name=name, info=info)

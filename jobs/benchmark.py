@@ -30,17 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ferdist.config import DataConfig  # noqa: E402
 from ferdist.data import build_loader, open_dataset  # noqa: E402
 from ferdist.sharding import write_shards  # noqa: E402
-from ferdist.sources import csv_source_from_bytes, open_source  # noqa: E402
-from ferdist.synth import make_synthetic_csv  # noqa: E402
+from ferdist.sources import open_source, synthetic_source  # noqa: E402
 
 
 def time_sharding(source_path: Path | None, dest: Path, *, synthetic_rows: int) -> dict[str, float | str]:
     """Wall time of read + validate + encode + write, as `jobs/shard.py` does it (interpreter start excluded)."""
     t0 = time.perf_counter()
     if source_path is None:
-        src = csv_source_from_bytes(
-            make_synthetic_csv(synthetic_rows), name="synthetic.csv", kind="synthetic-csv", synthetic=True
-        )
+        src = synthetic_source(synthetic_rows)
     else:
         src = open_source(source_path)
     result = write_shards(src, str(dest), samples_per_shard=64)
@@ -130,13 +127,7 @@ def bench_data(args: argparse.Namespace, console: Console) -> dict:
             host, port = server.get_host_and_port()
             endpoint = f"http://{host}:{port}"
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-            src = (
-                open_source(source)
-                if source
-                else csv_source_from_bytes(
-                    make_synthetic_csv(args.synthetic_rows), name="synthetic.csv", kind="synthetic-csv", synthetic=True
-                )
-            )
+            src = open_source(source) if source else synthetic_source(args.synthetic_rows)
             write_shards(src, "s3://bench/fer", endpoint_url=endpoint)
             for workers in (0, 2):
                 reader[f"S3 (moto on 127.0.0.1), {workers} loader workers"] = reader_rate(

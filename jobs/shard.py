@@ -21,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ferdist.constants import FER_CLASSES  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.sharding import ShardingResult, write_shards  # noqa: E402
-from ferdist.sources import csv_source_from_bytes, open_source  # noqa: E402
-from ferdist.synth import make_synthetic_csv  # noqa: E402
+from ferdist.sources import open_source, synthetic_source  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the terminal width
     try:
         if args.source == "synthetic":
-            source = csv_source_from_bytes(
-                make_synthetic_csv(args.synthetic_rows, seed=args.seed),
-                name=f"synthetic-{args.synthetic_rows}-seed{args.seed}.csv",
-                kind="synthetic-csv",
-                synthetic=True,
-            )
+            source = synthetic_source(args.synthetic_rows, seed=args.seed)
         else:
             with console.status(f"reading {args.source}"):
                 source = open_source(args.source, val_fraction=args.val_fraction, seed=args.seed)
