@@ -1,11 +1,24 @@
-"""Typed run configuration: one frozen dataclass per component, validated on construction.
+"""Typed run configuration: one frozen dataclass per component, nested under `RunConfig`, validated on construction.
 
-Each component receives only its own sub-config (``build_loader(..., cfg.data)``), never the whole tree.
+Each component receives only its own sub-config (``build_model(cfg.model)``), never the whole tree. The tree
+round-trips through YAML (nested mappings), the command line (``--set optim.lr=3e-4``) and a flat dict
+(``{"optim.lr": 3e-4}``) for MLflow params and Ray's ``train_loop_config``: `to_flat_dict` / `from_flat_dict`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ferdist.errors import FerdistError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +33,8 @@ class DataConfig:
     """Samples held in the per-loader shuffle buffer (shards are also shuffled per epoch)."""
     max_bad_samples: int = 64
     """Unreadable samples one loader process tolerates per epoch before it stops, naming the shard."""
+    sampling: Literal["natural", "class_balanced"] = "natural"
+    """Training draws: as stored, or re-sampled within each shuffle block so every class is drawn equally often."""
 
     def __post_init__(self) -> None:
         if not self.manifest:
@@ -30,3 +45,342 @@ class DataConfig:
             raise ValueError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         if self.max_bad_samples < 0:
             raise ValueError(f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    pretrained: str = "facebook/vit-mae-base"
+    """Backbone: a Hugging Face id, a local save_pretrained folder, an s3:// prefix, or random:tiny / random:base."""
+    image_size: int = 224
+    """Side of the square input; sizes other than the checkpoint's interpolate its position embeddings."""
+    freeze_blocks: int = 4
+    """Embeddings plus this many leading transformer blocks are frozen (0 trains everything but still freezes none)."""
+    pooling: Literal["cls", "mean"] = "cls"
+    """What the linear head reads: the CLS token or the mean of the patch tokens."""
+    head_dropout: float = 0.0
+    """Dropout before the linear head."""
+
+    def __post_init__(self) -> None:
+        if not self.pretrained:
+            raise ValueError("model.pretrained must name a checkpoint or random:tiny / random:base")
+        if self.image_size < 16:
+            raise ValueError(f"model.image_size must be >= 16, got {self.image_size}")
+        if self.freeze_blocks < 0:
+            raise ValueError(f"model.freeze_blocks must be >= 0, got {self.freeze_blocks}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"model.head_dropout must be in [0, 1), got {self.head_dropout}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    crop_scale: float = 0.8
+    """Random resized crop keeps between this fraction and all of the face's area (1.0 turns cropping off)."""
+    crop_ratio: float = 1.25
+    """Crop aspect ratios are drawn log-uniformly in [1/crop_ratio, crop_ratio]."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.crop_scale <= 1.0:
+            raise ValueError(f"augment.crop_scale must be in [0.05, 1], got {self.crop_scale}")
+        if self.crop_ratio < 1.0:
+            raise ValueError(f"augment.crop_ratio must be >= 1, got {self.crop_ratio}")
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"augment.hflip must be in [0, 1], got {self.hflip}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 3e-5
+    """Peak AdamW learning rate, reached at the end of warmup."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay, not applied to norms, biases or the CLS token."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.999
+    """AdamW second-moment decay."""
+    warmup_epochs: float = 5.0
+    """Linear warmup length in epochs (converted to steps); cosine decay follows, stepped every batch."""
+    min_lr_ratio: float = 0.0
+    """The cosine ends at lr × this."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 turns clipping off)."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    class_weights: Literal["none", "inverse_frequency"] = "none"
+    """Loss weight per class: equal, or inversely proportional to the class's share of the training split."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    epochs: int = 80
+    """Training epochs (one epoch = every training sample once, in full global batches)."""
+    global_batch_size: int = 256
+    """Samples per optimizer step summed over all workers; must divide by the number of workers."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast dtype: auto is bf16 on CUDA and fp32 on CPU."""
+    log_every: int = 50
+    """Log train loss every this many steps (rank 0)."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"loop.epochs must be >= 1, got {self.epochs}")
+        if self.global_batch_size < 1:
+            raise ValueError(f"loop.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.log_every < 1:
+            raise ValueError(f"loop.log_every must be >= 1, got {self.log_every}")
+
+    def batch_per_worker(self, world_size: int) -> int:
+        """Each worker's share of the global batch."""
+        if self.global_batch_size % world_size:
+            raise FerdistError(
+                f"loop.global_batch_size={self.global_batch_size} does not divide by {world_size} workers; "
+                f"pick a multiple of {world_size}"
+            )
+        return self.global_batch_size // world_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkersConfig:
+    num_workers: int = 1
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """Give each worker a GPU (DDP over nccl) instead of CPUs only (gloo)."""
+    gpus_per_worker: float = 1.0
+    """GPUs each worker reserves when use_gpu is set."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker reserves (its loader processes run inside that reservation)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"workers.num_workers must be >= 1, got {self.num_workers}")
+        if self.gpus_per_worker <= 0:
+            raise ValueError(f"workers.gpus_per_worker must be > 0, got {self.gpus_per_worker}")
+        if self.cpus_per_worker < 0:
+            raise ValueError(f"workers.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    storage_path: str = "runs"
+    """Where Ray Train keeps results and checkpoints: a local folder or s3://bucket/prefix."""
+    keep: int = 2
+    """Checkpoints kept per run (the newest ones; one per epoch is written)."""
+    max_failures: int = 3
+    """Worker failures a run recovers from (restarting from the last checkpoint) before it gives up; -1 = always."""
+
+    def __post_init__(self) -> None:
+        if not self.storage_path:
+            raise ValueError("checkpoint.storage_path must name a folder or s3:// prefix")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        if self.max_failures < -1:
+            raise ValueError(f"checkpoint.max_failures must be >= -1, got {self.max_failures}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    backend: Literal["mlflow", "none"] = "none"
+    """Where runs are tracked: MLflow (rank 0 only), or nowhere."""
+    tracking_uri: str | None = None
+    """MLflow tracking server; None uses MLFLOW_TRACKING_URI, else a SQLite store (mlflow.db) in the working dir."""
+    experiment: str = "ferdist"
+    """MLflow experiment the run is logged under."""
+    registered_model: str = "fer-vitmae"
+    """Registry name the best model is registered as."""
+
+    def __post_init__(self) -> None:
+        if not self.experiment:
+            raise ValueError("tracking.experiment must not be empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "quickstart"
+    """Run name: names the run's folder under checkpoint.storage_path; re-running a name resumes it."""
+    seed: int = 0
+    """Seeds model initialisation, data order and augmentation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"name must be letters, digits, '_', '.' or '-' (it names a folder), got {self.name!r}")
+        # Fail at submission, not on the cluster, when the batch cannot be split evenly.
+        self.loop.batch_per_worker(self.workers.num_workers)
+
+
+# --- flattening, parsing, YAML ------------------------------------------------------------------------------------
+
+
+def to_flat_dict(cfg: RunConfig) -> dict[str, Any]:
+    """``{"optim.lr": 3e-05, "name": "quickstart", ...}``: every leaf, dotted, with its typed value."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                flat[prefix + f.name] = value
+
+    walk(cfg, "")
+    return flat
+
+
+def from_flat_dict(flat: dict[str, Any], *, origin: str = "config") -> RunConfig:
+    """The inverse of `to_flat_dict`; values may also be strings (``"3e-4"``), parsed by the field's type.
+
+    Raises:
+        FerdistError: an unknown key, a value of the wrong type, or one that fails validation, naming ``origin``.
+    """
+    return _build(RunConfig, flat, "", origin)
+
+
+def _build(cls: type, flat: dict[str, Any], prefix: str, origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], flat, key + ".", origin)
+        elif key in flat:
+            kwargs[f.name] = parse_value(flat[key], hints[f.name], key=key, origin=origin)
+    if not prefix:
+        known = set(to_flat_dict(RunConfig()))
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise FerdistError(f"{origin}: unknown key '{unknown[0]}'{hint}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, FerdistError) as exn:
+        raise FerdistError(f"{origin}: {exn}") from None
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
+    """``value`` as type ``tp`` (str/int/float/bool/Literal/Optional), accepting its string spelling."""
+
+    def wrong(expected: str) -> FerdistError:
+        return FerdistError(f"{origin}: {key} must be {expected}, got {value!r}")
+
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return parse_value(value, inner, key=key, origin=origin)
+    if typing.get_origin(tp) is Literal:
+        if value not in args:
+            raise wrong("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        raise wrong("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+            return int(value)
+        raise wrong("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise wrong("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise wrong("a string")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The config in YAML file ``path`` (defaults where absent) with ``key=value`` overrides applied on top."""
+    flat: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise FerdistError(f"config file {path} does not exist; see jobs/configs/ for examples") from None
+        except yaml.YAMLError as exn:
+            mark = getattr(exn, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise FerdistError(f"{path}:{where} is not valid YAML ({getattr(exn, 'problem', exn)})") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise FerdistError(f"{path}: the top level must be a mapping of sections (data:, model:, optim:, ...)")
+        flat.update(_flatten_mapping(doc or {}, "", str(path)))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FerdistError(f"--set {item!r}: write overrides as key=value, e.g. --set optim.lr=3e-4")
+        # YAML parsing gives 'null', numbers and booleans their types; the field's type still decides.
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        flat[key.strip()] = value if isinstance(parsed, (dict, list)) else parsed
+    return from_flat_dict(flat, origin=str(path) if path is not None else "command line")
+
+
+def _flatten_mapping(doc: dict[str, Any], prefix: str, origin: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_mapping(value, f"{prefix}{key}.", origin))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The config as nested YAML that `load_config` reads back to an equal config (secrets redacted)."""
+    nested: dict[str, Any] = {}
+    for key, value in redacted(to_flat_dict(cfg)).items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return yaml.safe_dump(nested, sort_keys=False)
+
+
+_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@", re.I)
+
+
+def redacted(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with passwords in URIs (``postgresql://user:secret@host``) replaced by ``***``."""
+    return {k: _USERINFO.sub(r"\g<scheme>\g<user>:***@", v) if isinstance(v, str) else v for k, v in flat.items()}

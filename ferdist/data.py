@@ -167,13 +167,25 @@ class _ShardStream(IterableDataset):
         available = [sum(counts[u] for u in mine[w::workers]) for w in range(workers)]
         return worker_batches(available, steps=steps, batch_size=self.batch_size)[worker] * self.batch_size
 
+    def class_weights(self) -> np.ndarray | None:
+        """Per-class draw weights for class-balanced training (inverse class frequency), else None."""
+        if not self.training or self.cfg.sampling != "class_balanced":
+            return None
+        counts = np.asarray(self.dataset.manifest.split(self.split).class_counts, dtype=np.float64)
+        return np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, _ = self._worker()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker]) if self.training else None
         pipeline = wds.DataPipeline(
             self._decoded_shards,
             functools.partial(
-                batches, batch_size=self.batch_size, buffer=self.cfg.shuffle_buffer, rng=rng, limit=self.quota()
+                batches,
+                batch_size=self.batch_size,
+                buffer=self.cfg.shuffle_buffer,
+                rng=rng,
+                limit=self.quota(),
+                class_weights=self.class_weights(),
             ),
         )
         return iter(pipeline)
@@ -194,17 +206,28 @@ def worker_batches(available: Sequence[int], *, steps: int, batch_size: int) -> 
 
 
 def batches(
-    shards: Iterable[DecodedShard], *, batch_size: int, buffer: int, rng: np.random.Generator | None, limit: int | None
+    shards: Iterable[DecodedShard],
+    *,
+    batch_size: int,
+    buffer: int,
+    rng: np.random.Generator | None,
+    limit: int | None,
+    class_weights: np.ndarray | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches from decoded shards: shuffled in blocks of >= ``buffer`` samples when ``rng`` is given, else in order.
 
     With ``limit`` (training) only full batches are emitted, up to ``limit`` samples; without it (evaluation) every
-    sample is emitted exactly once and the last batch may be short.
+    sample is emitted exactly once and the last batch may be short. With ``class_weights`` (and ``rng``) each block is
+    re-drawn with replacement, a sample's chance proportional to its class's weight: class-balanced sampling within
+    the shuffle buffer.
     """
     emitted = 0
     leftover: DecodedShard | None = None
     for block in _blocks(shards, min_size=buffer if rng is not None else batch_size):
-        if rng is not None:
+        if rng is not None and class_weights is not None:
+            p = class_weights[block.labels]
+            block = _take(block, rng.choice(len(block), size=len(block), p=p / p.sum()))
+        elif rng is not None:
             block = _take(block, rng.permutation(len(block)))
         if leftover is not None:
             # Leftovers were shuffled already and go first, so a worker that wraps around its shards repeats as few

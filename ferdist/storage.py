@@ -232,3 +232,29 @@ def check_writable(uri: str, *, endpoint_url: str | None = None) -> None:
                 # HEAD responses have no body, so a missing bucket arrives as a bare 404.
                 exn.response["Error"]["Code"] = "NoSuchBucket"
             raise
+
+
+def download_prefix(uri: str, dest: Path, *, endpoint_url: str | None = None) -> int:
+    """Copies every object under the S3 prefix ``uri`` into folder ``dest`` (keeping relative names); returns the count.
+
+    Files already in ``dest`` with the same size are kept, so a second call on a warm cache is a listing only.
+    """
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        raise FerdistError(f"'{uri}' is not an s3:// prefix")
+    client = s3_client(endpoint_url)
+    prefix = loc.key.rstrip("/") + "/" if loc.key.strip("/") else ""
+    count = 0
+    with explained_s3_errors(loc, endpoint_url):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                target = dest / obj["Key"][len(prefix) :]
+                if not (target.is_file() and target.stat().st_size == obj["Size"]):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(target.name + ".part")
+                    client.download_file(loc.bucket, obj["Key"], str(tmp))
+                    tmp.replace(target)
+                count += 1
+    if not count:
+        raise FerdistError(f"nothing under '{uri}'" + (f" at {endpoint_url}" if endpoint_url else ""))
+    return count

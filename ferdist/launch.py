@@ -1,0 +1,129 @@
+"""Ray Train at the edge: the `TorchTrainer` for a `RunConfig`, checks that fail fast on the driver, and the result.
+
+``jobs/train.py`` calls this for a single run; ``jobs/tune.py`` calls `build_trainer` once per trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from ferdist import storage
+from ferdist.config import RunConfig, to_flat_dict
+from ferdist.data import build_loader, open_dataset, steps_per_epoch
+from ferdist.errors import FerdistError
+from ferdist.loop import train_fn_per_worker
+from ferdist.model import check_pretrained
+
+SCORE = "val/acc"
+
+
+def preflight(cfg: RunConfig) -> int:
+    """Checks on the driver what would otherwise fail on every worker; returns the training steps per epoch.
+
+    Raises:
+        FerdistError: the dataset is missing or too small for the batch, or the pretrained source is unavailable.
+    """
+    dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
+    world = cfg.workers.num_workers
+    # Building (not iterating) the loader runs its checks: enough samples and shards for every worker.
+    build_loader(dataset, "train", cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
+                 training=True)  # fmt: skip
+    check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
+    return steps_per_epoch(
+        dataset.manifest.split("train").samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world
+    )
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with local relative paths made absolute: Ray workers do not run in the driver's working directory."""
+
+    def absolute(path: str) -> str:
+        if ":" in path.split("/", 1)[0]:  # s3://, file://, random:tiny
+            return path
+        return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest)),
+        model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+    )
+
+
+def storage_target(path: str) -> tuple[str, Any]:
+    """Ray's ``storage_path`` and filesystem: an absolute local folder, or s3:// (through a custom endpoint if set)."""
+    loc = storage.parse_uri(path)
+    if not loc.is_s3:
+        assert loc.path is not None
+        return str(loc.path.expanduser().resolve()), None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return path, None
+    import pyarrow.fs
+
+    scheme, _, host = endpoint.partition("://")
+    filesystem = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https")
+    return f"{loc.bucket}/{loc.key}".rstrip("/"), filesystem
+
+
+def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> TorchTrainer:
+    """The `TorchTrainer` running `train_fn_per_worker` on ``cfg.workers.num_workers`` workers."""
+    resources: dict[str, float] = {"CPU": cfg.workers.cpus_per_worker}
+    if cfg.workers.use_gpu:
+        resources["GPU"] = cfg.workers.gpus_per_worker
+    storage_path, filesystem = storage_target(cfg.checkpoint.storage_path)
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=to_flat_dict(cfg),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers.num_workers, use_gpu=cfg.workers.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            # A fixed name: re-submitting the same run resumes it from its latest checkpoint.
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            callbacks=callbacks,
+            # Ray's per-report INFO lines repeat every metric; the loop logs its own one-line summary per epoch.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run reports: its best epoch and where that checkpoint is."""
+
+    best_epoch: int
+    best_val_acc: float
+    best_checkpoint: str
+    last_epoch: int
+    last_metrics: dict[str, Any]
+    run_path: str
+
+
+def summarize(result: ray.train.Result) -> RunSummary:
+    """The best epoch by val accuracy among the retained checkpoints, and the last epoch's metrics."""
+    if result.error is not None:
+        raise result.error
+    if not result.best_checkpoints:
+        raise FerdistError(f"the run at {result.path} finished without a checkpoint")
+    best_checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1][SCORE])
+    return RunSummary(
+        best_epoch=int(best["epoch"]),
+        best_val_acc=float(best[SCORE]),
+        best_checkpoint=best_checkpoint.path,
+        last_epoch=int(result.metrics["epoch"]),
+        last_metrics=dict(result.metrics),
+        run_path=str(Path(result.path)) if "://" not in result.path else result.path,
+    )

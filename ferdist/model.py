@@ -1,0 +1,190 @@
+"""The classifier: a Hugging Face ViT-MAE encoder (He et al., 2022, "Masked Autoencoders Are Scalable Vision
+Learners") with a linear head, fine-tuned with its embeddings and first blocks frozen.
+
+Two things differ from calling ``ViTMAEModel`` directly:
+
+* Masking is off. ViT-MAE drops ``mask_ratio`` (0.75 by default) of the patches at random on *every* forward, in eval
+  too; we load it with ``mask_ratio=0.0`` and pass an ordered ``noise`` so the patch order is the identity rather than
+  a random permutation, which makes outputs bit-deterministic.
+* The frozen prefix (embeddings + blocks ``0..freeze_blocks-1``) runs under ``torch.no_grad()``: no activations are
+  kept for it, which is what makes freezing four of twelve blocks cheaper than training them.
+
+This module imports no Ray, torch.distributed or MLflow: distribution is applied from outside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import ViTMAEConfig, ViTMAEModel
+
+from ferdist import storage
+from ferdist.config import ModelConfig
+from ferdist.constants import FER_CLASSES
+from ferdist.errors import FerdistError
+
+log = logging.getLogger(__name__)
+
+# Randomly initialised geometries: `tiny` is for tests and the CPU quick start, `base` is ViT-B/16 as in
+# facebook/vit-mae-base (for benchmarks without the weights).
+RANDOM_GEOMETRIES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=96, num_hidden_layers=6, num_attention_heads=4, intermediate_size=192, patch_size=8),
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16),
+}
+
+
+class FerClassifier(nn.Module):
+    """ViT-MAE encoder → pooled token → dropout → linear layer over the FER classes."""
+
+    def __init__(
+        self, backbone: ViTMAEModel, *, num_classes: int, freeze_blocks: int, pooling: str, head_dropout: float
+    ) -> None:
+        super().__init__()
+        depth = backbone.config.num_hidden_layers
+        if freeze_blocks > depth:
+            raise FerdistError(f"model.freeze_blocks={freeze_blocks} exceeds the backbone's {depth} blocks")
+        self.backbone, self.freeze_blocks, self.pooling = backbone, freeze_blocks, pooling
+        self.dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(backbone.config.hidden_size, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)  # as MAE's fine-tuning head (std 2e-5 there; 0.02 is timm)
+        nn.init.zeros_(self.head.bias)
+        for p in self.frozen_modules().parameters():
+            p.requires_grad_(False)
+
+    def frozen_modules(self) -> nn.ModuleList:
+        """The embeddings and the leading blocks that are not trained (empty when freeze_blocks is 0)."""
+        if not self.freeze_blocks:
+            return nn.ModuleList()
+        return nn.ModuleList([self.backbone.embeddings, *self.backbone.layers[: self.freeze_blocks]])
+
+    def train(self, mode: bool = True) -> FerClassifier:
+        super().train(mode)
+        self.frozen_modules().eval()  # frozen blocks behave as at inference (no dropout) whatever the mode
+        return self
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` for normalised images ``[B, 3, S, S]``."""
+        embeddings = self.backbone.embeddings
+        num_patches = (pixel_values.shape[-2] // embeddings.patch_embeddings.patch_size[0]) * (
+            pixel_values.shape[-1] // embeddings.patch_embeddings.patch_size[1]
+        )
+        # argsort of an increasing "noise" is the identity: every patch kept, in order.
+        order = torch.arange(num_patches, device=pixel_values.device).expand(pixel_values.shape[0], -1)
+        resize = tuple(pixel_values.shape[-2:]) != tuple(embeddings.patch_embeddings.image_size)
+        layers = self.backbone.layers
+        with torch.no_grad() if self.freeze_blocks else nullcontext():
+            hidden, _, _ = embeddings(pixel_values, noise=order, interpolate_pos_encoding=resize)
+            for layer in layers[: self.freeze_blocks]:
+                hidden = layer(hidden)
+        for layer in layers[self.freeze_blocks :]:
+            hidden = layer(hidden)
+        hidden = self.backbone.layernorm(hidden)
+        pooled = hidden[:, 0] if self.pooling == "cls" else hidden[:, 1:].mean(dim=1)
+        return self.head(self.dropout(pooled))
+
+
+def build_model(cfg: ModelConfig, *, seed: int, endpoint_url: str | None = None) -> FerClassifier:
+    """The classifier with its backbone from ``cfg.pretrained``; random parts are initialised from ``seed``."""
+    torch.manual_seed(seed)
+    backbone = load_backbone(cfg, endpoint_url=endpoint_url)
+    return FerClassifier(
+        backbone,
+        num_classes=len(FER_CLASSES),
+        freeze_blocks=cfg.freeze_blocks,
+        pooling=cfg.pooling,
+        head_dropout=cfg.head_dropout,
+    )
+
+
+def build_model_from_config(backbone_config: dict[str, Any], cfg: ModelConfig) -> FerClassifier:
+    """The classifier's architecture (weights uninitialised in meaning) for loading a checkpoint into."""
+    backbone = ViTMAEModel(ViTMAEConfig(**{**backbone_config, "mask_ratio": 0.0}))
+    return FerClassifier(
+        backbone,
+        num_classes=len(FER_CLASSES),
+        freeze_blocks=cfg.freeze_blocks,
+        pooling=cfg.pooling,
+        head_dropout=cfg.head_dropout,
+    )
+
+
+def random_backbone_config(name: str, *, image_size: int) -> ViTMAEConfig:
+    """The ViTMAEConfig of ``random:<name>`` at ``image_size``."""
+    if name not in RANDOM_GEOMETRIES:
+        raise FerdistError(f"model.pretrained=random:{name} is unknown; use random:tiny or random:base")
+    geometry = RANDOM_GEOMETRIES[name]
+    if image_size % geometry["patch_size"]:
+        raise FerdistError(
+            f"model.image_size={image_size} is not a multiple of random:{name}'s patch size {geometry['patch_size']}"
+        )
+    return ViTMAEConfig(**geometry, image_size=image_size, mask_ratio=0.0)
+
+
+def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMAEModel:
+    """The ViT-MAE encoder from a Hugging Face id, a local folder, an s3:// prefix or ``random:<geometry>``.
+
+    Raises:
+        FerdistError: the source cannot be found or read, in one sentence naming the alternatives.
+    """
+    source = cfg.pretrained
+    if source.startswith("random:"):
+        return ViTMAEModel(random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size))
+    if source.startswith("s3://"):
+        folder = _s3_cache_dir(source)
+        storage.download_prefix(source, folder, endpoint_url=endpoint_url)
+        source = str(folder)
+    config = load_backbone_config(source, display=cfg.pretrained)
+    try:
+        backbone = ViTMAEModel.from_pretrained(source, config=config)
+    except OSError as exn:
+        raise FerdistError(
+            f"cannot load the weights of model.pretrained={cfg.pretrained!r} ({str(exn).splitlines()[0]}); "
+            "re-download or re-save the checkpoint"
+        ) from None
+    # The weights were learnt at this size; other sizes run through interpolated position embeddings.
+    if backbone.config.image_size != cfg.image_size:
+        log.info("backbone trained at %d px runs at %d px (position embeddings interpolated)",
+                 backbone.config.image_size, cfg.image_size)
+    return backbone
+
+
+def _s3_cache_dir(uri: str) -> Path:
+    root = Path(os.environ.get("FERDIST_CACHE", Path.home() / ".cache" / "ferdist"))
+    return root / "pretrained" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+
+def check_pretrained(cfg: ModelConfig, *, endpoint_url: str | None = None) -> None:
+    """Fails fast (before any worker starts) when ``cfg.pretrained`` cannot be loaded; reads configs only."""
+    source = cfg.pretrained
+    if source.startswith("random:"):
+        random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size)
+        return
+    if source.startswith("s3://"):
+        storage.read_bytes(storage.parse_uri(source).join("config.json").uri, endpoint_url=endpoint_url)
+        return
+    load_backbone_config(source, display=source)
+
+
+def load_backbone_config(source: str, *, display: str) -> ViTMAEConfig:
+    """The ViTMAEConfig at a local folder or Hugging Face id, with masking off."""
+    if "://" in source:
+        raise FerdistError(f"model.pretrained={display!r}: only s3:// URIs, local folders and Hugging Face ids work")
+    if Path(source).exists() and not (Path(source) / "config.json").is_file():
+        raise FerdistError(f"model.pretrained={display!r} is a folder without config.json; save it with save_pretrained")
+    try:
+        return ViTMAEConfig.from_pretrained(source, mask_ratio=0.0)
+    except OSError as exn:
+        raise FerdistError(
+            f"cannot load pretrained weights {display!r} ({str(exn).splitlines()[0]}); on a machine without "
+            "internet download them elsewhere (huggingface-cli download facebook/vit-mae-base) and pass "
+            "--set model.pretrained=PATH or s3://BUCKET/PREFIX, or use model.pretrained=random:tiny / random:base "
+            "for a randomly initialised backbone"
+        ) from None
