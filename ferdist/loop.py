@@ -162,15 +162,15 @@ def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
-            correct = (logits.argmax(1) == labels).sum()
-            totals += torch.stack([loss.detach().double() * len(labels), correct.double(), totals.new_tensor(len(labels))])
+            seen = totals.new_tensor(len(labels))
+            totals += torch.stack([loss.detach().double() * seen, (logits.argmax(1) == labels).sum().double(), seen])
             if (step + 1) % cfg.loop.log_every == 0 or step + 1 == steps:
                 # Checking here rather than every step keeps the GPU from syncing on each batch.
                 _check_finite(loss, epoch=epoch, step=step)
                 if rank == 0:
-                    log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch + 1, step + 1, steps, loss.item(),
-                             scheduler.get_last_lr()[0])  # fmt: skip
+                    log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch + 1, step + 1, steps, loss.item(), lr)
         train_loss, train_correct, train_seen = all_reduce_sum(totals, world_size=world_size).tolist()
         epoch_seconds = time.perf_counter() - started
 
@@ -180,7 +180,7 @@ def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
             "step": (epoch + 1) * steps,
             "train/loss": train_loss / train_seen,
             "train/acc": train_correct / train_seen,
-            "train/lr": scheduler.get_last_lr()[0],
+            "train/lr": lr,
             "perf/samples_per_s": train_seen / epoch_seconds,
             "perf/epoch_s": epoch_seconds,
             **{f"val/{k}": v for k, v in val.items()},

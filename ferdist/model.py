@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import ViTMAEConfig, ViTMAEModel
+from transformers.utils import logging as transformers_logging
 
 from ferdist import storage
 from ferdist.config import ModelConfig
@@ -141,24 +142,38 @@ def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMA
         storage.download_prefix(source, folder, endpoint_url=endpoint_url)
         source = str(folder)
     config = load_backbone_config(source, display=cfg.pretrained)
+    verbosity = transformers_logging.get_verbosity()
+    # The published checkpoints are ViTMAEForPreTraining: their decoder weights are expected to go unused, and the
+    # library's table of them would bury real problems, which the missing-key check below reports instead.
+    transformers_logging.set_verbosity_error()
     try:
-        backbone = ViTMAEModel.from_pretrained(source, config=config)
+        backbone, info = ViTMAEModel.from_pretrained(source, config=config, output_loading_info=True)
     except OSError as exn:
         raise FerdistError(
             f"cannot load the weights of model.pretrained={cfg.pretrained!r} ({str(exn).splitlines()[0]}); "
             "re-download or re-save the checkpoint"
         ) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise FerdistError(
+            f"model.pretrained={cfg.pretrained!r} has no weights for {len(missing)} encoder parameters (e.g. "
+            f"{missing[0]}); point it at a ViT-MAE checkpoint (ViTMAEModel or ViTMAEForPreTraining)"
+        )
     # The weights were learnt at this size; other sizes run through interpolated position embeddings.
     if backbone.config.image_size != cfg.image_size:
-        log.info("backbone trained at %d px runs at %d px (position embeddings interpolated)",
-                 backbone.config.image_size, cfg.image_size)
+        log.info(
+            "backbone trained at %d px runs at %d px (position embeddings interpolated)",
+            backbone.config.image_size,
+            cfg.image_size,
+        )
     return backbone
 
 
 def _s3_cache_dir(uri: str) -> Path:
     root = Path(os.environ.get("FERDIST_CACHE", Path.home() / ".cache" / "ferdist"))
     return root / "pretrained" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-
 
 
 def check_pretrained(cfg: ModelConfig, *, endpoint_url: str | None = None) -> None:
@@ -178,7 +193,9 @@ def load_backbone_config(source: str, *, display: str) -> ViTMAEConfig:
     if "://" in source:
         raise FerdistError(f"model.pretrained={display!r}: only s3:// URIs, local folders and Hugging Face ids work")
     if Path(source).exists() and not (Path(source) / "config.json").is_file():
-        raise FerdistError(f"model.pretrained={display!r} is a folder without config.json; save it with save_pretrained")
+        raise FerdistError(
+            f"model.pretrained={display!r} is a folder without config.json; write it with save_pretrained"
+        )
     try:
         return ViTMAEConfig.from_pretrained(source, mask_ratio=0.0)
     except OSError as exn:

@@ -1,0 +1,101 @@
+"""The run config: round-trips through flat dicts, strings, YAML and --set, and rejects bad input in one sentence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferdist.config import RunConfig, from_flat_dict, load_config, redacted, to_flat_dict, to_yaml
+from ferdist.errors import FerdistError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+def test_flat_dict_round_trip_with_native_and_string_values() -> None:
+    cfg = load_config(None, ["optim.lr=3e-4", "workers.use_gpu=true", "data.endpoint_url=http://127.0.0.1:9000"])
+    flat = to_flat_dict(cfg)
+    assert flat["optim.lr"] == 3e-4 and flat["workers.use_gpu"] is True and flat["data.endpoint_url"].endswith("9000")
+    assert from_flat_dict(flat) == cfg
+    assert from_flat_dict({k: str(v) for k, v in flat.items()}) == cfg  # MLflow params and Tune spaces are strings
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(
+        None, ["name=exp-1", "model.pooling=mean", "loop.epochs=3", "optim.class_weights=inverse_frequency"]
+    )
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize("name", ["quickstart", "fer2013-vitmae-base"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.name == name
+    if name == "fer2013-vitmae-base":
+        # The issue's defaults: AdamW at 3e-5, 80 epochs, blocks 0-3 frozen, ViT-MAE base at 224.
+        assert (cfg.optim.lr, cfg.loop.epochs, cfg.model.freeze_blocks) == (3e-5, 80, 4)
+        assert (cfg.model.pretrained, cfg.model.image_size) == ("facebook/vit-mae-base", 224)
+
+
+def test_overrides_apply_on_top_of_the_file() -> None:
+    cfg = load_config(CONFIGS / "quickstart.yaml", ["loop.epochs=2", "workers.num_workers=1", "seed=7"])
+    assert (cfg.loop.epochs, cfg.workers.num_workers, cfg.seed) == (2, 1, 7)
+    assert cfg.model.pretrained == "random:tiny"  # untouched keys keep the file's values
+
+
+def test_unknown_key_names_the_file_and_suggests(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(FerdistError, match=r"bad\.yaml: unknown key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+        ("loop.epochs=2.5", "loop.epochs must be an integer, got 2.5"),
+        ("loop.precision=fp16", "loop.precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        ("workers.use_gpu=maybe", "workers.use_gpu must be true or false"),
+        ("optim.lr=-1", "optim.lr must be > 0, got -1.0"),
+        ("workers.num_workers=3", "global_batch_size=256 does not divide by 3 workers"),
+        ("name=a b", "name must be letters"),
+        ("optim.lr", "write overrides as key=value"),
+    ],
+)
+def test_bad_values_get_one_clear_sentence(override: str, message: str) -> None:
+    with pytest.raises(FerdistError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_wrong_type_in_yaml_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "typed.yaml"
+    path.write_text("loop:\n  global_batch_size: [64]\n")
+    with pytest.raises(FerdistError, match=r"typed\.yaml: loop\.global_batch_size must be an integer"):
+        load_config(path)
+
+
+def test_broken_yaml_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("optim:\n  lr: [1,\n")
+    with pytest.raises(FerdistError, match=r"broken\.yaml: line \d+ is not valid YAML"):
+        load_config(path)
+    with pytest.raises(FerdistError, match="does not exist"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_secrets_are_redacted_when_printed() -> None:
+    cfg = load_config(None, ["tracking.tracking_uri=postgresql://mlflow:hunter2@db:5432/mlflow"])
+    assert "hunter2" not in to_yaml(cfg)
+    assert redacted(to_flat_dict(cfg))["tracking.tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
+    assert cfg.tracking.tracking_uri == "postgresql://mlflow:hunter2@db:5432/mlflow"  # the run still gets it
+
+
+def test_defaults_are_the_design_defaults() -> None:
+    cfg = RunConfig()
+    assert cfg.optim.lr == 3e-5 and cfg.loop.epochs == 80 and cfg.model.freeze_blocks == 4
+    assert cfg.loop.batch_per_worker(4) == 64

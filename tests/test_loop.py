@@ -1,0 +1,119 @@
+"""The per-worker loop run in one process (no Ray): steps, metrics, checkpoints, and resume that changes nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ferdist.checkpoint import load_classifier, read_history
+from ferdist.config import DataConfig, RunConfig, load_config
+from ferdist.data import batches, open_dataset
+from ferdist.errors import FerdistError
+from ferdist.loop import LocalSession, class_weights, evaluate, run_training
+from ferdist.shards import DecodedShard
+
+PERF = ("perf/samples_per_s", "perf/epoch_s")
+
+
+def tiny_run(manifest: Path, *extra: str) -> RunConfig:
+    return load_config(
+        None,
+        [
+            f"data.manifest={manifest}",
+            "data.loader_workers=1",
+            "model.pretrained=random:tiny",
+            "model.image_size=32",
+            "model.freeze_blocks=2",
+            "model.head_dropout=0.1",  # dropout exercises the seeded global RNG on resume
+            "optim.lr=2e-3",
+            "optim.warmup_epochs=1",
+            "loop.epochs=4",
+            "loop.global_batch_size=32",
+            *extra,
+        ],
+    )
+
+
+@dataclass
+class CrashingSession(LocalSession):
+    """A LocalSession whose process 'dies' right after persisting its N-th checkpoint."""
+
+    crash_after: int = 0
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.crash_after:
+            raise RuntimeError("worker lost")
+
+
+def without_perf(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in m.items() if k not in PERF} for m in history]
+
+
+def test_resumed_run_equals_uninterrupted_run(synth_shards: Path, tmp_path: Path) -> None:
+    cfg = tiny_run(synth_shards)
+    clean = run_training(cfg, LocalSession(tmp_path / "clean"))
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_training(cfg, CrashingSession(tmp_path / "crashed", crash_after=2))
+    resumed = run_training(cfg, LocalSession(tmp_path / "crashed"))
+
+    assert resumed.resumed_at == [2]
+    assert [m["epoch"] for m in resumed.history] == [1, 2, 3, 4]  # no epoch lost or repeated
+    steps = 280 // 32
+    assert [m["step"] for m in resumed.history] == [steps * e for e in (1, 2, 3, 4)]
+    assert without_perf(resumed.history) == without_perf(clean.history)  # same losses, LRs and val metrics
+    a, _ = load_classifier(tmp_path / "clean" / "epoch_0004")
+    b, _ = load_classifier(tmp_path / "crashed" / "epoch_0004")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # Retention: only the newest two checkpoints stay.
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["epoch_0003", "epoch_0004"]
+
+
+def test_metrics_count_every_val_sample_and_the_lr_follows_the_schedule(synth_shards: Path, tmp_path: Path) -> None:
+    cfg = tiny_run(synth_shards, "loop.epochs=2")
+    state = run_training(cfg, LocalSession(tmp_path / "run"))
+    last = state.history[-1]
+    assert last["val/samples"] == 35
+    # 8 steps an epoch, 8 warmup steps: the last step of epoch 1 runs at the peak, of epoch 2 at cosine 7/8 down.
+    assert state.history[0]["train/lr"] == pytest.approx(2e-3)
+    assert last["train/lr"] == pytest.approx(2e-3 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
+    assert last["best/val_acc"] == max(m["val/acc"] for m in state.history)
+    assert read_history(tmp_path / "run" / "epoch_0002").epochs_done == 2
+
+    # Re-evaluating the saved model gives the metrics the run reported for that epoch.
+    model, saved_cfg = load_classifier(tmp_path / "run" / "epoch_0002")
+    assert saved_cfg == cfg
+    val = evaluate(model, open_dataset(str(synth_shards)), cfg, split="val", rank=0, world_size=1,
+                   device=torch.device("cpu"))  # fmt: skip
+    assert val["acc"] == last["val/acc"] and val["loss"] == pytest.approx(last["val/loss"], rel=1e-6)
+
+
+def test_missing_manifest_is_one_sentence(tmp_path: Path) -> None:
+    with pytest.raises(FerdistError, match=r"no manifest at .*; shard the data there first"):
+        run_training(tiny_run(tmp_path / "nowhere"), LocalSession(tmp_path / "run"))
+
+
+def test_inverse_frequency_class_weights() -> None:
+    w = class_weights([10, 0, 30, 20, 20, 10, 10], "inverse_frequency", device=torch.device("cpu"))
+    assert w is not None
+    assert w.tolist() == pytest.approx([100 / 70, 0.0, 100 / 210, 100 / 140, 100 / 140, 100 / 70, 100 / 70])
+    assert class_weights([1] * 7, "none", device=torch.device("cpu")) is None
+
+
+def test_class_balanced_sampling_evens_out_an_imbalanced_split() -> None:
+    labels = np.repeat(np.arange(7), [700, 70, 700, 1400, 700, 350, 700])  # FER-like imbalance
+    block = DecodedShard(rows=np.arange(len(labels)), labels=labels, images=np.zeros((len(labels), 48, 48), np.uint8))
+    counts = np.bincount(labels, minlength=7)
+    drawn = np.concatenate([
+        b["label"].numpy()
+        for b in batches([block], batch_size=100, buffer=len(labels), rng=np.random.default_rng(0), limit=4600,
+                         class_weights=1.0 / counts)
+    ])  # fmt: skip
+    share = np.bincount(drawn, minlength=7) / len(drawn)
+    assert np.allclose(share, 1 / 7, atol=0.02)  # Disgust from 1.5 % to ~14 %
+    assert DataConfig(sampling="class_balanced").sampling == "class_balanced"
