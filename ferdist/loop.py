@@ -109,6 +109,9 @@ class LocalSession:
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point: ``config`` is `ferdist.config.to_flat_dict` of the run's `RunConfig`."""
+    # Ray Train logs every report at INFO with all its metrics; keep the worker's own one-line epoch summaries.
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("ferdist").setLevel(logging.INFO)
     run_training(from_flat_dict(config, origin="train_loop_config"), RaySession())
 
 

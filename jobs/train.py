@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         # Inside `ray job submit` (or with RAY_ADDRESS) this joins that cluster; otherwise Ray starts here.
-        ray.init(address=os.environ.get("RAY_ADDRESS"), configure_logging=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
         summary = launch.summarize(launch.build_trainer(cfg).fit())
     except FerdistError as exn:
         console.print(f"[bold red]error:[/] {exn}", highlight=False)
