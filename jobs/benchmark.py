@@ -2,6 +2,13 @@
 
     python jobs/benchmark.py data --source ../shared/data/fer2013/fer2013.csv.xz --json bench-data.json
     python jobs/benchmark.py data                     # on the SYNTHETIC set (no download)
+    python jobs/benchmark.py train                    # CPU: random:tiny steps/s, Ray Train overhead
+    python jobs/benchmark.py train --gpu              # also ViT-B/16 (vit-mae-base geometry) at 224 in bf16 + MFU
+
+``train`` measures training images/s of the real step (on-device augmentation, forward, backward, clip, AdamW,
+schedule) on random uint8 batches, with the frozen prefix and with everything trainable, and Ray Train's overhead:
+the same loop on the same shards run in-process without Ray and as a 1-worker TorchTrainer, each for N and 2N
+epochs, so the per-epoch cost (T(2N) - T(N)) / N excludes start-up.
 
 ``data`` measures, on the same faces: the sharding job (validate → PNG → tar → manifest), the shard reader in
 samples/s per loader process (in-process, and through a DataLoader with 1 and 2 worker processes) from a local
@@ -151,6 +158,143 @@ def bench_data(args: argparse.Namespace, console: Console) -> dict:
     return results
 
 
+# Peak dense bf16 tensor throughput, for model FLOP utilisation (NVIDIA datasheets, SXM parts).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def forward_flops(backbone_config, *, image_size: int, blocks: range | None = None) -> float:
+    """Forward FLOPs of one image through ViT blocks (2 x multiply-accumulates; attention included)."""
+    d, dff = backbone_config.hidden_size, backbone_config.intermediate_size
+    n = (image_size // backbone_config.patch_size) ** 2 + 1
+    per_block = 2 * (n * (4 * d * d + 2 * d * dff) + 2 * n * n * d)
+    blocks = blocks if blocks is not None else range(backbone_config.num_hidden_layers)
+    embed = 2 * (n - 1) * 3 * backbone_config.patch_size**2 * d
+    return embed + per_block * len(blocks)
+
+
+def training_flops(backbone_config, *, image_size: int, freeze_blocks: int) -> float:
+    """FLOPs per training image: the whole forward, plus 2x forward for the backward of the trainable blocks."""
+    layers = backbone_config.num_hidden_layers
+    trainable = forward_flops(backbone_config, image_size=image_size, blocks=range(freeze_blocks, layers))
+    if freeze_blocks == 0:
+        trainable = forward_flops(backbone_config, image_size=image_size)
+    return forward_flops(backbone_config, image_size=image_size) + 2 * trainable
+
+
+def step_rate(pretrained: str, *, image_size: int, freeze_blocks: int, batch: int, device: str, steps: int) -> float:
+    """Training images/s of the loop's step on random faces (after warm-up steps)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ferdist.config import AugmentConfig, ModelConfig, OptimConfig
+    from ferdist.model import build_model
+    from ferdist.optim import build_optimizer, make_schedule
+    from ferdist.transforms import train_transform
+
+    dev = torch.device(device)
+    cfg = ModelConfig(pretrained=pretrained, image_size=image_size, freeze_blocks=freeze_blocks)
+    model = build_model(cfg, seed=0).to(dev).train()
+    optimizer, scheduler = build_optimizer(model, OptimConfig(), schedule=make_schedule(OptimConfig(),
+                                           steps_per_epoch=steps, epochs=2))  # fmt: skip
+    images = torch.randint(0, 256, (batch, 1, 48, 48), dtype=torch.uint8, device=dev)
+    labels = torch.randint(0, 7, (batch,), device=dev)
+    generator = torch.Generator().manual_seed(0)
+    bf16 = dev.type == "cuda"
+
+    def step() -> None:
+        inputs = train_transform(images, AugmentConfig(), image_size=image_size, generator=generator)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        scheduler.step()
+
+    for _ in range(3):
+        step()
+    if bf16:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if bf16:
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - started)
+
+
+def run_wall(cfg, *, with_ray: bool, root: Path) -> float:
+    """Wall seconds of a whole training run, in-process without Ray or as a 1-worker TorchTrainer."""
+    from ferdist import launch
+    from ferdist.loop import LocalSession, run_training
+
+    started = time.perf_counter()
+    if with_ray:
+        launch.summarize(launch.build_trainer(cfg).fit())
+    else:
+        run_training(cfg, LocalSession(root / f"local-{cfg.name}"))
+    return time.perf_counter() - started
+
+
+def bench_train(args: argparse.Namespace, console: Console) -> dict:
+    import ray
+    import torch
+
+    from ferdist.config import load_config
+    from ferdist.model import random_backbone_config
+
+    results: dict = {"cpu_threads": torch.get_num_threads()}
+    table = Table(title="training (random weights: speed only)", show_header=True)
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    for freeze in (0, 4):
+        rate = step_rate("random:tiny", image_size=32, freeze_blocks=freeze, batch=64, device="cpu", steps=20)
+        results[f"cpu_tiny32_freeze{freeze}_img_s"] = rate
+        table.add_row(f"CPU random:tiny @32, batch 64, freeze_blocks={freeze}", f"{rate:,.0f} img/s")
+    if args.gpu:
+        config = random_backbone_config("base", image_size=224)
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        for freeze in (4, 0):
+            rate = step_rate("random:base", image_size=224, freeze_blocks=freeze, batch=args.gpu_batch,
+                             device="cuda", steps=30)  # fmt: skip
+            flops = training_flops(config, image_size=224, freeze_blocks=freeze)
+            mfu = rate * flops / peak if peak else float("nan")
+            results[f"gpu_base224_freeze{freeze}"] = {"img_s": rate, "gflop_per_img": flops / 1e9, "mfu": mfu,
+                                                      "device": name}  # fmt: skip
+            table.add_row(f"{name} ViT-B/16 @224 bf16, batch {args.gpu_batch}, freeze_blocks={freeze}",
+                          f"{rate:,.0f} img/s, {flops / 1e9:.0f} GFLOP/img, MFU {mfu:.1%}")  # fmt: skip
+
+    # Ray Train overhead on the quick start's model and a SYNTHETIC shard set.
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_shards(synthetic_source(args.synthetic_rows, seed=0), str(root / "shards"), samples_per_shard=64)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False, log_to_driver=False)
+        walls = {}
+        for with_ray in (False, True):
+            for epochs in (args.epochs, 2 * args.epochs):
+                cfg = load_config(Path(__file__).parent / "configs" / "quickstart.yaml", [
+                    f"name=bench-{'ray' if with_ray else 'local'}-{epochs}", f"data.manifest={root / 'shards'}",
+                    f"checkpoint.storage_path={root / 'runs'}", f"loop.epochs={epochs}", "workers.num_workers=1",
+                    f"workers.cpus_per_worker={os.cpu_count()}", "data.loader_workers=1",
+                ])  # fmt: skip
+                walls[(with_ray, epochs)] = run_wall(cfg, with_ray=with_ray, root=root)
+        ray.shutdown()
+    per_epoch = {w: (walls[(w, 2 * args.epochs)] - walls[(w, args.epochs)]) / args.epochs for w in (False, True)}
+    overhead = per_epoch[True] / per_epoch[False] - 1
+    results |= {"epoch_s_without_ray": per_epoch[False], "epoch_s_ray_1_worker": per_epoch[True],
+                "ray_overhead": overhead, "ray_startup_s": walls[(True, args.epochs)] - args.epochs * per_epoch[True],
+                "local_startup_s": walls[(False, args.epochs)] - args.epochs * per_epoch[False]}  # fmt: skip
+    table.add_row("epoch without Ray (in-process loop)", f"{per_epoch[False]:.2f} s")
+    table.add_row("epoch under Ray Train (1 worker)", f"{per_epoch[True]:.2f} s")
+    table.add_row("Ray Train overhead per epoch", f"{overhead:+.1%}")
+    table.add_row("start-up: Ray run / in-process run",
+                  f"{results['ray_startup_s']:.1f} s / {results['local_startup_s']:.1f} s")  # fmt: skip
+    console.print(table)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -159,9 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--synthetic-rows", type=int, default=6000)
     data.add_argument("--no-s3", action="store_true", help="skip the S3 (moto on 127.0.0.1) measurement")
     data.add_argument("--json", type=Path, help="also write the results here")
+    train = sub.add_parser("train", help="training images/s, model FLOP utilisation on a GPU, Ray Train overhead")
+    train.add_argument("--gpu", action="store_true", help="also measure ViT-B/16 at 224 in bf16 on the local GPU")
+    train.add_argument("--gpu-batch", type=int, default=256, help="per-GPU batch for the --gpu measurement")
+    train.add_argument("--epochs", type=int, default=3, help="N for the N vs 2N epoch runs (default 3)")
+    train.add_argument("--synthetic-rows", type=int, default=3000, help="SYNTHETIC faces for the overhead runs")
+    train.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
-    results = bench_data(args, console)
+    results = bench_data(args, console) if args.what == "data" else bench_train(args, console)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"wrote {args.json}")
