@@ -119,11 +119,13 @@ def summarize(result: ray.train.Result) -> RunSummary:
     if not result.best_checkpoints:
         raise FerdistError(f"the run at {result.path} finished without a checkpoint")
     best_checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1][SCORE])
+    # pyarrow paths carry no scheme: put s3:// back so the printed location can be pasted into aws s3 / ferdist.
+    scheme = "s3://" if best_checkpoint.filesystem.type_name == "s3" else ""
     return RunSummary(
         best_epoch=int(best["epoch"]),
         best_val_acc=float(best[SCORE]),
-        best_checkpoint=best_checkpoint.path,
+        best_checkpoint=scheme + best_checkpoint.path,
         last_epoch=int(result.metrics["epoch"]),
         last_metrics=dict(result.metrics),
-        run_path=str(Path(result.path)) if "://" not in result.path else result.path,
+        run_path=scheme + result.path,
     )

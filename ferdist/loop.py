@@ -77,6 +77,9 @@ class RaySession:
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         import ray.train
 
+        if self._checkpoint_dir is not None:  # the restored copy is loaded by now
+            shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
+            self._checkpoint_dir = None
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)  # [ray] every rank calls it: it is a barrier
 
@@ -144,6 +147,7 @@ def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
         )  # fmt: skip
 
     for epoch in range(state.epochs_done, cfg.loop.epochs):
+        cycle_started = time.perf_counter()
         torch.manual_seed(_seed(cfg.seed, epoch, rank))  # dropout
         augment_rng = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1))
         loader = build_loader(
@@ -204,6 +208,9 @@ def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
                     checkpoint_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, state=state, cfg=cfg
                 )
             session.report(metrics, checkpoint_dir)  # [ray] report + persist the checkpoint
+        # The whole epoch as the job experiences it (train, eval, checkpoint, report); known only after the report,
+        # so it reaches the history saved with the next checkpoint.
+        metrics["perf/cycle_s"] = time.perf_counter() - cycle_started
     return state
 
 

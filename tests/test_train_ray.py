@@ -128,16 +128,26 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(clean_run, shards_1400
     assert summary.last_metrics["val/loss"] == pytest.approx(clean.last_metrics["val/loss"], rel=1e-6)
 
 
-def test_train_job_end_to_end(shards_1400: Path, tmp_path: Path) -> None:
-    """jobs/train.py as a user runs it: its own in-process Ray, one worker, then the summary."""
+def test_train_job_end_to_end_on_s3(tmp_path: Path, s3: tuple[str, str]) -> None:
+    """jobs/train.py as a user runs it (its own in-process Ray, one worker) with shards and checkpoints on S3."""
+    import boto3
+
+    from ferdist.sharding import write_shards
+    from ferdist.sources import synthetic_source
+
+    endpoint, bucket = s3
+    write_shards(synthetic_source(700, seed=2), f"s3://{bucket}/shards", samples_per_shard=32, endpoint_url=endpoint)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"AWS_ENDPOINT_URL": endpoint}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "jobs/configs/quickstart.yaml"),
-         "--set", f"data.manifest={shards_1400}", "--set", f"checkpoint.storage_path={tmp_path}",
+         "--set", f"data.manifest=s3://{bucket}/shards", "--set", f"checkpoint.storage_path=s3://{bucket}/runs",
          "--set", "loop.epochs=2", "--workers", "1", "--cpu"],
-        capture_output=True, text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "quickstart: 2 epochs; best epoch" in proc.stderr
     assert "randomly initialised, not pretrained" in proc.stderr
     checkpoint = proc.stderr.split("best checkpoint: ")[1].split()[0]
-    assert (Path(checkpoint) / "model.pt").is_file() and Path(checkpoint).parent == tmp_path / "quickstart"
+    assert checkpoint.startswith(f"s3://{bucket}/runs/quickstart/checkpoint_")
+    key = checkpoint.removeprefix(f"s3://{bucket}/") + "/model.pt"
+    assert boto3.client("s3", endpoint_url=endpoint).head_object(Bucket=bucket, Key=key)["ContentLength"] > 100_000
