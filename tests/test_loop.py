@@ -17,7 +17,6 @@ from ferdist.loop import LocalSession, class_weights, evaluate, run_training
 from ferdist.shards import DecodedShard
 
 
-
 def tiny_run(manifest: Path, *extra: str) -> RunConfig:
     return load_config(
         None,
