@@ -20,6 +20,7 @@ from ferdist.data import build_loader, open_dataset, steps_per_epoch
 from ferdist.errors import FerdistError
 from ferdist.loop import train_fn_per_worker
 from ferdist.model import check_pretrained
+from ferdist.tracking import check_tracking
 
 SCORE = "val/acc"
 
@@ -36,6 +37,7 @@ def preflight(cfg: RunConfig) -> int:
     build_loader(dataset, "train", cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
                  training=True)  # fmt: skip
     check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
+    check_tracking(cfg.tracking)
     return steps_per_epoch(
         dataset.manifest.split("train").samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world
     )

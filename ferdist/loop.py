@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ferdist import checkpoint as ckpt
-from ferdist.config import RunConfig, from_flat_dict
+from ferdist.config import RunConfig, from_flat_dict, redacted, to_flat_dict
 from ferdist.constants import FER_CLASSES
 from ferdist.data import ShardedDataset, build_loader, open_dataset, steps_per_epoch
 from ferdist.dist import all_reduce_sum
@@ -33,6 +33,7 @@ from ferdist.errors import FerdistError
 from ferdist.metrics import report_from_confusion
 from ferdist.model import FerClassifier, build_model
 from ferdist.optim import build_optimizer, make_schedule
+from ferdist.tracking import Tracker, make_tracker
 from ferdist.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,22 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
-    """Trains ``cfg.loop.epochs`` epochs (continuing from the session's latest checkpoint); returns the progress."""
+    """Trains ``cfg.loop.epochs`` epochs (continuing from the session's latest checkpoint); returns the progress.
+
+    The run is tracked (rank 0 only) and marked FINISHED or FAILED in the tracker when it ends.
+    """
+    tracker = make_tracker(cfg.tracking, rank=session.rank, run_name=cfg.name, params=redacted(to_flat_dict(cfg)))
+    try:
+        state = train(cfg, session, tracker=tracker)
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    tracker.close(status="FINISHED")
+    return state
+
+
+def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainState:
+    """The training loop: build → restore → per epoch: train steps, evaluate, checkpoint, report."""
     rank, world_size, device = session.rank, session.world_size, session.device
     dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     batch_size = cfg.loop.batch_per_worker(world_size)
@@ -207,6 +223,7 @@ def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
                 ckpt.save_checkpoint(
                     checkpoint_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, state=state, cfg=cfg
                 )
+            tracker.log_metrics(metrics, step=epoch + 1)
             session.report(metrics, checkpoint_dir)  # [ray] report + persist the checkpoint
         # The whole epoch as the job experiences it (train, eval, checkpoint, report); known only after the report,
         # so it reaches the history saved with the next checkpoint.

@@ -1,0 +1,112 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1 (and the embedded SQLite default): one run per
+training run, params once, metrics with step=epoch, the same run continued after a resume."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+from ferdist.config import RunConfig, TrackingConfig, load_config
+from ferdist.errors import FerdistError
+from ferdist.loop import LocalSession, run_training
+from ferdist.tracking import RUN_TAG, check_tracking
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:  # wait for the server to answer its health check
+        try:
+            if requests.get(f"{uri}/health", timeout=2).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+        time.sleep(0.2)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def tracked_run(manifest: Path, uri: str | None, *extra: str) -> RunConfig:
+    overrides = [f"tracking.tracking_uri={uri}"] if uri else []
+    return load_config(
+        None,
+        [f"data.manifest={manifest}", "data.loader_workers=0", "model.pretrained=random:tiny", "model.image_size=32",
+         "loop.epochs=3", "loop.global_batch_size=32", "optim.lr=2e-3", "tracking.backend=mlflow",
+         "tracking.experiment=tests", *overrides, *extra],
+    )  # fmt: skip
+
+
+@dataclass
+class CrashingSession(LocalSession):
+    crash_after: int = 0
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        super().report(metrics, checkpoint_dir)
+        if metrics["epoch"] == self.crash_after:
+            raise RuntimeError("worker lost")
+
+
+def test_one_run_with_params_and_per_epoch_metrics_continued_after_resume(
+    synth_shards: Path, mlflow_server: str, tmp_path: Path
+) -> None:
+    cfg = tracked_run(synth_shards, mlflow_server, "name=tracked")
+    with pytest.raises(RuntimeError):
+        run_training(cfg, CrashingSession(tmp_path, crash_after=2))
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'tracked'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+    state = run_training(cfg, LocalSession(tmp_path))
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'tracked'")
+    assert len(runs) == 1  # the resumed run logs into the same MLflow run
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["ferdist.status"] == "finished"
+    assert run.data.params["optim.lr"] == "0.002" and run.data.params["model.pretrained"] == "random:tiny"
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [m.step for m in history] == [1, 2, 3]  # each epoch once, none repeated after the resume
+    assert [m.value for m in history] == [h["val/acc"] for h in state.history]
+
+
+def test_embedded_default_is_a_sqlite_store_in_the_working_directory(
+    synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_training(tracked_run(synth_shards, None, "loop.epochs=1", "name=embedded"), LocalSession(tmp_path / "ck"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.data.tags[RUN_TAG] for r in runs] == ["embedded"]
+
+
+def test_unreachable_tracking_server_is_one_sentence_not_a_hang() -> None:
+    cfg = TrackingConfig(backend="mlflow", tracking_uri=f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(FerdistError, match=r"cannot reach the MLflow tracking server at http://127\.0\.0\.1:\d+"):
+        check_tracking(cfg)
+    assert time.monotonic() - started < 10
