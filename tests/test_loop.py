@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from sessions import CrashingSession
 
 from ferdist.checkpoint import load_classifier, read_history
 from ferdist.config import DataConfig, RunConfig, load_config
@@ -34,18 +34,6 @@ def tiny_run(manifest: Path, *extra: str) -> RunConfig:
             *extra,
         ],
     )
-
-
-@dataclass
-class CrashingSession(LocalSession):
-    """A LocalSession whose process 'dies' right after persisting its N-th checkpoint."""
-
-    crash_after: int = 0
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.crash_after:
-            raise RuntimeError("worker lost")
 
 
 def without_perf(history: list[dict[str, float]]) -> list[dict[str, float]]:

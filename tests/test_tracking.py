@@ -8,12 +8,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
+from sessions import CrashingSession
 
 from ferdist.config import RunConfig, TrackingConfig, load_config
 from ferdist.errors import FerdistError
@@ -59,16 +59,6 @@ def tracked_run(manifest: Path, uri: str | None, *extra: str) -> RunConfig:
          "loop.epochs=3", "loop.global_batch_size=32", "optim.lr=2e-3", "tracking.backend=mlflow",
          "tracking.experiment=tests", *overrides, *extra],
     )  # fmt: skip
-
-
-@dataclass
-class CrashingSession(LocalSession):
-    crash_after: int = 0
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        super().report(metrics, checkpoint_dir)
-        if metrics["epoch"] == self.crash_after:
-            raise RuntimeError("worker lost")
 
 
 def test_one_run_with_params_and_per_epoch_metrics_continued_after_resume(
