@@ -70,12 +70,15 @@ def restore(
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    return TrainState(epochs_done=saved["epochs_done"], history=saved["history"], resumed_at=saved["resumed_at"])
+    return _progress(saved)
 
 
 def read_history(directory: Path) -> TrainState:
     """The progress recorded in a checkpoint, without loading any weights into a model."""
-    saved: dict[str, Any] = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    return _progress(torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True))
+
+
+def _progress(saved: dict[str, Any]) -> TrainState:
     return TrainState(epochs_done=saved["epochs_done"], history=saved["history"], resumed_at=saved["resumed_at"])
 
 

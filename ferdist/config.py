@@ -147,6 +147,10 @@ class LoopConfig:
         if self.log_every < 1:
             raise ValueError(f"loop.log_every must be >= 1, got {self.log_every}")
 
+    def autocast_bf16(self, device_type: str) -> bool:
+        """Whether forward passes on ``device_type`` ("cuda", "cpu") autocast to bf16."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+
     def batch_per_worker(self, world_size: int) -> int:
         """Each worker's share of the global batch."""
         if self.global_batch_size % world_size:
@@ -381,6 +385,11 @@ def to_yaml(cfg: RunConfig) -> str:
 _USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]+)@", re.I)
 
 
+def redact_uri(text: str) -> str:
+    """``text`` with passwords in URIs (``postgresql://user:secret@host``) replaced by ``***``."""
+    return _USERINFO.sub(r"\g<scheme>\g<user>:***@", text)
+
+
 def redacted(flat: dict[str, Any]) -> dict[str, Any]:
-    """``flat`` with passwords in URIs (``postgresql://user:secret@host``) replaced by ``***``."""
-    return {k: _USERINFO.sub(r"\g<scheme>\g<user>:***@", v) if isinstance(v, str) else v for k, v in flat.items()}
+    """``flat`` with `redact_uri` applied to every string value."""
+    return {k: redact_uri(v) if isinstance(v, str) else v for k, v in flat.items()}

@@ -1,4 +1,4 @@
-"""The two collectives the loop needs, written so one process (no process group) needs no special case."""
+"""The collective the loop needs, written so one process (no process group) needs no special case."""
 
 from __future__ import annotations
 
@@ -12,11 +12,3 @@ def all_reduce_sum(tensor: torch.Tensor, *, world_size: int) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
-
-def broadcast_object(obj: object, *, world_size: int) -> object:
-    """Rank 0's ``obj`` on every rank."""
-    if world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

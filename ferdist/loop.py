@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
     train_info = dataset.manifest.split("train")
     steps = steps_per_epoch(train_info.samples, batch_size=batch_size, world_size=world_size)
     schedule = make_schedule(cfg.optim, steps_per_epoch=steps, epochs=cfg.loop.epochs)
-    bf16 = cfg.loop.precision == "bf16" or (cfg.loop.precision == "auto" and device.type == "cuda")
+    bf16 = cfg.loop.autocast_bf16(device.type)
 
     raw_model = build_model(cfg.model, seed=cfg.seed, endpoint_url=cfg.data.endpoint_url).to(device)
     optimizer, scheduler = build_optimizer(raw_model, cfg.optim, schedule=schedule)
@@ -174,19 +174,11 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
         started = time.perf_counter()
         for step, batch in enumerate(loader):
-            images = batch["image"].to(device, non_blocking=True)
             labels = batch["label"].to(device, non_blocking=True)
-            inputs = train_transform(images, cfg.augment, image_size=cfg.model.image_size, generator=augment_rng)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels, weight=weights, label_smoothing=cfg.optim.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]  # the rate this step used
-            scheduler.step()
+            loss, logits, lr = train_step(
+                model, batch["image"].to(device, non_blocking=True), labels, cfg=cfg, optimizer=optimizer,
+                scheduler=scheduler, weights=weights, trainable=trainable, bf16=bf16, generator=augment_rng,
+            )  # fmt: skip
             seen = totals.new_tensor(len(labels))
             totals += torch.stack([loss.detach().double() * seen, (logits.argmax(1) == labels).sum().double(), seen])
             if (step + 1) % cfg.loop.log_every == 0 or step + 1 == steps:
@@ -231,6 +223,41 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
     return state
 
 
+class StepOutput(NamedTuple):
+    loss: torch.Tensor
+    logits: torch.Tensor
+    lr: float
+    """The learning rate this step used."""
+
+
+def train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    cfg: RunConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    weights: torch.Tensor | None,
+    trainable: list[nn.Parameter],
+    bf16: bool,
+    generator: torch.Generator,
+) -> StepOutput:
+    """One optimizer step on a uint8 batch already on the device: augment, forward, loss, backward, clip, step."""
+    inputs = train_transform(images, cfg.augment, image_size=cfg.model.image_size, generator=generator)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inputs)
+    loss = F.cross_entropy(logits.float(), labels, weight=weights, label_smoothing=cfg.optim.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+    optimizer.step()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return StepOutput(loss, logits, lr)
+
+
 @torch.no_grad()
 def evaluate(
     raw_model: FerClassifier,
@@ -247,7 +274,7 @@ def evaluate(
         dataset, split, cfg.data, batch_size=cfg.loop.batch_per_worker(world_size), rank=rank,
         world_size=world_size, training=False,
     )  # fmt: skip
-    bf16 = cfg.loop.precision == "bf16" or (cfg.loop.precision == "auto" and device.type == "cuda")
+    bf16 = cfg.loop.autocast_bf16(device.type)
     was_training = raw_model.training
     raw_model.eval()
     classes = len(FER_CLASSES)

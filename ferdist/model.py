@@ -94,19 +94,16 @@ class FerClassifier(nn.Module):
 def build_model(cfg: ModelConfig, *, seed: int, endpoint_url: str | None = None) -> FerClassifier:
     """The classifier with its backbone from ``cfg.pretrained``; random parts are initialised from ``seed``."""
     torch.manual_seed(seed)
-    backbone = load_backbone(cfg, endpoint_url=endpoint_url)
-    return FerClassifier(
-        backbone,
-        num_classes=len(FER_CLASSES),
-        freeze_blocks=cfg.freeze_blocks,
-        pooling=cfg.pooling,
-        head_dropout=cfg.head_dropout,
-    )
+    return classifier_on(load_backbone(cfg, endpoint_url=endpoint_url), cfg)
 
 
 def build_model_from_config(backbone_config: dict[str, Any], cfg: ModelConfig) -> FerClassifier:
     """The classifier's architecture (weights uninitialised in meaning) for loading a checkpoint into."""
-    backbone = ViTMAEModel(ViTMAEConfig(**{**backbone_config, "mask_ratio": 0.0}))
+    return classifier_on(ViTMAEModel(ViTMAEConfig(**{**backbone_config, "mask_ratio": 0.0})), cfg)
+
+
+def classifier_on(backbone: ViTMAEModel, cfg: ModelConfig) -> FerClassifier:
+    """The FER head, pooling and freezing of ``cfg`` around ``backbone``."""
     return FerClassifier(
         backbone,
         num_classes=len(FER_CLASSES),

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any, Protocol
 
-from ferdist.config import TrackingConfig
+from ferdist.config import TrackingConfig, redact_uri
 from ferdist.errors import FerdistError
 
 RUN_TAG = "ferdist.run"
@@ -100,8 +100,3 @@ def check_tracking(cfg: TrackingConfig) -> None:
             "tracking.backend=none"
         ) from None
 
-
-def redact_uri(uri: str) -> str:
-    from ferdist.config import redacted
-
-    return redacted({"uri": uri})["uri"]

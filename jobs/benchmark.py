@@ -183,44 +183,38 @@ def training_flops(backbone_config, *, image_size: int, freeze_blocks: int) -> f
 
 
 def step_rate(pretrained: str, *, image_size: int, freeze_blocks: int, batch: int, device: str, steps: int) -> float:
-    """Training images/s of the loop's step on random faces (after warm-up steps)."""
+    """Training images/s of the loop's own `train_step` on random faces (after warm-up steps)."""
     import torch
-    import torch.nn.functional as F
 
-    from ferdist.config import AugmentConfig, ModelConfig, OptimConfig
+    from ferdist.config import load_config
+    from ferdist.loop import train_step
     from ferdist.model import build_model
     from ferdist.optim import build_optimizer, make_schedule
-    from ferdist.transforms import train_transform
 
     dev = torch.device(device)
-    cfg = ModelConfig(pretrained=pretrained, image_size=image_size, freeze_blocks=freeze_blocks)
-    model = build_model(cfg, seed=0).to(dev).train()
-    optimizer, scheduler = build_optimizer(model, OptimConfig(), schedule=make_schedule(OptimConfig(),
-                                           steps_per_epoch=steps, epochs=2))  # fmt: skip
+    cfg = load_config(None, [f"model.pretrained={pretrained}", f"model.image_size={image_size}",
+                             f"model.freeze_blocks={freeze_blocks}", "workers.num_workers=1"])  # fmt: skip
+    model = build_model(cfg.model, seed=0).to(dev).train()
+    schedule = make_schedule(cfg.optim, steps_per_epoch=steps, epochs=2)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, schedule=schedule)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     images = torch.randint(0, 256, (batch, 1, 48, 48), dtype=torch.uint8, device=dev)
     labels = torch.randint(0, 7, (batch,), device=dev)
     generator = torch.Generator().manual_seed(0)
-    bf16 = dev.type == "cuda"
+    bf16 = cfg.loop.autocast_bf16(dev.type)
 
     def step() -> None:
-        inputs = train_transform(images, AugmentConfig(), image_size=image_size, generator=generator)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        scheduler.step()
+        train_step(model, images, labels, cfg=cfg, optimizer=optimizer, scheduler=scheduler, weights=None,
+                   trainable=trainable, bf16=bf16, generator=generator)  # fmt: skip
 
     for _ in range(3):
         step()
-    if bf16:
+    if dev.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    if bf16:
+    if dev.type == "cuda":
         torch.cuda.synchronize()
     return steps * batch / (time.perf_counter() - started)
 
