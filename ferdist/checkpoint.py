@@ -2,7 +2,9 @@
 
 A checkpoint is self-contained: the weights (``model.pt``), the backbone's architecture (``backbone.json``) and the
 run's config (``config.yaml``) are enough to rebuild the classifier without the pretrained source; ``train_state.pt``
-adds the optimizer, scheduler and metric history needed to resume. Checkpoints are written at epoch boundaries, so
+adds the optimizer, scheduler and metric history needed to resume; ``summary.json`` is the small part a driver reads
+without loading torch: the epoch's metrics, the val confusion matrix and the history (for reports and curves).
+Checkpoints are written at epoch boundaries, so
 "where the data was" is just the epoch: data order and augmentation are functions of (seed, epoch, rank).
 """
 
@@ -19,6 +21,7 @@ from ferdist.config import RunConfig, load_config, to_yaml
 from ferdist.model import FerClassifier, build_model_from_config
 
 MODEL_FILE, STATE_FILE, BACKBONE_FILE, CONFIG_FILE = "model.pt", "train_state.pt", "backbone.json", "config.yaml"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass
@@ -40,8 +43,12 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     cfg: RunConfig,
+    confusion: list[list[int]],
 ) -> None:
-    """Writes the checkpoint files into ``directory`` (which Ray then persists to storage)."""
+    """Writes the checkpoint files into ``directory`` (which Ray then persists to storage).
+
+    ``confusion`` is the val confusion matrix (rows: true class) of the epoch just finished.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(raw_model.state_dict(), directory / MODEL_FILE)
     torch.save(
@@ -56,6 +63,9 @@ def save_checkpoint(
     )
     (directory / BACKBONE_FILE).write_text(json.dumps(raw_model.backbone.config.to_dict(), indent=1, sort_keys=True))
     (directory / CONFIG_FILE).write_text(to_yaml(cfg))
+    summary = {"epoch": state.epochs_done, "metrics": state.history[-1], "confusion": confusion,
+               "history": state.history}  # fmt: skip
+    (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
 
 
 def restore(

@@ -201,14 +201,16 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingConfig:
-    backend: Literal["mlflow", "none"] = "none"
+    backend: Literal["mlflow", "none"] = "mlflow"
     """Where runs are tracked: MLflow (rank 0 only), or nowhere."""
     tracking_uri: str | None = None
     """MLflow tracking server; None uses MLFLOW_TRACKING_URI, else a SQLite store (mlflow.db) in the working dir."""
     experiment: str = "ferdist"
     """MLflow experiment the run is logged under."""
     registered_model: str = "fer-vitmae"
-    """Registry name the best model is registered as."""
+    """Registry name the best model is registered as ("" logs the model without registering it)."""
+    parent_run_id: str | None = None
+    """The sweep's MLflow run, set by jobs/tune.py so each trial is logged as its child run."""
 
     def __post_init__(self) -> None:
         if not self.experiment:
@@ -334,22 +336,32 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")
 
 
+SWEEP_SECTIONS = ("sweep", "search")
+
+
+def read_yaml(path: Path) -> dict[str, Any] | None:
+    """The YAML document at ``path``; a missing file or bad YAML is one sentence naming the file and line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FerdistError(f"config file {path} does not exist; see jobs/configs/ for examples") from None
+    except yaml.YAMLError as exn:
+        mark = getattr(exn, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise FerdistError(f"{path}:{where} is not valid YAML ({getattr(exn, 'problem', exn)})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """The config in YAML file ``path`` (defaults where absent) with ``key=value`` overrides applied on top."""
     flat: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise FerdistError(f"config file {path} does not exist; see jobs/configs/ for examples") from None
-        except yaml.YAMLError as exn:
-            mark = getattr(exn, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise FerdistError(f"{path}:{where} is not valid YAML ({getattr(exn, 'problem', exn)})") from None
+        doc = read_yaml(path)
         if doc is not None and not isinstance(doc, dict):
             raise FerdistError(f"{path}: the top level must be a mapping of sections (data:, model:, optim:, ...)")
-        flat.update(_flatten_mapping(doc or {}, "", str(path)))
+        # A sweep file is a run config plus these two sections (read by ferdist.sweep); a run uses its base config.
+        doc = {k: v for k, v in (doc or {}).items() if k not in SWEEP_SECTIONS}
+        flat.update(_flatten_mapping(doc, "", str(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():

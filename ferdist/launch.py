@@ -20,16 +20,25 @@ from ferdist.data import build_loader, open_dataset, steps_per_epoch
 from ferdist.errors import FerdistError
 from ferdist.loop import train_fn_per_worker
 from ferdist.model import check_pretrained
-from ferdist.tracking import check_tracking
+from ferdist.tracking import prepare_tracking
 
 SCORE = "val/acc"
+
+
+def prepare(cfg: RunConfig) -> tuple[RunConfig, int]:
+    """On the driver, before Ray starts: ``cfg`` with absolute local paths and a prepared tracking store (see
+    `ferdist.tracking.prepare_tracking`), checked by `preflight`; and the training steps per epoch."""
+    cfg = with_absolute_paths(cfg)
+    steps = preflight(cfg)
+    return dataclasses.replace(cfg, tracking=prepare_tracking(cfg.tracking)), steps
 
 
 def preflight(cfg: RunConfig) -> int:
     """Checks on the driver what would otherwise fail on every worker; returns the training steps per epoch.
 
     Raises:
-        FerdistError: the dataset is missing or too small for the batch, or the pretrained source is unavailable.
+        FerdistError: the dataset is missing or too small for the batch, the pretrained source is unavailable, or
+            the tracking server does not answer.
     """
     dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     world = cfg.workers.num_workers
@@ -37,7 +46,6 @@ def preflight(cfg: RunConfig) -> int:
     build_loader(dataset, "train", cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
                  training=True)  # fmt: skip
     check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
-    check_tracking(cfg.tracking)
     return steps_per_epoch(
         dataset.manifest.split("train").samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world
     )
@@ -51,10 +59,14 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
             return path
         return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
 
+    storage_path = cfg.checkpoint.storage_path
+    if (loc := storage.parse_uri(storage_path)).path is not None:  # Ray creates it: resolve it even if absent
+        storage_path = str(loc.path.expanduser().resolve())
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest)),
         model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage_path),
     )
 
 

@@ -190,6 +190,7 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         epoch_seconds = time.perf_counter() - started
 
         val = evaluate(raw_model, dataset, cfg, split="val", rank=rank, world_size=world_size, device=device)
+        confusion = val.pop("confusion")
         metrics = {
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps,
@@ -213,8 +214,9 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
             if rank == 0:  # one writer; the weights are identical on every rank
                 checkpoint_dir = Path(tmp)
                 ckpt.save_checkpoint(
-                    checkpoint_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, state=state, cfg=cfg
-                )
+                    checkpoint_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, state=state,
+                    cfg=cfg, confusion=confusion,
+                )  # fmt: skip
             tracker.log_metrics(metrics, step=epoch + 1)
             session.report(metrics, checkpoint_dir)  # [ray] report + persist the checkpoint
         # The whole epoch as the job experiences it (train, eval, checkpoint, report); known only after the report,
@@ -268,8 +270,9 @@ def evaluate(
     rank: int,
     world_size: int,
     device: torch.device,
-) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 on ``split``, each sample counted once across all ranks (confusions summed)."""
+) -> dict[str, Any]:
+    """Loss, accuracy, macro-F1, sample count and confusion matrix (``confusion``, rows = true class) on ``split``,
+    each sample counted once across all ranks (confusions summed)."""
     loader = build_loader(
         dataset, split, cfg.data, batch_size=cfg.loop.batch_per_worker(world_size), rank=rank,
         world_size=world_size, training=False,
@@ -295,7 +298,8 @@ def evaluate(
     if seen != expected:
         raise FerdistError(f"evaluation on '{split}' saw {seen} samples, the manifest lists {expected}")
     report = report_from_confusion(matrix)
-    return {"loss": float(summed[-1]) / seen, "acc": report.accuracy, "macro_f1": report.macro_f1, "samples": seen}
+    return {"loss": float(summed[-1]) / seen, "acc": report.accuracy, "macro_f1": report.macro_f1, "samples": seen,
+            "confusion": matrix.tolist()}  # fmt: skip
 
 
 def class_weights(counts: list[int], mode: str, *, device: torch.device) -> torch.Tensor | None:

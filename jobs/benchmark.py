@@ -193,7 +193,8 @@ def step_rate(pretrained: str, *, image_size: int, freeze_blocks: int, batch: in
 
     dev = torch.device(device)
     cfg = load_config(None, [f"model.pretrained={pretrained}", f"model.image_size={image_size}",
-                             f"model.freeze_blocks={freeze_blocks}", "workers.num_workers=1"])  # fmt: skip
+                             f"model.freeze_blocks={freeze_blocks}", "workers.num_workers=1",
+                             "tracking.backend=none"])  # fmt: skip
     model = build_model(cfg.model, seed=0).to(dev).train()
     schedule = make_schedule(cfg.optim, steps_per_epoch=steps, epochs=2)
     optimizer, scheduler = build_optimizer(model, cfg.optim, schedule=schedule)
@@ -291,7 +292,7 @@ def bench_train(args: argparse.Namespace, console: Console) -> dict:
             cfg = load_config(Path(__file__).parent / "configs" / "quickstart.yaml", [
                 f"name=bench-{'ray' if with_ray else 'local'}", f"data.manifest={root / 'shards'}",
                 f"checkpoint.storage_path={root / 'runs'}", f"loop.epochs={args.epochs}", "workers.num_workers=1",
-                f"workers.cpus_per_worker={os.cpu_count()}", "data.loader_workers=1",
+                f"workers.cpus_per_worker={os.cpu_count()}", "data.loader_workers=1", "tracking.backend=none",
             ])  # fmt: skip
             measured[with_ray] = epoch_cycle(cfg, with_ray=with_ray, root=root)
         ray.shutdown()

@@ -53,15 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
         from ferdist import launch
 
-        cfg = launch.with_absolute_paths(cfg)
-        steps = launch.preflight(cfg)
+        cfg, steps = launch.prepare(cfg)
         console.print(f"{cfg.name}: {steps} steps/epoch × {cfg.loop.epochs} epochs on {cfg.workers.num_workers} "
                       f"{'GPU' if cfg.workers.use_gpu else 'CPU'} worker(s)")  # fmt: skip
         import ray
 
         # Inside `ray job submit` (or with RAY_ADDRESS) this joins that cluster; otherwise Ray starts here.
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
-        summary = launch.summarize(launch.build_trainer(cfg).fit())
+        result = launch.build_trainer(cfg).fit()
+        summary = launch.summarize(result)
+        registration = track_result(cfg, result)
     except FerdistError as exn:
         console.print(f"[bold red]error:[/] {exn}", highlight=False)
         return 2
@@ -74,7 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.model.pretrained.startswith("random:"):
         console.print(f"(backbone {cfg.model.pretrained}: randomly initialised, not pretrained)")
     console.print(f"best checkpoint: {summary.best_checkpoint}\nrun folder:      {summary.run_path}", highlight=False)
+    if registration is not None:
+        console.print(registration.describe(), highlight=False)
     return 0
+
+
+def track_result(cfg: RunConfig, result):  # noqa: ANN001, ANN201
+    """Reports, config and status to the run's MLflow run, then its best checkpoint as a registered model."""
+    from ferdist import tracking
+
+    run_id, best = tracking.finalize_run(cfg.tracking, run_name=cfg.name, run_path=result.path,
+                                         filesystem=result.filesystem, status=tracking.COMPLETED,
+                                         config_yaml=to_yaml(cfg))  # fmt: skip
+    if run_id is None or best is None:
+        return None
+    return tracking.publish_model(cfg.tracking, run_id=run_id, best=best, tags={"manifest": cfg.data.manifest})
 
 
 if __name__ == "__main__":

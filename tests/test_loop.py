@@ -31,6 +31,7 @@ def tiny_run(manifest: Path, *extra: str) -> RunConfig:
             "optim.warmup_epochs=1",
             "loop.epochs=4",
             "loop.global_batch_size=32",
+            "tracking.backend=none",
             *extra,
         ],
     )

@@ -76,7 +76,7 @@ def test_one_run_with_params_and_per_epoch_metrics_continued_after_resume(
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'tracked'")
     assert len(runs) == 1  # the resumed run logs into the same MLflow run
     run = runs[0]
-    assert run.info.status == "FINISHED" and run.data.tags["ferdist.status"] == "finished"
+    assert run.info.status == "FINISHED" and run.data.tags["ferdist.status"] == "completed"
     assert run.data.params["optim.lr"] == "0.002" and run.data.params["model.pretrained"] == "random:tiny"
     history = client.get_metric_history(run.info.run_id, "val/acc")
     assert [m.step for m in history] == [1, 2, 3]  # each epoch once, none repeated after the resume

@@ -56,6 +56,7 @@ def two_worker_run(shards: Path, storage: Path, name: str, *extra: str) -> RunCo
             f"loop.epochs={EPOCHS}",
             "loop.global_batch_size=32",
             "workers.num_workers=2",
+            "tracking.backend=none",
             *extra,
         ],
     )
@@ -151,3 +152,15 @@ def test_train_job_end_to_end_on_s3(tmp_path: Path, s3: tuple[str, str]) -> None
     assert checkpoint.startswith(f"s3://{bucket}/runs/quickstart/checkpoint_")
     key = checkpoint.removeprefix(f"s3://{bucket}/") + "/model.pt"
     assert boto3.client("s3", endpoint_url=endpoint).head_object(Bucket=bucket, Key=key)["ContentLength"] > 100_000
+    # Tracked like a sweep trial, in the embedded default store (./mlflow.db): reports, status, registered model.
+    from mlflow.tracking import MlflowClient
+
+    assert "registered fer-vitmae v1 (val acc" in proc.stderr and "now @champion" in proc.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ferdist").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["ferdist.status"] == "completed"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [1, 2]
+    reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+    assert reports == {"reports/class_report.md", "reports/confusion_matrix.png", "reports/learning_curves.png"}
+    champion = client.get_model_version_by_alias("fer-vitmae", "champion")
+    assert champion.version == "1" and champion.run_id == run.info.run_id

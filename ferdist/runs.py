@@ -1,0 +1,82 @@
+"""What a Ray Train run left in storage (a local folder or s3://): its checkpoints and their ``summary.json``.
+
+The driver reads only these small JSON files to pick the best epoch and draw reports; it downloads one checkpoint
+folder, the best, when a model is published. Storage is reached through pyarrow's filesystems, as Ray writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+
+from ferdist.checkpoint import SUMMARY_FILE
+from ferdist.errors import FerdistError
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    path: str
+    """The checkpoint folder, as a path on ``filesystem``."""
+    summary: dict[str, Any]
+    """Its summary.json: epoch, metrics, confusion, history."""
+    filesystem: pyarrow.fs.FileSystem
+
+
+def filesystem_for(path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+    """``(filesystem, path on it)`` for a local path or an s3:// URI, unless ``filesystem`` is given."""
+    if filesystem is not None:
+        return filesystem, path.removeprefix("s3://")
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https"), path[len("s3://") :]
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def checkpoints(run_path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> list[StoredCheckpoint]:
+    """The run's checkpoints that hold a summary, oldest epoch first (empty if the run folder has none)."""
+    fs, root = filesystem_for(run_path, filesystem)
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError as exn:
+        raise FerdistError(f"cannot list the run folder {run_path} ({exn})") from None
+    found = []
+    for entry in entries:
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        summary_path = f"{entry.path}/{SUMMARY_FILE}"
+        if fs.get_file_info(summary_path).type != pyarrow.fs.FileType.File:
+            continue  # an upload cut short by a crash
+        with fs.open_input_stream(summary_path) as stream:
+            found.append(StoredCheckpoint(entry.path, json.loads(stream.read()), fs))
+    return sorted(found, key=lambda c: c.summary["epoch"])
+
+
+def best_and_last(
+    run_path: str, filesystem: pyarrow.fs.FileSystem | None = None
+) -> tuple[StoredCheckpoint, StoredCheckpoint]:
+    """The retained checkpoint with the highest val accuracy (earliest on ties), and the latest one.
+
+    Raises:
+        FerdistError: the run has no checkpoint yet.
+    """
+    found = checkpoints(run_path, filesystem)
+    if not found:
+        raise FerdistError(f"the run folder {run_path} holds no checkpoint with a {SUMMARY_FILE}")
+    best = max(found, key=lambda c: (c.summary["metrics"]["val/acc"], -c.summary["epoch"]))
+    return best, found[-1]
+
+
+def download(checkpoint: StoredCheckpoint, dest: Path) -> Path:
+    """Copies the checkpoint folder to the local folder ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(checkpoint.path, str(dest), source_filesystem=checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+    return dest
