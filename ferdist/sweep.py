@@ -162,7 +162,8 @@ def _flatten_search(section: dict[str, Any], prefix: str = "") -> dict[str, Any]
     """``{optim: {lr: {choice: [...]}}}`` and ``{optim.lr: {choice: [...]}}`` both give ``{"optim.lr": {...}}``."""
     flat: dict[str, Any] = {}
     for key, value in section.items():
-        if isinstance(value, dict) and not (len(value) == 1 and next(iter(value)) in KINDS):
+        # A spec is {kind: [values]}; any other mapping is a section (optim: {lr: …}).
+        if isinstance(value, dict) and not (len(value) == 1 and not isinstance(next(iter(value.values())), dict)):
             flat.update(_flatten_search(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value

@@ -3,15 +3,11 @@ training run, params once, metrics with step=epoch, the same run continued after
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 from sessions import CrashingSession
 
@@ -19,36 +15,6 @@ from ferdist.config import RunConfig, TrackingConfig, load_config
 from ferdist.errors import FerdistError
 from ferdist.loop import LocalSession, run_training
 from ferdist.tracking import RUN_TAG, check_tracking
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:  # wait for the server to answer its health check
-        try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.2)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def tracked_run(manifest: Path, uri: str | None, *extra: str) -> RunConfig:
