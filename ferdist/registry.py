@@ -119,7 +119,7 @@ def register(model_uri: str, *, name: str, val_acc: float, tags: dict[str, str],
     version = mlflow.register_model(model_uri, name, tags={ACC_TAG: f"{val_acc:.6f}", **tags}).version
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
-        previous = (current.version, float(current.tags.get(ACC_TAG, "-inf")))
+        previous = (str(current.version), float(current.tags.get(ACC_TAG, "-inf")))
     except MlflowException:
         previous = None
     champion = previous is None or val_acc > previous[1]

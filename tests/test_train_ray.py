@@ -163,4 +163,4 @@ def test_train_job_end_to_end_on_s3(tmp_path: Path, s3: tuple[str, str]) -> None
     reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert reports == {"reports/class_report.md", "reports/confusion_matrix.png", "reports/learning_curves.png"}
     champion = client.get_model_version_by_alias("fer-vitmae", "champion")
-    assert champion.version == "1" and champion.run_id == run.info.run_id
+    assert str(champion.version) == "1" and champion.run_id == run.info.run_id

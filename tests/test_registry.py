@@ -1,0 +1,102 @@
+"""The published model: raw images in, the checkpoint's own predictions out; @champion moves only on a better val
+accuracy. Against MLflow's embedded SQLite store (the real server is exercised by the sweep tests)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from ferdist.checkpoint import load_classifier
+from ferdist.config import load_config
+from ferdist.constants import FER_CLASSES
+from ferdist.data import build_loader, open_dataset
+from ferdist.errors import FerdistError
+from ferdist.inference import Predictor, faces_from_input, to_face
+from ferdist.loop import LocalSession, run_training
+from ferdist.registry import CHAMPION, log_model, register
+from ferdist.reports import class_report_markdown
+
+
+def png(array: np.ndarray, mode: str | None = None) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array, mode).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = load_config(None, [f"data.manifest={synth_shards}", "data.loader_workers=0", "model.pretrained=random:tiny",
+                             "model.image_size=32", "loop.epochs=1", "loop.global_batch_size=32", "optim.lr=2e-3",
+                             "tracking.backend=none"])  # fmt: skip
+    run_training(cfg, LocalSession(root))
+    return root / "epoch_0001"
+
+
+@pytest.fixture(scope="module")
+def val_faces(synth_shards: Path) -> np.ndarray:
+    cfg = load_config(None, [f"data.manifest={synth_shards}", "data.loader_workers=0"])
+    loader = build_loader(open_dataset(str(synth_shards)), "val", cfg.data, batch_size=64, rank=0, world_size=1,
+                          training=False)  # fmt: skip
+    return torch.cat([b["image"] for b in loader])[:, 0].numpy()
+
+
+def test_any_image_becomes_the_training_face(val_faces: np.ndarray) -> None:
+    face = val_faces[0]
+    assert np.array_equal(to_face(png(face)), face)  # 48x48 grey: bit-identical to the shard's pixels
+    assert np.array_equal(to_face(np.stack([face] * 3, axis=-1)), face)  # grey in RGB
+    big = np.asarray(Image.fromarray(face).resize((192, 192), Image.Resampling.BILINEAR))
+    assert np.abs(to_face(png(big)).astype(int) - face).mean() < 6  # 4x larger, resized back
+    assert np.array_equal(faces_from_input(val_faces[:3]), val_faces[:3])
+    with pytest.raises(FerdistError, match=r"image 1 is not an image PIL can read"):
+        faces_from_input(pd.DataFrame({"image": [png(face), b"not an image"]}))
+    with pytest.raises(FerdistError, match=r"has shape \(48, 48, 2\)"):
+        to_face(np.zeros((48, 48, 2), np.uint8))
+
+
+def test_pyfunc_predicts_like_the_checkpoint_and_champion_moves_only_when_better(
+    checkpoint: Path, val_faces: np.ndarray, tmp_path: Path
+) -> None:
+    import mlflow.pyfunc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("registry", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    model_uri = log_model(run_id, checkpoint, tracking_uri=uri)
+
+    first = register(model_uri, name="fer-test", val_acc=0.5, tags={}, tracking_uri=uri)
+    worse = register(model_uri, name="fer-test", val_acc=0.4, tags={}, tracking_uri=uri)
+    better = register(model_uri, name="fer-test", val_acc=0.6, tags={}, tracking_uri=uri)
+    assert (first.version, first.champion, first.previous_champion) == ("1", True, None)
+    assert (worse.version, worse.champion, worse.previous_champion) == ("2", False, ("1", 0.5))
+    assert (better.version, better.champion) == ("3", True)
+    assert str(client.get_model_version_by_alias("fer-test", CHAMPION).version) == "3"
+    assert "not @champion: v1 stays" in worse.describe()
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(f"models:/fer-test@{CHAMPION}")
+    table = served.predict(pd.DataFrame({"image": [png(f) for f in val_faces]}))
+    model, cfg = load_classifier(checkpoint)
+    expected = Predictor(model, image_size=cfg.model.image_size).probabilities(val_faces)
+    probabilities = table[[f"p_{c.lower()}" for c in FER_CLASSES]].to_numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-6)
+    assert list(table["label"]) == [FER_CLASSES[i] for i in expected.argmax(1)]
+    assert served.metadata.signature.inputs.input_names() == ["image"]
+
+
+def test_class_report_lists_every_class_with_its_recall() -> None:
+    confusion = np.diag([5, 0, 3, 10, 2, 4, 6])
+    confusion[1, 3] = 2  # both Disgust faces called Happy
+    text = class_report_markdown(confusion, title="t")
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["Disgust"].split("|")[3].strip() == "0.0000" and rows["Disgust"].split("|")[5].strip() == "2"
+    assert rows["Happy"].split("|")[2].strip() == f"{10 / 12:.4f}"  # precision: 10 of 12 called Happy
+    assert "accuracy 0.9375" in text and "32 samples" in text  # 30 of 32 right
