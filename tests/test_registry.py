@@ -96,7 +96,8 @@ def test_class_report_lists_every_class_with_its_recall() -> None:
     confusion = np.diag([5, 0, 3, 10, 2, 4, 6])
     confusion[1, 3] = 2  # both Disgust faces called Happy
     text = class_report_markdown(confusion, title="t")
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = {line.split("|")[1].strip(): line for line in table}
     assert rows["Disgust"].split("|")[3].strip() == "0.0000" and rows["Disgust"].split("|")[5].strip() == "2"
     assert rows["Happy"].split("|")[2].strip() == f"{10 / 12:.4f}"  # precision: 10 of 12 called Happy
     assert "accuracy 0.9375" in text and "32 samples" in text  # 30 of 32 right
