@@ -4,11 +4,17 @@
     python jobs/benchmark.py data                     # on the SYNTHETIC set (no download)
     python jobs/benchmark.py train                    # CPU: random:tiny steps/s, Ray Train overhead
     python jobs/benchmark.py train --gpu              # also ViT-B/16 (vit-mae-base geometry) at 224 in bf16 + MFU
+    python jobs/benchmark.py tune                     # CPU: Ray Tune's overhead over back-to-back runs, ASHA's saving
 
 ``train`` measures training images/s of the real step (on-device augmentation, forward, backward, clip, AdamW,
 schedule) on random uint8 batches, with the frozen prefix and with everything trainable, and Ray Train's overhead:
 the same loop on the same shards run without Ray (in its own process) and as a 1-worker TorchTrainer, compared by
 the median epoch cycle (train + evaluate + checkpoint + report) each run records; start-up is reported apart.
+
+``tune`` runs N trials (a grid over the learning rate, FIFO, one trial at a time, tracking off) under Ray Tune and
+the same N runs back to back as plain TorchTrainer runs in the same Ray instance, and compares wall times; then
+runs jobs/configs/quickstart-sweep.yaml with ASHA and counts the trials and trial-epochs it stopped and the
+worker-hours (GPU-hours on a GPU cluster) that saved.
 
 ``data`` measures, on the same faces: the sharding job (validate → PNG → tar → manifest), the shard reader in
 samples/s per loader process (in-process, and through a DataLoader with 1 and 2 worker processes) from a local
@@ -308,6 +314,73 @@ def bench_train(args: argparse.Namespace, console: Console) -> dict:
     return results
 
 
+def bench_tune(args: argparse.Namespace, console: Console) -> dict:
+    import dataclasses
+
+    import numpy as np
+    import ray
+
+    from ferdist import tuning
+    from ferdist.launch import build_trainer
+    from ferdist.sweep import Dimension, load_sweep
+
+    table = Table(title="sweeps (random weights, SYNTHETIC faces: overhead and savings only)", show_header=True)
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_shards(synthetic_source(args.synthetic_rows, seed=0), str(root / "shards"), samples_per_shard=64)
+        ray.init(configure_logging=False, log_to_driver=False)
+        common = [f"data.manifest={root / 'shards'}", f"checkpoint.storage_path={root / 'runs'}",
+                  "tracking.backend=none"]  # fmt: skip
+        config = Path(__file__).parent / "configs" / "quickstart-sweep.yaml"
+        lrs = tuple(float(v) for v in np.geomspace(5e-4, 3e-3, args.trials))
+        fifo = load_sweep(config, [*common, "name=bench-tune", f"loop.epochs={args.epochs}", "sweep.samples=1",
+                                   "sweep.scheduler=fifo"])  # fmt: skip
+        fifo = dataclasses.replace(fifo, search=(Dimension("optim.lr", "grid", lrs),))
+        started = time.perf_counter()
+        for i, lr in enumerate(lrs):
+            build_trainer(dataclasses.replace(fifo.base, name=f"bench-seq-{i}",
+                                              optim=dataclasses.replace(fifo.base.optim, lr=lr))).fit()  # fmt: skip
+        back_to_back = time.perf_counter() - started
+        started = time.perf_counter()
+        tuning.build_tuner(fifo, max_concurrent=1, resume=False).fit()
+        under_tune = time.perf_counter() - started
+        overhead = under_tune / back_to_back - 1
+        results |= {"trials": args.trials, "epochs": args.epochs, "back_to_back_s": back_to_back,
+                    "tune_s": under_tune, "tune_overhead": overhead}  # fmt: skip
+        table.add_row(f"{args.trials} runs × {args.epochs} epochs back to back (TorchTrainer.fit each)",
+                      f"{back_to_back:.1f} s")  # fmt: skip
+        table.add_row(f"the same {args.trials} runs as Tune trials (FIFO, one at a time)", f"{under_tune:.1f} s")
+        table.add_row("Tune overhead", f"{overhead:+.1%}")
+
+        asha = load_sweep(config, [*common, "name=bench-asha", f"sweep.samples={args.asha_samples}"])
+        concurrent = tuning.concurrent_trials(asha.base, driver_cpus=asha.sweep.driver_cpus,
+                                              resources=ray.cluster_resources())  # fmt: skip
+        started = time.perf_counter()
+        summary = tuning.summarize(tuning.build_tuner(asha, max_concurrent=concurrent, resume=False).fit(), asha)
+        asha_wall = time.perf_counter() - started
+        ray.shutdown()
+    stopped = summary.count("early-stopped")
+    results |= {
+        "asha_trials": len(summary.trials), "asha_early_stopped": stopped, "asha_wall_s": asha_wall,
+        "asha_trial_epochs_run": summary.run_trial_epochs, "asha_trial_epochs_budget": summary.budget_trial_epochs,
+        "asha_trial_epochs_saved": summary.saved_trial_epochs, "asha_worker_hours_saved": summary.saved_device_hours,
+        "asha_best_val_acc": summary.best.best_val_acc if summary.best else None,
+    }  # fmt: skip
+    table.add_row(f"ASHA sweep ({asha.sweep.samples} samples × ≤{asha.base.loop.epochs} epochs, grace "
+                  f"{asha.sweep.grace_period}, rf {asha.sweep.reduction_factor:g}, {concurrent} at a time)",
+                  f"{asha_wall:.1f} s")  # fmt: skip
+    table.add_row("trials stopped early", f"{stopped} of {len(summary.trials)}")
+    table.add_row("trial-epochs run / budget / saved",
+                  f"{summary.run_trial_epochs} / {summary.budget_trial_epochs} / {summary.saved_trial_epochs}")
+    table.add_row("worker-hours saved (saved trial-epochs × median s/epoch × workers)",
+                  f"{summary.saved_device_hours:.4f}")  # fmt: skip
+    console.print(table)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -322,9 +395,16 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--epochs", type=int, default=8, help="epochs of each overhead run (default 8)")
     train.add_argument("--synthetic-rows", type=int, default=3000, help="SYNTHETIC faces for the overhead runs")
     train.add_argument("--json", type=Path, help="also write the results here")
+    tune = sub.add_parser("tune", help="Ray Tune's overhead over back-to-back runs, and ASHA's saving")
+    tune.add_argument("--trials", type=int, default=3, help="runs in the overhead comparison (default 3)")
+    tune.add_argument("--epochs", type=int, default=4, help="epochs per run in the overhead comparison")
+    tune.add_argument("--asha-samples", type=int, default=6, help="trials in the ASHA sweep (default 6)")
+    tune.add_argument("--synthetic-rows", type=int, default=3000, help="SYNTHETIC faces to train on")
+    tune.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
-    results = bench_data(args, console) if args.what == "data" else bench_train(args, console)
+    bench = {"data": bench_data, "train": bench_train, "tune": bench_tune}[args.what]
+    results = bench(args, console)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         console.print(f"wrote {args.json}")
