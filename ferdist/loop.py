@@ -222,6 +222,10 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         # The whole epoch as the job experiences it (train, eval, checkpoint, report); known only after the report,
         # so it reaches the history saved with the next checkpoint.
         metrics["perf/cycle_s"] = time.perf_counter() - cycle_started
+    if restore_dir is not None and state.resumed_at[-1] == cfg.loop.epochs and state.history:
+        # Restored after its last epoch (e.g. a sweep resumed after its driver died): nothing left to train, but
+        # the caller (Tune) still needs the run's final metrics.
+        session.report(dict(state.history[-1]), None)
     return state
 
 

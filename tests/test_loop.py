@@ -61,6 +61,25 @@ def test_resumed_run_equals_uninterrupted_run(synth_shards: Path, tmp_path: Path
     assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["epoch_0003", "epoch_0004"]
 
 
+def test_run_restored_after_its_last_epoch_reports_its_final_metrics(synth_shards: Path, tmp_path: Path) -> None:
+    """A sweep resumed after its driver died restarts trials that had already finished: they train nothing but must
+    still report, or Tune sees a trial end without its metric."""
+
+    class Recording(LocalSession):
+        reports: list[dict[str, float]] = []
+
+        def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+            self.reports.append(metrics)
+            super().report(metrics, checkpoint_dir)
+
+    cfg = tiny_run(synth_shards, "loop.epochs=1")
+    done = run_training(cfg, LocalSession(tmp_path))
+    again = Recording(tmp_path)
+    state = run_training(cfg, again)
+    assert state.resumed_at == [1] and len(again.reports) == 1
+    assert again.reports[0]["epoch"] == 1 and again.reports[0]["val/acc"] == done.history[-1]["val/acc"]
+
+
 def test_metrics_count_every_val_sample_and_the_lr_follows_the_schedule(synth_shards: Path, tmp_path: Path) -> None:
     cfg = tiny_run(synth_shards, "loop.epochs=2")
     state = run_training(cfg, LocalSession(tmp_path / "run"))
