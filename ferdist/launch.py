@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from ferdist import storage
+from ferdist import runs, storage
 from ferdist.config import RunConfig, to_flat_dict
 from ferdist.data import build_loader, open_dataset, steps_per_epoch
 from ferdist.errors import FerdistError
@@ -76,13 +75,9 @@ def storage_target(path: str) -> tuple[str, Any]:
     if not loc.is_s3:
         assert loc.path is not None
         return str(loc.path.expanduser().resolve()), None
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
+    filesystem = runs.endpoint_s3_filesystem()
+    if filesystem is None:
         return path, None
-    import pyarrow.fs
-
-    scheme, _, host = endpoint.partition("://")
-    filesystem = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https")
     return f"{loc.bucket}/{loc.key}".rstrip("/"), filesystem
 
 

@@ -27,15 +27,22 @@ class StoredCheckpoint:
     filesystem: pyarrow.fs.FileSystem
 
 
+def endpoint_s3_filesystem() -> pyarrow.fs.S3FileSystem | None:
+    """An S3 filesystem for the endpoint in AWS_ENDPOINT_URL(_S3) (MinIO, a test server), or None for AWS itself."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None
+    scheme, _, host = endpoint.partition("://")
+    return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https")
+
+
 def filesystem_for(path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
     """``(filesystem, path on it)`` for a local path or an s3:// URI, unless ``filesystem`` is given."""
     if filesystem is not None:
         return filesystem, path.removeprefix("s3://")
     if path.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https"), path[len("s3://") :]
+        if (s3 := endpoint_s3_filesystem()) is not None:
+            return s3, path[len("s3://") :]
         return pyarrow.fs.FileSystem.from_uri(path)
     return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
