@@ -64,24 +64,34 @@ def read_image(path: Path) -> np.ndarray:
 
 
 class Predictor:
-    """Batched class probabilities from a trained classifier, on its device."""
+    """Batched class probabilities from a trained classifier, on its device (bf16 autocast on CUDA)."""
 
-    def __init__(self, model: FerClassifier, *, image_size: int, batch_size: int = 256) -> None:
+    def __init__(self, model: FerClassifier, *, image_size: int, batch_size: int = 256, tta: bool = False) -> None:
         self.model = model.eval()
         self.image_size = image_size
         self.batch_size = batch_size
+        self.tta = tta
+        """Also classify each face mirrored and average the two probability vectors (horizontal-flip TTA)."""
         self.device = next(model.parameters()).device
 
     @torch.no_grad()
-    def probabilities(self, faces: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    def probabilities(self, faces: np.ndarray | Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
         """``[N, 7]`` float32 softmax probabilities for uint8 faces ``[N, 48, 48]``."""
-        faces = np.asarray(faces, dtype=np.uint8).reshape(-1, FACE_SIDE, FACE_SIDE)
+        if not isinstance(faces, torch.Tensor):
+            faces = torch.from_numpy(np.asarray(faces, dtype=np.uint8).reshape(-1, FACE_SIDE, FACE_SIDE))
         out = []
         for start in range(0, len(faces), self.batch_size):
-            chunk = torch.from_numpy(faces[start : start + self.batch_size]).unsqueeze(1).to(self.device)
-            logits = self.model(eval_transform(chunk, image_size=self.image_size)).float()
-            out.append(torch.softmax(logits, dim=1).cpu().numpy())
+            chunk = faces[start : start + self.batch_size].unsqueeze(1).to(self.device)
+            probs = self._softmax(chunk)
+            if self.tta:
+                probs = (probs + self._softmax(torch.flip(chunk, dims=[-1]))) / 2
+            out.append(probs.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(FER_CLASSES)), dtype=np.float32)
+
+    def _softmax(self, chunk: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model(eval_transform(chunk, image_size=self.image_size))
+        return torch.softmax(logits.float(), dim=1)
 
 
 def probability_columns() -> list[str]:

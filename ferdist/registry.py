@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 
 from ferdist.constants import FACE_SIDE
+from ferdist.errors import FerdistError
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +128,75 @@ def register(model_uri: str, *, name: str, val_acc: float, tags: dict[str, str],
     if champion:
         client.set_registered_model_alias(name, CHAMPION, str(version))
     return Registration(name, str(version), val_acc, champion, previous)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model came from: the URI given and, for registry URIs, the version it resolved to."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -> tuple[Path, ModelRef]:
+    """The checkpoint folder behind ``uri``, copied under ``dest`` where it is remote.
+
+    ``uri``: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), ``runs:/RUN_ID/model``, a logged
+    model folder (with ``MLmodel``), a checkpoint folder (with ``model.pt``), or an ``s3://`` checkpoint prefix.
+
+    Raises:
+        FerdistError: the URI names no model, or the folder holds neither a checkpoint nor an MLflow model.
+    """
+    from ferdist.checkpoint import MODEL_FILE
+
+    if uri.startswith(("models:/", "runs:/")):
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        from ferdist.config import TrackingConfig
+        from ferdist.tracking import tracking_uri as configured_uri
+
+        # The same rule as runs: MLFLOW_TRACKING_URI, else ./mlflow.db.
+        tracking_uri = tracking_uri or configured_uri(TrackingConfig())
+        mlflow.set_tracking_uri(tracking_uri)
+        ref = ModelRef(uri)
+        try:
+            if uri.startswith("models:/"):
+                name, _, which = uri[len("models:/") :].partition("@")
+                client = MlflowClient(tracking_uri)
+                if which:
+                    version = client.get_model_version_by_alias(name, which)
+                else:
+                    name, _, number = name.partition("/")
+                    version = client.get_model_version(name, number)
+                ref = ModelRef(uri, name=name, version=str(version.version), run_id=version.run_id)
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+        except MlflowException as exn:
+            first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+            raise FerdistError(f"cannot load the model {uri} from the tracking store {tracking_uri} ({first}); "
+                               "check the name, version or alias in `mlflow ui`, and MLFLOW_TRACKING_URI") from None
+        return _checkpoint_in(local, uri), ref
+    if uri.startswith("s3://"):
+        from ferdist import runs
+
+        fs, path = runs.filesystem_for(uri)
+        stored = runs.StoredCheckpoint(path, {}, fs)
+        if fs.get_file_info(f"{path}/{MODEL_FILE}").type != runs.pyarrow.fs.FileType.File:
+            raise FerdistError(f"{uri} holds no {MODEL_FILE}; point --model at a checkpoint_* folder of a run")
+        return runs.download(stored, dest / "checkpoint"), ModelRef(uri)
+    local = Path(uri).expanduser()
+    if not local.exists():
+        raise FerdistError(f"no model at {uri}; pass models:/fer-vitmae@champion, runs:/RUN_ID/model, a "
+                           "checkpoint folder or an s3:// checkpoint")  # fmt: skip
+    return _checkpoint_in(local, uri), ModelRef(uri)
+
+
+def _checkpoint_in(folder: Path, uri: str) -> Path:
+    from ferdist.checkpoint import MODEL_FILE
+
+    for candidate in (folder, folder / "artifacts" / "checkpoint"):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    raise FerdistError(f"{uri} is neither a ferdist checkpoint (no {MODEL_FILE}) nor a ferdist MLflow model")
