@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import pyarrow.fs
 
-from ferdist.config import TrackingConfig, redact_uri
+from ferdist.config import RunConfig, TrackingConfig, redact_uri
 from ferdist.errors import FerdistError
 
 log = logging.getLogger(__name__)
@@ -227,19 +227,29 @@ def finalize_run(
     return run_id, best
 
 
-def publish_model(cfg: TrackingConfig, *, run_id: str, best: Any, tags: dict[str, str]) -> Any:
-    """Logs ``best`` (a `ferdist.runs.StoredCheckpoint`) as the run's pyfunc model and registers it.
+def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str]) -> Any:
+    """Logs ``best`` (a `ferdist.runs.StoredCheckpoint` of ``run``) as the run's pyfunc model, registers it, and
+    writes its model card (as the version's description and the run's ``model_card.md``).
 
     Returns:
         The `ferdist.registry.Registration`, or None when ``tracking.registered_model`` is empty.
     """
     from ferdist import registry, runs
+    from ferdist.model_card import model_card
 
+    cfg = run.tracking
     uri = tracking_uri(cfg)
     with tempfile.TemporaryDirectory(prefix="ferdist-publish-") as tmp:
         model_uri = registry.log_model(run_id, runs.download(best, Path(tmp) / "checkpoint"), tracking_uri=uri)
-    if not cfg.registered_model:
-        return None
-    val_acc = float(best.summary["metrics"]["val/acc"])
-    return registry.register(model_uri, name=cfg.registered_model, val_acc=val_acc,
-                             tags={"run_id": run_id, "epoch": str(best.summary["epoch"]), **tags}, tracking_uri=uri)
+        if not cfg.registered_model:
+            return None
+        val_acc = float(best.summary["metrics"]["val/acc"])
+        tags = {"run_id": run_id, "epoch": str(best.summary["epoch"]), **tags}
+        registration = registry.register(model_uri, name=cfg.registered_model, val_acc=val_acc, tags=tags,
+                                         tracking_uri=uri)  # fmt: skip
+        card = model_card(run, best=best.summary, version=registration.version)
+        client = _client(uri)
+        client.update_model_version(registration.name, registration.version, description=card)
+        (Path(tmp) / "model_card.md").write_text(card)
+        client.log_artifact(run_id, str(Path(tmp) / "model_card.md"))
+    return registration

@@ -238,7 +238,8 @@ def publish_best(sweep: Sweep, summary: SweepSummary, *, parent_run_id: str) -> 
         checkpoint, _ = runs.best_and_last(f"{storage_path}/{best.run.name}", filesystem)
         if (run_id := tracking.run_id_of(cfg, best.run.name)) is not None:
             tags["best_run_id"] = run_id
-            registration = tracking.publish_model(cfg, run_id=run_id, best=checkpoint, tags={"sweep": sweep.base.name})
+            registration = tracking.publish_model(best.run, run_id=run_id, best=checkpoint,
+                                                  tags={"sweep": sweep.base.name})  # fmt: skip
             if registration is not None:
                 tags["model_version"] = registration.version
     metrics = {

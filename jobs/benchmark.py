@@ -5,6 +5,7 @@
     python jobs/benchmark.py train                    # CPU: random:tiny steps/s, Ray Train overhead
     python jobs/benchmark.py train --gpu              # also ViT-B/16 (vit-mae-base geometry) at 224 in bf16 + MFU
     python jobs/benchmark.py tune                     # CPU: Ray Tune's overhead over back-to-back runs, ASHA's saving
+    python jobs/benchmark.py infer                    # inference images/s, batched vs one at a time (+ --gpu)
 
 ``train`` measures training images/s of the real step (on-device augmentation, forward, backward, clip, AdamW,
 schedule) on random uint8 batches, with the frozen prefix and with everything trainable, and Ray Train's overhead:
@@ -15,6 +16,10 @@ the median epoch cycle (train + evaluate + checkpoint + report) each run records
 the same N runs back to back as plain TorchTrainer runs in the same Ray instance, and compares wall times; then
 runs jobs/configs/quickstart-sweep.yaml with ASHA and counts the trials and trial-epochs it stopped and the
 worker-hours (GPU-hours on a GPU cluster) that saved.
+
+``infer`` measures images/s through `ferdist.inference.Predictor` (the code path of jobs/predict.py, jobs/evaluate.py
+and the MLflow model): batched and one image per call, for the quick-start geometry (random:tiny at 32 px) and the
+ViT-B/16 base geometry at 224 (bf16 on a GPU), plus the cost of decoding a PNG file into a 48×48 face.
 
 ``data`` measures, on the same faces: the sharding job (validate → PNG → tar → manifest), the shard reader in
 samples/s per loader process (in-process, and through a DataLoader with 1 and 2 worker processes) from a local
@@ -381,6 +386,58 @@ def bench_tune(args: argparse.Namespace, console: Console) -> dict:
     return results
 
 
+def bench_infer(args: argparse.Namespace, console: Console) -> dict:
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ferdist.config import ModelConfig
+    from ferdist.inference import Predictor, to_face
+    from ferdist.model import build_model
+
+    device = "cuda" if args.gpu else "cpu"
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 256, size=(args.images, 48, 48), dtype=np.uint8)
+    table = Table(title=f"inference on {device} (random weights: speed only)", show_header=True)
+    for column in ("model", "batched img/s", "one at a time img/s", "ratio"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    results: dict = {"device": torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"}
+    for pretrained, size in (("random:tiny", 32), ("random:base", 224)):
+        model = build_model(ModelConfig(pretrained=pretrained, image_size=size, freeze_blocks=0), seed=0).to(device)
+        predictor = Predictor(model, image_size=size, batch_size=args.batch)
+        n_batched = args.images if pretrained == "random:tiny" or args.gpu else min(args.images, 64)
+        n_single = min(n_batched, 200 if pretrained == "random:tiny" or args.gpu else 16)
+        predictor.probabilities(faces[: args.batch])  # warm-up (allocator, kernels)
+        sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+        started = time.perf_counter()
+        predictor.probabilities(faces[:n_batched])
+        sync()
+        batched = n_batched / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for face in faces[:n_single]:
+            predictor.probabilities(face[None])
+        sync()
+        single = n_single / (time.perf_counter() - started)
+        results[f"{pretrained}@{size}"] = {"batched_img_s": batched, "single_img_s": single, "batch": args.batch}
+        table.add_row(f"{pretrained} @{size}, batch {args.batch}", f"{batched:,.1f}", f"{single:,.1f}",
+                      f"{batched / single:.1f}×")  # fmt: skip
+    pngs = []
+    for face in faces[:500]:
+        out = io.BytesIO()
+        Image.fromarray(face).save(out, format="PNG")
+        pngs.append(out.getvalue())
+    started = time.perf_counter()
+    for data in pngs:
+        to_face(data)
+    decode = len(pngs) / (time.perf_counter() - started)
+    results["png_decode_to_face_img_s"] = decode
+    console.print(table)
+    console.print(f"decoding a 48×48 PNG file into a face (jobs/predict.py's reading): {decode:,.0f} img/s")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -401,9 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     tune.add_argument("--asha-samples", type=int, default=6, help="trials in the ASHA sweep (default 6)")
     tune.add_argument("--synthetic-rows", type=int, default=3000, help="SYNTHETIC faces to train on")
     tune.add_argument("--json", type=Path, help="also write the results here")
+    infer = sub.add_parser("infer", help="inference images/s through the predictor, batched and one at a time")
+    infer.add_argument("--gpu", action="store_true", help="measure on the local GPU (bf16) instead of the CPU")
+    infer.add_argument("--batch", type=int, default=256)
+    infer.add_argument("--images", type=int, default=2048)
+    infer.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     console = Console(soft_wrap=True)
-    bench = {"data": bench_data, "train": bench_train, "tune": bench_tune}[args.what]
+    bench = {"data": bench_data, "train": bench_train, "tune": bench_tune, "infer": bench_infer}[args.what]
     results = bench(args, console)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -146,7 +146,22 @@ def track(result, ref, files: list[Path], *, manifest: str) -> str:  # noqa: ANN
     if ref.version:
         client.set_model_version_tag(ref.name, ref.version, f"{split}_acc{suffix}", f"{r.accuracy:.6f}")
         client.set_model_version_tag(ref.name, ref.version, f"{split}_macro_f1{suffix}", f"{r.macro_f1:.6f}")
+        update_card(client, ref, result)
     return run.info.run_id
+
+
+def update_card(client, ref, result) -> None:  # noqa: ANN001
+    """Adds (or replaces) this split's results section in the version's model card."""
+    from ferdist.model_card import results_section
+
+    heading = f"Results on {result.split}" + (" (flip TTA)" if result.tta else "")
+    card = client.get_model_version(ref.name, ref.version).description or ""
+    if f"## {heading}\n" in card:  # re-evaluated: replace the old section
+        before, _, after = card.partition(f"## {heading}\n")
+        rest = after.split("\n## ", 1)
+        card = before + ("## " + rest[1] if len(rest) > 1 else "")
+    section = results_section(result.confusion, heading=heading)
+    client.update_model_version(ref.name, ref.version, description=card.rstrip() + "\n\n" + section)
 
 
 if __name__ == "__main__":

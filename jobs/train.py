@@ -91,7 +91,7 @@ def track_result(cfg: RunConfig, result):  # noqa: ANN001, ANN201
                                          config_yaml=to_yaml(cfg))  # fmt: skip
     if run_id is None or best is None:
         return None
-    return tracking.publish_model(cfg.tracking, run_id=run_id, best=best, tags={"manifest": cfg.data.manifest})
+    return tracking.publish_model(cfg, run_id=run_id, best=best, tags={"manifest": cfg.data.manifest})
 
 
 if __name__ == "__main__":
