@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ferdist.config import RunConfig, load_config, to_yaml
-from ferdist.model import FerClassifier, build_model_from_config
+
+if TYPE_CHECKING:
+    from ferdist.model import FerClassifier
 
 MODEL_FILE, STATE_FILE, BACKBONE_FILE, CONFIG_FILE = "model.pt", "train_state.pt", "backbone.json", "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -94,6 +96,8 @@ def _progress(saved: dict[str, Any]) -> TrainState:
 
 def load_classifier(directory: Path, *, map_location: str | torch.device = "cpu") -> tuple[FerClassifier, RunConfig]:
     """The trained classifier (in eval mode) and its run config, from the checkpoint alone."""
+    from ferdist.model import build_model_from_config  # here: drivers that only read summaries skip transformers
+
     cfg = load_config(directory / CONFIG_FILE)
     model = build_model_from_config(json.loads((directory / BACKBONE_FILE).read_text()), cfg.model)
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True))

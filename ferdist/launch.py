@@ -15,10 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from ferdist import runs, storage
 from ferdist.config import RunConfig, to_flat_dict
-from ferdist.data import build_loader, open_dataset, steps_per_epoch
 from ferdist.errors import FerdistError
-from ferdist.loop import train_fn_per_worker
-from ferdist.model import check_pretrained
 from ferdist.tracking import prepare_tracking
 
 SCORE = "val/acc"
@@ -39,6 +36,9 @@ def preflight(cfg: RunConfig) -> int:
         FerdistError: the dataset is missing or too small for the batch, the pretrained source is unavailable, or
             the tracking server does not answer.
     """
+    from ferdist.data import build_loader, open_dataset, steps_per_epoch
+    from ferdist.model import check_pretrained
+
     dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     world = cfg.workers.num_workers
     # Building (not iterating) the loader runs its checks: enough samples and shards for every worker.
@@ -79,6 +79,17 @@ def storage_target(path: str) -> tuple[str, Any]:
     if filesystem is None:
         return path, None
     return f"{loc.bucket}/{loc.key}".rstrip("/"), filesystem
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: `ferdist.loop.train_fn_per_worker`, imported there.
+
+    Importing the loop (torch models, transformers) takes seconds; a sweep's trial drivers only launch trainers,
+    so they never pay for it.
+    """
+    from ferdist.loop import train_fn_per_worker as train
+
+    train(config)
 
 
 def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> TorchTrainer:

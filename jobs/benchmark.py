@@ -360,6 +360,10 @@ def bench_tune(args: argparse.Namespace, console: Console) -> dict:
         table.add_row(f"the same {args.trials} runs as Tune trials (FIFO, one at a time)", f"{under_tune:.1f} s")
         table.add_row("Tune overhead", f"{overhead:+.1%}")
 
+        if not args.asha_samples:
+            ray.shutdown()
+            console.print(table)
+            return results
         asha = load_sweep(config, [*common, "name=bench-asha", f"sweep.samples={args.asha_samples}"])
         concurrent = tuning.concurrent_trials(asha.base, driver_cpus=asha.sweep.driver_cpus,
                                               resources=ray.cluster_resources())  # fmt: skip
@@ -455,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     tune = sub.add_parser("tune", help="Ray Tune's overhead over back-to-back runs, and ASHA's saving")
     tune.add_argument("--trials", type=int, default=3, help="runs in the overhead comparison (default 3)")
     tune.add_argument("--epochs", type=int, default=4, help="epochs per run in the overhead comparison")
-    tune.add_argument("--asha-samples", type=int, default=6, help="trials in the ASHA sweep (default 6)")
+    tune.add_argument("--asha-samples", type=int, default=6, help="trials in the ASHA sweep (default 6; 0 skips it)")
     tune.add_argument("--synthetic-rows", type=int, default=3000, help="SYNTHETIC faces to train on")
     tune.add_argument("--json", type=Path, help="also write the results here")
     infer = sub.add_parser("infer", help="inference images/s through the predictor, batched and one at a time")
