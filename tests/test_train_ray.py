@@ -138,7 +138,9 @@ def test_train_job_end_to_end_on_s3(tmp_path: Path, s3: tuple[str, str]) -> None
 
     endpoint, bucket = s3
     write_shards(synthetic_source(700, seed=2), f"s3://{bucket}/shards", samples_per_shard=32, endpoint_url=endpoint)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"AWS_ENDPOINT_URL": endpoint}
+    # No MLFLOW_TRACKING_URI: the run must land in the embedded default, ./mlflow.db.
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"AWS_ENDPOINT_URL": endpoint}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(ROOT / "jobs/configs/quickstart.yaml"),
          "--set", f"data.manifest=s3://{bucket}/shards", "--set", f"checkpoint.storage_path=s3://{bucket}/runs",

@@ -118,9 +118,10 @@ def test_asha_stops_the_laggard_one_run_per_trial_and_champion_serves_the_checkp
     from ferdist.checkpoint import load_classifier
     from ferdist.data import build_loader, open_dataset
     from ferdist.inference import Predictor
+    from ferdist.registry import using_store
 
-    mlflow.set_tracking_uri(mlflow_server)
-    served = mlflow.pyfunc.load_model("models:/asha-model@champion")
+    with using_store(mlflow_server):
+        served = mlflow.pyfunc.load_model("models:/asha-model@champion")
     trial_runs = tmp_path / "runs" / "asha" / "trials"
     (checkpoint,) = [c for c in stored.checkpoints(str(trial_runs / good.data.tags["ferdist.run"]))
                      if c.summary["epoch"] == int(champion.tags["epoch"])]  # fmt: skip
