@@ -68,7 +68,23 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = trial_config(config, ray.tune.get_context().get_trial_id())
+    if (final := finished_metrics(cfg)) is not None:
+        # Restored after it had finished: Tune saves its state every few seconds, so a driver that dies right after
+        # a trial ends restores it as unfinished. Report where it ended instead of training again.
+        ray.tune.report(final)
+        return
     build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()  # [ray] raises if the run fails for good
+
+
+def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
+    """The last epoch's metrics if the run's stored checkpoints already reach ``loop.epochs``, else None."""
+    from ferdist import runs
+
+    storage_path, filesystem = storage_target(cfg.checkpoint.storage_path)
+    found = runs.checkpoints(f"{storage_path}/{cfg.name}", filesystem)
+    if found and found[-1].summary["epoch"] >= cfg.loop.epochs:
+        return dict(found[-1].summary["metrics"])
+    return None
 
 
 def trial_dirname(trial: Any) -> str:
