@@ -109,3 +109,21 @@ def test_asha_savings_are_counted_in_trial_epochs_and_device_hours() -> None:
     assert summary.run_trial_epochs == 120 and summary.saved_trial_epochs == 120
     assert summary.saved_device_hours == pytest.approx(120 * 100.0 * 4 / 3600)
     assert summary.best is trials[0] and summary.count("early-stopped") == 2
+
+
+def test_a_trial_whose_checkpoints_reach_the_last_epoch_is_not_trained_again(tmp_path: Path) -> None:
+    import json
+
+    from ferdist.config import to_flat_dict
+    from ferdist.tuning import finished_metrics
+
+    base = load_config(None, ["name=s", f"checkpoint.storage_path={tmp_path}", "loop.epochs=2"])
+    cfg = trial_config(to_flat_dict(base), "t_00001")
+    run = tmp_path / "s" / "trials" / "s-t_00001"
+    assert finished_metrics(cfg) is None  # nothing stored yet
+    for epoch in (1, 2):
+        (run / f"checkpoint_{epoch}").mkdir(parents=True)
+        summary = {"epoch": epoch, "metrics": {"epoch": epoch, "val/acc": 0.1 * epoch}, "confusion": [], "history": []}
+        (run / f"checkpoint_{epoch}" / "summary.json").write_text(json.dumps(summary))
+        expected = None if epoch < 2 else {"epoch": 2, "val/acc": 0.2}
+        assert finished_metrics(cfg) == expected
