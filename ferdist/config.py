@@ -372,6 +372,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return from_flat_dict(flat, origin=str(path) if path is not None else "command line")
 
 
+def worker_overrides(workers: int | None, gpus_per_worker: float | None, cpu: bool) -> list[str]:
+    """The ``key=value`` overrides behind the jobs' --workers / --gpus-per-worker / --cpu shortcuts."""
+    overrides = [] if workers is None else [f"workers.num_workers={workers}"]
+    if gpus_per_worker is not None:
+        overrides += ["workers.use_gpu=true", f"workers.gpus_per_worker={gpus_per_worker}"]
+    if cpu:
+        overrides.append("workers.use_gpu=false")
+    return overrides
+
+
 def _flatten_mapping(doc: dict[str, Any], prefix: str, origin: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in doc.items():

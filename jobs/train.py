@@ -20,7 +20,7 @@ from rich.syntax import Syntax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.config import RunConfig, load_config, to_yaml  # noqa: E402
+from ferdist.config import RunConfig, load_config, to_yaml, worker_overrides  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -35,13 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    overrides = list(args.set)
-    if args.workers is not None:
-        overrides.append(f"workers.num_workers={args.workers}")
-    if args.gpus_per_worker is not None:
-        overrides += ["workers.use_gpu=true", f"workers.gpus_per_worker={args.gpus_per_worker}"]
-    if args.cpu:
-        overrides.append("workers.use_gpu=false")
+    overrides = [*args.set, *worker_overrides(args.workers, args.gpus_per_worker, args.cpu)]
     return load_config(args.config, overrides)
 
 

@@ -23,6 +23,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ferdist.config import worker_overrides  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.sweep import Sweep, load_sweep  # noqa: E402
 
@@ -47,12 +48,7 @@ def sweep_from_args(args: argparse.Namespace) -> Sweep:
         overrides.append(f"sweep.samples={args.samples}")
     if args.name is not None:
         overrides.append(f"name={args.name}")
-    if args.workers is not None:
-        overrides.append(f"workers.num_workers={args.workers}")
-    if args.gpus_per_worker is not None:
-        overrides += ["workers.use_gpu=true", f"workers.gpus_per_worker={args.gpus_per_worker}"]
-    if args.cpu:
-        overrides.append("workers.use_gpu=false")
+    overrides += worker_overrides(args.workers, args.gpus_per_worker, args.cpu)
     sweep = load_sweep(args.config, overrides)
     # One MLflow experiment per sweep, named like it.
     base = sweep.base
