@@ -201,6 +201,9 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
             "perf/epoch_s": epoch_seconds,
             **{f"val/{k}": v for k, v in val.items()},
         }
+        if device.type == "cuda":  # the epoch's peak (training and evaluation), for sizing batches and GPUs
+            metrics["perf/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
         best = max([*state.history, metrics], key=lambda m: m["val/acc"])
         metrics |= {"best/val_acc": best["val/acc"], "best/epoch": best["epoch"]}
         state.history.append(metrics)

@@ -1,7 +1,8 @@
 """AdamW over the trainable parameters, with linear warmup then cosine decay stepped every batch.
 
-Weight decay skips norms, biases and the CLS token, as in MAE's fine-tuning recipe (after BEiT/timm's
-``param_groups_lrd``); the cosine follows SGDR (Loshchilov & Hutter, 2017) without restarts.
+Weight decay skips norms, biases and the CLS token, and ``layer_decay`` scales each block's LR by its depth, as in
+MAE's fine-tuning recipe (after BEiT/timm's ``param_groups_lrd``); the cosine follows SGDR (Loshchilov & Hutter,
+2017) without restarts.
 """
 
 from __future__ import annotations
@@ -50,17 +51,41 @@ def parameter_groups(model: nn.Module) -> tuple[list[str], list[str]]:
     return decay, no_decay
 
 
+def layer_id(name: str, *, depth: int) -> int:
+    """Depth of a parameter for layer-wise LR decay: embeddings 0, block i → i + 1, final norm and head depth + 1."""
+    if name.startswith("backbone.embeddings."):
+        return 0
+    if name.startswith("backbone.layers."):
+        return int(name.split(".")[2]) + 1
+    return depth + 1
+
+
+def lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """The LR multiplier of every trainable parameter: ``layer_decay ** (depth + 1 - layer_id)``."""
+    depth = model.backbone.config.num_hidden_layers
+    return {
+        name: layer_decay ** (depth + 1 - layer_id(name, depth=depth))
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, *, schedule: Schedule
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``model``'s trainable parameters and its per-step LambdaLR (call ``scheduler.step()`` per batch)."""
     params = dict(model.named_parameters())
     decay, no_decay = parameter_groups(model)
+    scales = lr_scales(model, cfg.layer_decay)
+    # One group per (LR scale, decayed or not), the head's first: get_last_lr()[0] is the peak LR the loop logs.
+    groups = []
+    for scale in sorted(set(scales.values()), reverse=True):
+        for names, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)):
+            chosen = [params[n] for n in names if scales[n] == scale]
+            if chosen:
+                groups.append({"params": chosen, "weight_decay": wd, "lr": cfg.lr * scale})
     optimizer = torch.optim.AdamW(
-        [
-            {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
-            {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
-        ],
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         # fused needs every parameter on one CUDA device; foreach is the fast path elsewhere.

@@ -152,3 +152,22 @@ def _to_torch_layout(key: str, value: np.ndarray) -> np.ndarray:
     if key.startswith(("kernel", "pointwise_kernel")):
         return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
     return value
+
+
+class PeerPredictor:
+    """A peer behind `ferdist.inference.Predictor`'s interface, so `ferdist.evaluation.evaluate_split` scores it on
+    the same rows, through the same loader, as a ferdist model."""
+
+    tta = False
+
+    def __init__(self, model: MiniXception, *, batch_size: int = 256) -> None:
+        self.model, self.batch_size = model.eval(), batch_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def probabilities(self, faces: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``[N, 7]`` probabilities for uint8 faces ``[N, 48, 48]``, with the peer's own preprocessing."""
+        faces = faces if isinstance(faces, torch.Tensor) else torch.from_numpy(np.asarray(faces, dtype=np.uint8))
+        out = [self.model(self.model.preprocess(faces[i : i + self.batch_size].to(self.device))).float().cpu().numpy()
+               for i in range(0, len(faces), self.batch_size)]  # fmt: skip
+        return np.concatenate(out) if out else np.zeros((0, 7), dtype=np.float32)

@@ -85,3 +85,25 @@ def test_scheduler_state_resumes_the_same_lr_sequence() -> None:
         resumed.append(sched3.get_last_lr()[0])
     assert resumed == lrs[5:]
     assert isinstance(opt3, torch.optim.AdamW) and opt3.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_layer_decay_scales_each_block_by_its_depth() -> None:
+    model = tiny(freeze=0)  # 6 blocks: embeddings are depth 0, block i depth i + 1, head and final norm depth 7
+    cfg = OptimConfig(lr=1e-3, layer_decay=0.5)
+    opt, sched = build_optimizer(model, cfg, schedule=make_schedule(cfg, steps_per_epoch=1, epochs=1))
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["head.weight"])] == lr_of[id(named["backbone.layernorm.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["backbone.layers.5.attention.q_proj.weight"])] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(named["backbone.layers.0.attention.q_proj.weight"])] == pytest.approx(1e-3 * 0.5**6)
+    assert lr_of[id(named["backbone.embeddings.cls_token"])] == pytest.approx(1e-3 * 0.5**7)
+    assert wd_of[id(named["backbone.embeddings.cls_token"])] == 0.0
+    assert wd_of[id(named["backbone.layers.0.attention.q_proj.weight"])] == cfg.weight_decay
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())  # every trainable parameter, once
+    assert sched.get_last_lr()[0] == pytest.approx(1e-3 * sched.lr_lambdas[0](0))  # group 0 is the head's peak LR
+
+
+def test_layer_decay_one_keeps_two_groups() -> None:
+    opt, _ = build_optimizer(tiny(), OptimConfig(), schedule=make_schedule(OptimConfig(), steps_per_epoch=1, epochs=1))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]

