@@ -56,6 +56,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferdist.config import DataConfig  # noqa: E402
+from ferdist.console import job_console  # noqa: E402
 from ferdist.data import build_loader, open_dataset  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.sharding import write_shards  # noqa: E402
@@ -715,9 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     recipe.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    console = Console(soft_wrap=True)
-    if not console.is_terminal:  # piped to a file (a log, CI): rich would wrap the tables at 80 columns
-        console = Console(soft_wrap=True, width=160)
+    console = job_console()
     bench = {"data": bench_data, "train": bench_train, "tune": bench_tune, "infer": bench_infer,
              "recipe": bench_recipe}[args.what]  # fmt: skip
     try:

@@ -23,6 +23,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ferdist.console import job_console  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 EXPERIMENT = "ferdist-evaluation"
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    console = Console(stderr=True, soft_wrap=True)
+    console = job_console(stderr=True)
     try:
         args = parse_args(argv)
         from ferdist.checkpoint import load_classifier

@@ -18,11 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ferdist.console import job_console  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
@@ -60,7 +60,7 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    console = Console(stderr=True, soft_wrap=True)
+    console = job_console(stderr=True)
     try:
         args = parse_args(argv)
         if args.output and args.output.suffix.lower() not in (".csv", ".json"):
@@ -119,7 +119,7 @@ def print_rows(rows: list[dict]) -> None:
         table.add_column(column, justify="left" if column in ("path", "label") else "right")
     for row in rows:
         table.add_row(row["path"], row["label"], *[f"{row[c.lower()]:.3f}" for c in FER_CLASSES])
-    Console(soft_wrap=True).print(table)
+    job_console().print(table)
 
 
 def write_output(path: Path, rows: list[dict]) -> None:

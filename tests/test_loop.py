@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from sessions import CrashingSession
 
 from ferdist.checkpoint import load_classifier, read_history
 from ferdist.config import DataConfig, RunConfig, load_config
 from ferdist.data import batches, open_dataset
 from ferdist.errors import FerdistError
-from ferdist.loop import LocalSession, class_weights, evaluate, run_training
+from ferdist.loop import LocalSession, class_weights, classification_loss, evaluate, run_training
 from ferdist.shards import DecodedShard
 
 
@@ -109,6 +110,36 @@ def test_inverse_frequency_class_weights() -> None:
     assert w is not None
     assert w.tolist() == pytest.approx([100 / 70, 0.0, 100 / 210, 100 / 140, 100 / 140, 100 / 70, 100 / 70])
     assert class_weights([1] * 7, "none", device=torch.device("cpu")) is None
+
+
+FER2013_TRAIN_COUNTS = [3995, 436, 4097, 7215, 4830, 3171, 4965]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_class_weighted_loss_leaves_an_unsure_model_at_the_uniform_guess(smoothing: float) -> None:
+    # A batch with FER2013's class mix and its inverse-frequency weights: with no information about the faces, the
+    # best constant answer is the uniform one, so the gradient at uniform logits must vanish. PyTorch's
+    # F.cross_entropy(weight=, label_smoothing=0.1) instead pushes every face toward Disgust (weight 9.4).
+    labels = torch.from_numpy(np.repeat(np.arange(7), FER2013_TRAIN_COUNTS))
+    weights = class_weights(FER2013_TRAIN_COUNTS, "inverse_frequency", device=torch.device("cpu"))
+    logits = torch.zeros(1, 7, requires_grad=True)
+    classification_loss(logits.expand(len(labels), 7), labels, weights=weights, label_smoothing=smoothing).backward()
+    assert logits.grad.abs().max() < 1e-6
+    torch_logits = torch.zeros(1, 7, requires_grad=True)
+    F.cross_entropy(torch_logits.expand(len(labels), 7), labels, weight=weights, label_smoothing=smoothing).backward()
+    if smoothing:
+        assert torch_logits.grad.argmin() == 1  # Disgust's logit is pushed up: the behaviour avoided here
+    else:  # without smoothing both are the same weighted mean
+        assert torch.allclose(torch_logits.grad, logits.grad, atol=1e-7)
+    random_logits = torch.randn(64, 7, generator=torch.Generator().manual_seed(0))
+    some = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:64]]
+    assert classification_loss(random_logits, some, weights=None, label_smoothing=smoothing) == pytest.approx(
+        F.cross_entropy(random_logits, some, label_smoothing=smoothing).item()
+    )
+    if not smoothing:
+        assert classification_loss(random_logits, some, weights=weights, label_smoothing=0.0) == pytest.approx(
+            F.cross_entropy(random_logits, some, weight=weights).item()
+        )
 
 
 def test_class_balanced_sampling_evens_out_an_imbalanced_split() -> None:
