@@ -678,7 +678,7 @@ def print_recipe(results: dict, console: Console) -> None:
     console.print(line)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     data = sub.add_parser("data", help="sharding time and loader throughput vs a naive loader")
@@ -715,7 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe.add_argument("--storage", default="runs/benchmark", help="checkpoint storage (default runs/benchmark)")
     recipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     recipe.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     console = job_console()
     bench = {"data": bench_data, "train": bench_train, "tune": bench_tune, "infer": bench_infer,
              "recipe": bench_recipe}[args.what]  # fmt: skip

