@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU number of the README's Performance and Results tables, on one CUDA GPU (an H100 takes about 25 minutes).
+# Every GPU number of the README's Performance and Results tables, on one CUDA GPU (not run yet: no GPU was lent to
+# this build; at EPOCHS=5 an estimated 25 minutes on an H100, so lower EPOCHS to fit a shorter lease).
 # Run from the repository root after the install; FER2013 is sharded from ../shared/data/fer2013/ (or --source)
 # into shards/fer2013 by the first recipe run, and ../shared/models/vit-mae-base is used when it holds the weights.
 #   bash cluster/gpu-benchmarks.sh [results folder, default jobs/benchmark-results] ; EPOCHS=5 by default
