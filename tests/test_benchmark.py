@@ -5,6 +5,7 @@ every epoch, the chosen one (with and without TTA), the majority baseline and th
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -68,8 +69,6 @@ def test_recipe_trains_then_scores_every_epoch_and_the_peers_on_the_same_rows(sy
 
 
 def test_the_gpu_script_calls_the_benchmark_with_flags_it_has() -> None:
-    import shlex
-
     import benchmark
 
     script = (ROOT / "cluster" / "gpu-benchmarks.sh").read_text()
