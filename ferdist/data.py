@@ -20,6 +20,7 @@ import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ferdist import storage
 from ferdist.config import DataConfig
 from ferdist.constants import MANIFEST_NAME
-from ferdist.errors import CorruptDataError, FerdistError
+from ferdist.errors import CorruptDataError, FerdistError, MissingError
 from ferdist.shards import DecodedShard, Manifest, decode_shard, manifest_from_json
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,7 @@ def open_dataset(uri: str, *, endpoint_url: str | None = None) -> ShardedDataset
         manifest_uri = storage.parse_uri(base).join(MANIFEST_NAME).uri
     try:
         data = storage.read_bytes(manifest_uri, endpoint_url=endpoint_url)
-    except FerdistError as exn:
-        if "does not exist" not in str(exn):
-            raise
+    except MissingError:
         raise FerdistError(
             f"no manifest at '{manifest_uri}'; shard the data there first (python jobs/shard.py --dest {base}) — "
             "a folder of shards without manifest.json is an incomplete dataset"
@@ -144,11 +143,20 @@ class _ShardStream(IterableDataset):
         manifest = self.dataset.manifest
         uris = manifest.shard_uris(self.dataset.base_uri, self.split)
         sha = {uri: info.sha256 for uri, info in zip(uris, manifest.split(self.split).shards, strict=True)}
+        damaged: set[str] = set()
         for url, expected in self._my_shards():
             reasons: list[str] = []
-            data = storage.read_bytes(url, endpoint_url=self.dataset.endpoint_url)
+            try:
+                data = storage.read_bytes(url, endpoint_url=self.dataset.endpoint_url)
+            except MissingError:
+                raise FerdistError(
+                    f"shard '{url}' is listed in the manifest but missing; re-create the dataset with "
+                    f"python jobs/shard.py --dest {self.dataset.base_uri} (it re-writes only what is missing)"
+                ) from None
             shard = decode_shard(data, shard=url, sha256=sha[url], on_bad=lambda _s, why, r=reasons: r.append(why))
-            if len(shard) < expected or reasons:
+            # A training worker cycles its shards: a damaged one is counted (and logged) the first time only.
+            if (len(shard) < expected or reasons) and url not in damaged:
+                damaged.add(url)
                 guard.lost(url, max(expected - len(shard), len(reasons)), "; ".join(reasons) or "samples missing")
             yield shard
 
@@ -175,6 +183,11 @@ class _ShardStream(IterableDataset):
         return np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if get_worker_info() is None:
+            return self._batches()
+        return _errors_as_items(self._batches())
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, _ = self._worker()
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker]) if self.training else None
         pipeline = wds.DataPipeline(
@@ -189,6 +202,33 @@ class _ShardStream(IterableDataset):
             ),
         )
         return iter(pipeline)
+
+
+_ERROR_KEY = "ferdist_error"
+
+
+def _errors_as_items(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """In a loader worker process: a `FerdistError` becomes a last item carrying its class and sentence.
+
+    PyTorch re-raises a worker's exception in the main process with the worker's whole traceback pasted into the
+    message ("Caught FerdistError in DataLoader worker process 0 …"); passed as an item, it arrives as sent and
+    `ShardLoader` raises it there as the same one sentence.
+    """
+    try:
+        yield from batches
+    except FerdistError as exn:
+        yield {_ERROR_KEY: (type(exn), str(exn))}
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader whose loader-worker errors surface as the worker's own `FerdistError`, one sentence."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[override]
+        for batch in super().__iter__():
+            if _ERROR_KEY in batch:
+                kind, message = batch[_ERROR_KEY]
+                raise kind(message)
+            yield batch
 
 
 def worker_batches(available: Sequence[int], *, steps: int, batch_size: int) -> list[int]:
@@ -319,4 +359,4 @@ def build_loader(
         training=training,
         batch_size=batch_size,
     )
-    return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    return ShardLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)

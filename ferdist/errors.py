@@ -11,3 +11,11 @@ class FerdistError(Exception):
 
 class CorruptDataError(FerdistError):
     """Too many unreadable samples in the shards being read."""
+
+
+class MissingError(FerdistError):
+    """A file or object that was asked for does not exist."""
+
+
+class Interrupted(FerdistError):
+    """The user stopped a job (Ctrl-C); the message says what state it left and how to finish."""

@@ -120,6 +120,24 @@ def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> Torc
     )
 
 
+def fit(trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``, with a worker's `FerdistError` (bad data, a missing shard) raised as its own one sentence.
+
+    Ray wraps what a worker raised in a `WorkerGroupError` whose message is every rank's traceback; the worker's
+    exception object travels inside it, so the user can be shown the sentence ferdist wrote for them.
+    """
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as exn:
+        for rank, failure in sorted(exn.worker_failures.items()):
+            cause: BaseException | None = failure
+            while cause is not None and not isinstance(cause, FerdistError):
+                cause = cause.__cause__ or getattr(cause, "cause", None)
+            if cause is not None:
+                raise type(cause)(f"{cause} (worker rank {rank})") from None
+        raise
+
+
 @dataclass(frozen=True)
 class RunSummary:
     """What a finished run reports: its best epoch and where that checkpoint is."""

@@ -346,4 +346,5 @@ def _check_finite(loss: torch.Tensor, *, epoch: int, step: int) -> None:
 
 def _seed(*parts: int) -> int:
     """A 63-bit seed mixed from ``parts`` (so epochs and ranks get unrelated streams)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # Shifted as a Python int: numpy 1.26 has no uint64 >> int.
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]) >> 1

@@ -14,6 +14,7 @@ import numpy as np
 from ferdist.config import RunConfig
 from ferdist.constants import FER_CLASSES
 from ferdist.metrics import report_from_confusion
+from ferdist.shards import Manifest
 
 
 def results_section(confusion: Any, *, heading: str) -> str:
@@ -33,25 +34,58 @@ def results_section(confusion: Any, *, heading: str) -> str:
     ])  # fmt: skip
 
 
-def model_card(cfg: RunConfig, *, best: dict[str, Any], version: str | None = None) -> str:
-    """The card for a model trained by ``cfg`` whose best checkpoint's summary.json is ``best``."""
+SYNTHETIC_WARNING = (
+    "**Trained on SYNTHETIC faces, not FER2013.** The shards hold ferdist's generated drawings (`jobs/shard.py "
+    "--source synthetic`), whose mouth, brows and eyes differ by class so the pipeline can be tested without a "
+    "download. The accuracy below says nothing about real faces: do not use this model on people."
+)
+
+
+def data_section(manifest_uri: str, manifest: Manifest | None) -> list[str]:
+    """What the model was trained and selected on, from the shards' own manifest (never assumed to be FER2013)."""
+    if manifest is None:
+        return [f"Shards `{manifest_uri}` (their manifest could not be read when this card was written).", ""]
+    source = manifest.source
+    counts = ", ".join(f"{name} {split.samples:,}" for name, split in manifest.splits.items())
+    lines = [f"Shards `{manifest_uri}` from `{source.name}` ({source.kind}, sha256 {source.sha256[:16]}…): {counts}.",
+             ""]  # fmt: skip
+    if source.synthetic:
+        return lines
+    if source.kind == "kaggle-csv":
+        lines += [
+            "FER2013 (Goodfellow et al. 2013, web-scraped 48×48 grey faces): train = Training, val = PublicTest "
+            "(used to pick the epoch and the sweep's best trial), test = PrivateTest (reported by jobs/evaluate.py "
+            "only). Labels are crowd-annotated and noisy (human accuracy is about 65 %); Disgust is 1.5 % of the "
+            "training faces.", "",
+        ]  # fmt: skip
+    else:
+        lines += ["val picks the epoch and the sweep's best trial; test is reported by jobs/evaluate.py only.", ""]
+    return lines
+
+
+def model_card(
+    cfg: RunConfig, *, best: dict[str, Any], version: str | None = None, manifest: Manifest | None = None
+) -> str:
+    """The card for a model trained by ``cfg`` whose best checkpoint's summary.json is ``best``, on the shards whose
+    manifest is ``manifest``."""
     pretrained = cfg.model.pretrained
     init = (f"**randomly initialised** (`{pretrained}`): not pretrained, so these numbers say nothing about what "
             "the pretrained recipe reaches" if pretrained.startswith("random:")
             else f"fine-tuned from `{pretrained}` (ImageNet-pretrained ViT-MAE)")  # fmt: skip
     title = f"# {cfg.tracking.registered_model}" + (f" v{version}" if version else "")
+    if manifest is not None and manifest.source.synthetic:
+        title += " (SYNTHETIC data)"
     blocks = cfg.model.freeze_blocks
     frozen = f"embeddings and blocks 0–{blocks - 1} frozen" if blocks else "every block trained"
+    synthetic = [SYNTHETIC_WARNING, ""] if manifest is not None and manifest.source.synthetic else []
     return "\n".join([
         title, "",
+        *synthetic,
         f"A facial-expression classifier (7 classes: {', '.join(FER_CLASSES)}) for cropped, roughly frontal face "
         f"images. Backbone: ViT-MAE, {init}; {frozen}; input resized to {cfg.model.image_size}×"
         f"{cfg.model.image_size} from 48×48 grey.", "",
         "## Data and splits", "",
-        f"Shards `{cfg.data.manifest}`. For FER2013 (Goodfellow et al. 2013, 35,887 web-scraped 48×48 grey faces): "
-        "train = Training (28,709), val = PublicTest (3,589, used to pick the epoch and the sweep's best trial), "
-        "test = PrivateTest (3,589, reported by jobs/evaluate.py only). Labels are crowd-annotated and noisy "
-        "(human accuracy is about 65 %); Disgust is 1.5 % of the training faces.", "",
+        *data_section(cfg.data.manifest, manifest),
         f"Training: {cfg.loop.epochs} epochs max, AdamW lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
         f"label smoothing {cfg.optim.label_smoothing:g}, class weights {cfg.optim.class_weights}, global batch "
         f"{cfg.loop.global_batch_size}, seed {cfg.seed}. Best epoch: {best['epoch']}.", "",

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 MODEL_NAME = "model"
 ACC_TAG = "val_acc"
+SYNTHETIC_TAG = "synthetic"
+"""Version tag: "true" for a model trained on the SYNTHETIC set (its @champion rule differs)."""
 
 
 class FerModel(mlflow.pyfunc.PythonModel):
@@ -121,6 +123,8 @@ class Registration:
     """Whether this version now holds the ``champion`` alias."""
     previous_champion: tuple[str, float] | None
     """(version, val_acc) of the champion before this registration, if there was one."""
+    synthetic: bool = False
+    """Whether this version was trained on the SYNTHETIC set."""
 
     def describe(self) -> str:
         if self.champion:
@@ -128,26 +132,37 @@ class Registration:
         else:
             version, acc = self.previous_champion or ("?", float("nan"))
             verdict = f"not @{CHAMPION}: v{version} stays, with val acc {acc:.4f}"
+            if self.synthetic and acc < self.val_acc:
+                verdict += " on real faces (a SYNTHETIC-trained model never replaces a real one)"
         return f"registered {self.name} v{self.version} (val acc {self.val_acc:.4f}), {verdict}"
 
 
-def register(model_uri: str, *, name: str, val_acc: float, tags: dict[str, str], tracking_uri: str) -> Registration:
-    """A new version of ``name``; it becomes ``champion`` only if ``val_acc`` beats the current champion's."""
+def register(
+    model_uri: str, *, name: str, val_acc: float, tags: dict[str, str], tracking_uri: str, synthetic: bool = False
+) -> Registration:
+    """A new version of ``name``; it becomes ``champion`` only if it beats the current champion.
+
+    A model trained on the SYNTHETIC set (``synthetic``) never takes ``champion`` from one trained on real faces,
+    whatever its val accuracy (the drawn faces are far easier), and any real-data model takes it from a SYNTHETIC one.
+    """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     with using_store(tracking_uri):
-        version = mlflow.register_model(model_uri, name, tags={ACC_TAG: f"{val_acc:.6f}", **tags}).version
+        version_tags = {ACC_TAG: f"{val_acc:.6f}", SYNTHETIC_TAG: str(synthetic).lower(), **tags}
+        version = mlflow.register_model(model_uri, name, tags=version_tags).version
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
         previous = (str(current.version), float(current.tags.get(ACC_TAG, "-inf")))
+        # Versions from before the tag existed count as real data: a SYNTHETIC model never displaces them.
+        previous_synthetic = current.tags.get(SYNTHETIC_TAG) == "true"
     except MlflowException:
-        previous = None
-    champion = previous is None or val_acc > previous[1]
+        previous, previous_synthetic = None, False
+    champion = previous is None or (not synthetic, val_acc) > (not previous_synthetic, previous[1])
     if champion:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-    return Registration(name, str(version), val_acc, champion, previous)
+    return Registration(name, str(version), val_acc, champion, previous, synthetic)
 
 
 @dataclass(frozen=True)

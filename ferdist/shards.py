@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import struct
 import tarfile
 import zlib
@@ -28,6 +29,7 @@ import numpy as np
 
 from ferdist.constants import FACE_SIDE, FER_CLASSES, NUM_CLASSES, SHARD_FORMAT, SHARD_FORMAT_VERSION
 from ferdist.errors import FerdistError
+from ferdist.images import grey_pixels
 
 BadSampleHandler = Callable[[str, str], None]
 """Called as ``on_bad(shard, reason)`` for each sample that cannot be read."""
@@ -97,8 +99,8 @@ def _decode_png_general(data: bytes) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("L"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exn:
+            return grey_pixels(img, name="the image")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, FerdistError) as exn:
         raise ValueError(f"not a readable image ({exn})") from None
 
 
@@ -207,8 +209,14 @@ def _tar_members_slow(data: bytes) -> Iterator[tuple[str, bytes]]:
 
 def _decode_sample(key: str, parts: dict[str, bytes], *, shard: str, on_bad: BadSampleHandler) -> Iterator[Sample]:
     try:
+        # Plain ASCII digits only: int() would also read "+3", " 3\n" or "0_3" as numbers.
+        if not key.isascii() or not key.isdigit():
+            raise ValueError(f"key is not a row number ({key!r})")
         row = int(key)
-        label = int(parts["cls"])
+        cls = parts["cls"]
+        if not cls.isdigit():
+            raise ValueError(f"label {ascii(cls[:16].decode(errors='replace'))} is not a class index")
+        label = int(cls)
         if not 0 <= label < NUM_CLASSES:
             raise ValueError(f"label {label} outside 0-{NUM_CLASSES - 1}")
         image = decode_png(parts["png"])
@@ -236,22 +244,31 @@ class DecodedShard:
 def decode_shard(data: bytes, *, shard: str, sha256: str | None, on_bad: BadSampleHandler) -> DecodedShard:
     """Decodes a whole shard; damaged samples are reported through ``on_bad`` and left out.
 
-    When the bytes match the manifest's sha256 and have exactly the layout `build_shard` writes, the shard is decoded
-    with a handful of numpy operations (~1 µs a sample); otherwise sample by sample, checking every header and PNG.
+    With the manifest's ``sha256``, bytes that do not match it yield no sample at all (one ``on_bad`` call): a PNG
+    check catches a damaged image but not a changed label digit, and a wrong label must never be served. Matching
+    bytes in exactly the layout `build_shard` writes are decoded with a handful of numpy operations (~1 µs a sample);
+    anything else (``sha256=None``: a shard from elsewhere) sample by sample, checking every header and PNG.
     """
-    if sha256 is not None and hashlib.sha256(data).hexdigest() == sha256:
+    if sha256 is not None:
+        if hashlib.sha256(data).hexdigest() != sha256:
+            on_bad(shard, "its bytes do not match the manifest's sha256 (changed or damaged since it was written)")
+            return _EMPTY
         fast = _decode_fixed_layout(data)
         if fast is not None:
             return fast
     samples = list(iter_shard(data, shard=shard, on_bad=on_bad))
     if not samples:
-        empty = np.empty(0, np.int64)
-        return DecodedShard(rows=empty, labels=empty, images=np.empty((0, FACE_SIDE, FACE_SIDE), np.uint8))
+        return _EMPTY
     return DecodedShard(
         rows=np.asarray([s.row for s in samples], dtype=np.int64),
         labels=np.asarray([s.label for s in samples], dtype=np.int64),
         images=np.stack([s.image for s in samples]),
     )
+
+
+_EMPTY = DecodedShard(
+    rows=np.empty(0, np.int64), labels=np.empty(0, np.int64), images=np.empty((0, FACE_SIDE, FACE_SIDE), np.uint8)
+)
 
 
 def _fixed_layout() -> tuple[int, bytes, bytes, int]:
@@ -270,6 +287,8 @@ def _fixed_layout() -> tuple[int, bytes, bytes, int]:
 
 
 _FIXED = _fixed_layout()
+_PNG_NAME_TAIL = np.frombuffer(b".png".ljust(94, b"\0"), np.uint8)
+_CLS_NAME_TAIL = np.frombuffer(b".cls".ljust(94, b"\0"), np.uint8)
 
 
 def _decode_fixed_layout(data: bytes) -> DecodedShard | None:
@@ -294,9 +313,21 @@ def _decode_fixed_layout(data: bytes) -> DecodedShard | None:
         or not (arr[:, 512 : 512 + expected_png.size] == expected_png).all()
     ):
         return None
-    digits = arr[:, 0:6].astype(np.int64) - 48
+    # Names must be exactly "dddddd.png" and the same "dddddd.cls": a 7-digit key (a source of over a million rows)
+    # or a .cls of another sample goes the checked way instead of being read as the wrong row.
+    names = arr[:, 0:100]
+    cls_names = arr[:, png_block : png_block + 100]
+    digits = names[:, 0:6].astype(np.int64) - 48
     labels = arr[:, png_block + 512].astype(np.int64) - 48
-    if (digits < 0).any() or (digits > 9).any() or (labels < 0).any() or (labels >= NUM_CLASSES).any():
+    if (
+        (digits < 0).any()
+        or (digits > 9).any()
+        or not (names[:, 6:] == _PNG_NAME_TAIL).all()
+        or not (cls_names[:, 6:] == _CLS_NAME_TAIL).all()
+        or not (cls_names[:, :6] == names[:, :6]).all()
+        or (labels < 0).any()
+        or (labels >= NUM_CLASSES).any()
+    ):
         return None
     rows = digits @ (10 ** np.arange(5, -1, -1, dtype=np.int64))
     pixels = arr[:, 512 + pixel_offset : 512 + pixel_offset + FACE_SIDE * (FACE_SIDE + 1)]
@@ -384,17 +415,56 @@ def manifest_from_json(data: bytes, *, uri: str) -> Manifest:
             )
             for name, s in raw["splits"].items()
         }
-        return Manifest(
+        manifest = Manifest(
             source=SourceInfo(**raw["source"]),
             splits=splits,
             samples_per_shard=raw["samples_per_shard"],
             classes=list(raw["classes"]),
             image=dict(raw["image"]),
         )
-    except (KeyError, TypeError) as exn:
+    except (KeyError, TypeError, AttributeError) as exn:
         raise FerdistError(
             f"'{uri}' is a damaged manifest (missing or bad field {exn}); re-run jobs/shard.py"
         ) from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise FerdistError(f"'{uri}' is a damaged manifest ({problem}); re-run jobs/shard.py")
+    return manifest
+
+
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_-]+\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(m: Manifest) -> str | None:
+    """What is inconsistent in a parsed manifest (counts, names, hashes), or None: nothing read from it is trusted
+    until it adds up, because the reader uses the counts to size epochs and the names to build paths."""
+    if m.classes != list(FER_CLASSES):
+        return f"classes {m.classes} are not FER2013's {list(FER_CLASSES)} in that order"
+    if not (_count(m.samples_per_shard) and m.samples_per_shard > 0):
+        return f"samples_per_shard is {m.samples_per_shard!r}"
+    for name, split in m.splits.items():
+        if not _count(split.samples):
+            return f"split {name}: samples is {split.samples!r}"
+        if len(split.class_counts) != NUM_CLASSES or not all(_count(c) for c in split.class_counts):
+            return f"split {name}: class_counts {split.class_counts!r} are not {NUM_CLASSES} counts"
+        if sum(split.class_counts) != split.samples:
+            return f"split {name}: class_counts add up to {sum(split.class_counts)}, samples says {split.samples}"
+        for shard in split.shards:
+            if not isinstance(shard.name, str) or not _SHARD_NAME.fullmatch(shard.name):
+                return f"split {name}: shard name {shard.name!r} is not a plain file name ending in .tar"
+            if not (_count(shard.samples) and _count(shard.bytes)):
+                return f"split {name}: shard {shard.name} has samples {shard.samples!r}, bytes {shard.bytes!r}"
+            if not isinstance(shard.sha256, str) or not _SHA256.fullmatch(shard.sha256):
+                return f"split {name}: shard {shard.name} has no valid sha256"
+        if sum(s.samples for s in split.shards) != split.samples:
+            held = sum(s.samples for s in split.shards)
+            return f"split {name}: its shards hold {held} samples, it says {split.samples}"
+    return None
 
 
 def split_info(shards: Iterable[ShardInfo], class_counts: Sequence[int]) -> SplitInfo:

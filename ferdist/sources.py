@@ -26,6 +26,7 @@ import numpy as np
 
 from ferdist.constants import FACE_PIXELS, FACE_SIDE, FER_CLASSES, KAGGLE_USAGE_TO_SPLIT, NUM_CLASSES
 from ferdist.errors import FerdistError
+from ferdist.images import grey_pixels
 from ferdist.shards import SourceInfo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm"}
@@ -93,6 +94,7 @@ class KaggleCsv(Source):
 
     def __init__(self, text: bytes, *, name: str, info: SourceInfo) -> None:
         self.name, self.info = name, info
+        text = _as_utf8(text, name=name)
         if b"\r" in text:
             text = text.replace(b"\r\n", b"\n")
         lines = text.split(b"\n")
@@ -103,9 +105,12 @@ class KaggleCsv(Source):
         header = [c.strip().strip(b'"').decode(errors="replace").strip().lower() for c in lines[0].split(b",")]
         missing = [c for c in KAGGLE_COLUMNS if c not in header]
         if missing:
+            shown = ascii(lines[0][:80].decode(errors="replace"))  # invisible characters spelled out
+            separator = next((f" (its fields are separated by {sep!r})" for sep in (";", "\t", "|")
+                              if sep.encode() in lines[0] and b"," not in lines[0]), "")  # fmt: skip
             raise FerdistError(
-                f"{name}: line 1: missing column(s) {', '.join(missing)} (header is {','.join(header)}); "
-                "expected the Kaggle layout emotion,pixels,Usage"
+                f"{name}: line 1: missing column(s) {', '.join(missing)} in the header {shown}{separator}; "
+                "expected the Kaggle layout emotion,pixels,Usage, comma-separated"
             )
         self.ncols = len(header)
         self.col = {c: header.index(c) for c in KAGGLE_COLUMNS}
@@ -150,39 +155,101 @@ class KaggleCsv(Source):
             fields = self.lines[row].split(b",")
             if len(fields) != self.ncols:
                 self._bad(row, f"has {len(fields)} fields, expected {self.ncols}")
-            try:
-                label = int(fields[c_label].strip().strip(b'"'))
-            except ValueError:
-                self._bad(row, f"emotion '{fields[c_label].decode(errors='replace')}' is not an integer")
+            text = fields[c_label].strip().strip(b'"').strip()
+            # Only plain ASCII digits: Python's int() would also take "+3", " 3" or "0_3".
+            if not (text.isdigit() and len(text) <= 3):
+                self._bad(row, f"emotion {ascii(text.decode(errors='replace'))} is not a whole number in 0-6")
+            label = int(text)
             if not 0 <= label < NUM_CLASSES:
                 self._bad(row, f"emotion {label} is outside 0-{NUM_CLASSES - 1}")
-            text = fields[c_pixels].strip().strip(b'"')
-            # np.fromstring's text mode is the fastest C parser numpy has for space-separated integers; it stops
-            # at the first non-number, which the count check below reports.
-            pixels = np.fromstring(text, dtype=np.int32, sep=" ") if text else np.empty(0, np.int32)
-            if pixels.size != FACE_PIXELS:
-                self._bad(row, f"has {len(text.split())} pixel values, expected {FACE_PIXELS} (48x48)")
-            if pixels.min() < 0 or pixels.max() > 255:
-                bad = int(pixels[(pixels < 0) | (pixels > 255)][0])
-                self._bad(row, f"pixel value {bad} is outside 0-255")
-            images[i] = pixels.reshape(FACE_SIDE, FACE_SIDE)
+            try:
+                images[i] = parse_pixels(fields[c_pixels].strip().strip(b'"')).reshape(FACE_SIDE, FACE_SIDE)
+            except ValueError as exn:
+                self._bad(row, str(exn))
             labels[i] = label
         return Batch(rows=np.asarray(rows, dtype=np.int64), images=images, labels=labels)
+
+
+_PIXEL_BYTES = np.zeros(256, dtype=bool)
+_PIXEL_BYTES[list(b"0123456789 \t")] = True
+
+
+def parse_pixels(text: bytes) -> np.ndarray:
+    """The 2,304 pixel values of a Kaggle ``pixels`` field, uint8; ValueError naming the first bad value.
+
+    Only whole numbers 0-255 separated by spaces are pixels. The check is vectorised (about 20 µs a row) and done
+    before numpy parses the numbers, because numpy's text parser does not agree with itself across releases on bad
+    input: 1.26 stops at "12.5" or reads it as 12, 2.3 raises, and an int32 wraps 4294967396 round to 100.
+    """
+    raw = np.frombuffer(text, dtype=np.uint8)
+    is_digit = raw >= ord("0")  # valid only once every byte is known to be a digit or a blank
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], is_digit, [False])).astype(np.int8)))
+    starts, ends = edges[::2], edges[1::2]
+    if not _PIXEL_BYTES[raw].all() or (ends - starts > 3).any():
+        tokens = text.split()
+        for index, token in enumerate(tokens):
+            if not token.isdigit():
+                raise ValueError(
+                    f"pixel {index + 1} is {ascii(token.decode(errors='replace'))}, not a whole number in 0-255"
+                )
+            if int(token) > 255:
+                raise ValueError(f"pixel {index + 1} is {int(token)}, outside 0-255")
+        values = np.asarray([int(t) for t in tokens], dtype=np.int64)  # leading zeros ("0012"): rare, still exact
+    elif starts.size == FACE_PIXELS:
+        values = np.fromstring(text, dtype=np.int64, sep=" ")  # noqa: NPY201 - text mode, input checked above
+    else:
+        values = np.empty(starts.size, dtype=np.int64)
+    if values.size != FACE_PIXELS:
+        raise ValueError(f"has {values.size} pixel values, expected {FACE_PIXELS} (48x48)")
+    if values.max() > 255:
+        index = int(np.argmax(values > 255))
+        raise ValueError(f"pixel {index + 1} is {int(values[index])}, outside 0-255")
+    return values.astype(np.uint8)
+
+
+def _as_utf8(text: bytes, *, name: str) -> bytes:
+    """The CSV without the byte-order mark Excel's "CSV UTF-8" writes; UTF-16 ("Unicode text") re-encoded."""
+    if text.startswith(b"\xef\xbb\xbf"):
+        return text[3:]
+    if text.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return text.decode("utf-16").encode()
+        except UnicodeDecodeError:
+            raise FerdistError(f"{name}: starts like UTF-16 text but is not; save it as CSV UTF-8") from None
+    return text
 
 
 # --------------------------------------------------------------------------- image folders
 
 
-class ImageFolder(Source):
-    """``train/<class>/*`` and ``test/<class>/*`` (and optionally ``val/<class>/*``) under one root."""
+# Top-level folder names an image-folder source may use for each split (case-insensitive).
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "val": ("val", "valid", "validation"),
+    "test": ("test", "testing"),
+}
 
-    def __init__(self, root: Path, *, val_fraction: float, seed: int) -> None:
+
+class ImageFolder(Source):
+    """``train/<class>/*`` and ``test/<class>/*`` (and optionally ``val/<class>/*``) under one root.
+
+    Every top-level folder must be a known split (`SPLIT_FOLDERS`), and a test split must exist: a folder with its
+    test faces under an unexpected name would otherwise shard without one, and the user would find out at evaluation.
+    Without ``test/``, ``test_fraction`` holds out a seeded, stratified slice of train as test (as ``val_fraction``
+    does for val).
+    """
+
+    def __init__(self, root: Path, *, val_fraction: float, seed: int, test_fraction: float | None = None) -> None:
         self.root = root
-        files: list[tuple[str, Path, int]] = []  # (split folder, path, label)
-        for split_dir in ("train", "val", "test"):
-            folder = _child_ci(root, split_dir) or (_child_ci(root, "validation") if split_dir == "val" else None)
-            if folder is None:
-                continue
+        folders = self._split_folders(root)
+        if "test" not in folders and not test_fraction:
+            found = ", ".join(f"{f.name}/" for f in folders.values()) or "nothing"
+            raise FerdistError(
+                f"{root}: no test/ folder (found {found}); put the held-out faces in test/<class>/, or pass "
+                "--test-fraction 0.1 to hold out a stratified slice of train as the test split"
+            )
+        files: list[tuple[str, Path, int]] = []  # (split, path, label)
+        for split_dir, folder in sorted(folders.items(), key=lambda item: list(SPLIT_FOLDERS).index(item[0])):
             for class_dir in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
                 if not class_dir.is_dir():
                     raise FerdistError(
@@ -197,22 +264,51 @@ class ImageFolder(Source):
                     files.append((split_dir, path, label))
         if not any(s == "train" for s, _, _ in files):
             raise FerdistError(f"{root}: no images under train/<class>/; expected train/ and test/ folders of classes")
+        if "test" in folders and not any(s == "test" for s, _, _ in files):
+            raise FerdistError(f"{folders['test']}: no images under its class folders; put the test faces there")
         self.paths = [p for _, p, _ in files]
         self.labels = np.asarray([lab for _, _, lab in files], dtype=np.int64)
         digest = hashlib.sha256()
         for path in self.paths:
             digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+        if test_fraction and "test" not in folders:
+            # Part of the source's identity: the same folder split another way is another dataset.
+            digest.update(f"test_fraction={test_fraction}".encode())
         self.info = SourceInfo(name=root.name, kind="image-folder", sha256=digest.hexdigest())
         split_of = np.asarray([s for s, _, _ in files])
-        self.splits = {}
         train = np.flatnonzero(split_of == "train")
-        if (split_of == "val").any():
-            self.splits["train"], self.splits["val"] = train, np.flatnonzero(split_of == "val")
-        else:
-            self.splits["train"], self.splits["val"] = stratified_split(train, self.labels[train], val_fraction, seed)
-        if (split_of == "test").any():
+        self.splits = {}
+        if "test" in folders:
             self.splits["test"] = np.flatnonzero(split_of == "test")
-        self.splits = {k: v for k, v in self.splits.items() if v.size}
+        else:
+            # Test is carved first (seed + 1), so changing val_fraction never moves a face into or out of test.
+            train, self.splits["test"] = stratified_split(train, self.labels[train], test_fraction or 0.0, seed + 1)
+        if (split_of == "val").any():
+            self.splits["val"] = np.flatnonzero(split_of == "val")
+        else:
+            train, self.splits["val"] = stratified_split(train, self.labels[train], val_fraction, seed)
+        self.splits["train"] = train
+        self.splits = {k: self.splits[k] for k in ("train", "val", "test") if self.splits[k].size}
+
+    @staticmethod
+    def _split_folders(root: Path) -> dict[str, Path]:
+        """Split name → its folder under ``root``; any other top-level folder is an error (one sentence)."""
+        by_name = {alias: split for split, aliases in SPLIT_FOLDERS.items() for alias in aliases}
+        folders: dict[str, Path] = {}
+        for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            split = by_name.get(child.name.lower())
+            if split is None:
+                expected = ", ".join(f"{a[0]}/" for a in SPLIT_FOLDERS.values())
+                raise FerdistError(
+                    f"{child}: unknown split folder '{child.name}'; expected {expected} (also "
+                    "training/, validation/, testing/) directly under the source folder"
+                )
+            if split in folders:
+                raise FerdistError(
+                    f"{root}: both {folders[split].name}/ and {child.name}/ hold the {split} split; merge them into one"
+                )
+            folders[split] = child
+        return folders
 
     def load(self, rows: Sequence[int]) -> Batch:
         from PIL import Image, UnidentifiedImageError
@@ -222,7 +318,7 @@ class ImageFolder(Source):
             path = self.paths[row]
             try:
                 with Image.open(path) as img:
-                    gray = img.convert("L")
+                    gray = Image.fromarray(grey_pixels(img, name=str(path)))
                     if gray.size != (FACE_SIDE, FACE_SIDE):
                         gray = gray.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR)
                     images[i] = np.asarray(gray)
@@ -267,11 +363,19 @@ def stratified_split(rows: np.ndarray, labels: np.ndarray, fraction: float, seed
 # --------------------------------------------------------------------------- entry point
 
 
-def open_source(source: str | Path, *, val_fraction: float = 0.1, seed: int = 0) -> Source:
-    """Opens a FER2013 source: a Kaggle CSV (plain/.gz/.xz/.tar.gz) or an image folder root."""
+def open_source(
+    source: str | Path, *, val_fraction: float = 0.1, seed: int = 0, test_fraction: float | None = None
+) -> Source:
+    """Opens a FER2013 source: a Kaggle CSV (plain/.gz/.xz/.tar.gz) or an image folder root.
+
+    ``val_fraction`` and ``test_fraction`` only apply to image folders without ``val/`` or ``test/``.
+    """
+    for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if value is not None and not 0 <= value < 1:  # NaN fails this too
+            raise FerdistError(f"{flag} {value:g} is not a fraction from 0 up to 1 (e.g. 0.1)")
     path = Path(source)
     if path.is_dir():
-        return ImageFolder(path, val_fraction=val_fraction, seed=seed)
+        return ImageFolder(path, val_fraction=val_fraction, seed=seed, test_fraction=test_fraction)
     if not path.exists():
         raise FerdistError(
             f"{path}: no such file or folder; pass --source a fer2013.csv[.gz|.xz], fer2013.tar.gz or image folder"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ferdist.errors import FerdistError
+from ferdist.errors import FerdistError, MissingError
 
 # Objects above this size go up in parts, so a lost connection costs one part, not the object.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -117,7 +117,7 @@ def explained_s3_errors(loc: Location, endpoint_url: str | None) -> Iterator[Non
                 "or fix the URI"
             ) from None
         if code in ("NoSuchKey", "404", "NotFound"):
-            raise FerdistError(f"{where} does not exist") from None
+            raise MissingError(f"{where} does not exist") from None
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
             raise FerdistError(
                 f"S3 refused access to {where} ({code}); check the credentials and the bucket policy"
@@ -133,7 +133,7 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
         try:
             return loc.path.read_bytes()
         except FileNotFoundError:
-            raise FerdistError(f"'{uri}' does not exist") from None
+            raise MissingError(f"'{uri}' does not exist") from None
         except IsADirectoryError:
             raise FerdistError(f"'{uri}' is a folder, not a file") from None
     from botocore.exceptions import IncompleteReadError, ResponseStreamingError
@@ -210,16 +210,22 @@ def delete(uri: str, *, endpoint_url: str | None = None) -> None:
 
 
 def check_writable(uri: str, *, endpoint_url: str | None = None) -> None:
-    """Fails early, before any work, if the destination bucket or folder cannot be written."""
+    """Fails early, before any work, if the destination bucket or folder cannot be written; changes nothing.
+
+    A local folder that does not exist yet is not created here (a job that then stops on bad input must leave no
+    empty folder behind): its nearest existing parent must be a writable folder.
+    """
     loc = parse_uri(uri)
     if not loc.is_s3:
         assert loc.path is not None
-        try:
-            loc.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exn:
-            raise FerdistError(f"cannot create the folder '{uri}': {exn.strerror}") from None
-        if not os.access(loc.path, os.W_OK):
-            raise FerdistError(f"the folder '{uri}' is not writable; choose another --dest") from None
+        existing = loc.path.expanduser().absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise FerdistError(f"cannot create the folder '{uri}': {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "folder" if existing == loc.path.expanduser().absolute() else f"parent folder {existing}"
+            raise FerdistError(f"the {what} of '{uri}' is not writable; choose another --dest") from None
         return
     from botocore.exceptions import ClientError
 

@@ -235,9 +235,16 @@ def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str
         The `ferdist.registry.Registration`, or None when ``tracking.registered_model`` is empty.
     """
     from ferdist import registry, runs
+    from ferdist.data import open_dataset
     from ferdist.model_card import model_card
 
     cfg = run.tracking
+    try:
+        manifest = open_dataset(run.data.manifest, endpoint_url=run.data.endpoint_url).manifest
+    except FerdistError as exn:  # the shards moved since training: still register, with a card that says so
+        log.warning("the model card cannot describe the shards: %s", exn)
+        manifest = None
+    synthetic = manifest is not None and manifest.source.synthetic
     uri = tracking_uri(cfg)
     with tempfile.TemporaryDirectory(prefix="ferdist-publish-") as tmp:
         model_uri = registry.log_model(run_id, runs.download(best, Path(tmp) / "checkpoint"), tracking_uri=uri)
@@ -246,8 +253,8 @@ def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str
         val_acc = float(best.summary["metrics"]["val/acc"])
         tags = {"run_id": run_id, "epoch": str(best.summary["epoch"]), **tags}
         registration = registry.register(model_uri, name=cfg.registered_model, val_acc=val_acc, tags=tags,
-                                         tracking_uri=uri)  # fmt: skip
-        card = model_card(run, best=best.summary, version=registration.version)
+                                         tracking_uri=uri, synthetic=synthetic)  # fmt: skip
+        card = model_card(run, best=best.summary, version=registration.version, manifest=manifest)
         client = _client(uri)
         client.update_model_version(registration.name, registration.version, description=card)
         (Path(tmp) / "model_card.md").write_text(card)

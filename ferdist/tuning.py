@@ -25,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ferdist import tracking
 from ferdist.config import RunConfig, from_flat_dict, redacted, to_flat_dict, to_yaml
-from ferdist.launch import SCORE, build_trainer, storage_target
+from ferdist.launch import SCORE, build_trainer, fit, storage_target
 from ferdist.sweep import Dimension, Sweep, trial_epochs_budget
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def run_trial(config: dict[str, Any]) -> None:
         # a trial ends restores it as unfinished. Report where it ended instead of training again.
         ray.tune.report(final)
         return
-    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()  # [ray] raises if the run fails for good
+    fit(build_trainer(cfg, callbacks=[TuneReportCallback()]))  # [ray] raises if the run fails for good
 
 
 def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {exn}", highlight=False)
         return 2
     what = f"{ref.name} v{ref.version}" if ref.version else args.model
-    print_result(console, result, title=f"{what} on {args.split}" + (" (flip TTA)" if args.tta else ""))
+    synthetic = dataset.manifest.source.synthetic
+    data = f"{'SYNTHETIC ' if synthetic else ''}{args.split}"  # never let drawn faces pass for FER2013
+    print_result(console, result, title=f"{what} on {data}" + (" (flip TTA)" if args.tta else ""))
     if cfg.model.pretrained.startswith("random:"):
         console.print(f"(backbone {cfg.model.pretrained}: randomly initialised, not pretrained)")
     with tempfile.TemporaryDirectory(prefix="ferdist-eval-out-") as tmp:
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             console.print(f"wrote {', '.join(str(f) for f in files)}")
         if not args.no_track:
-            run_id = track(result, ref, files, manifest=args.manifest)
+            run_id = track(result, ref, files, manifest=args.manifest, synthetic=synthetic)
             console.print(f"logged to MLflow experiment '{EXPERIMENT}', run {run_id}")
     return 0
 
@@ -116,7 +118,7 @@ def write_outputs(out: Path, result, *, title: str, model_uri: str, manifest: st
     return [out / REPORT_MD, out / "confusion_matrix.png", out / "evaluation.json"]
 
 
-def track(result, ref, files: list[Path], *, manifest: str) -> str:  # noqa: ANN001
+def track(result, ref, files: list[Path], *, manifest: str, synthetic: bool = False) -> str:  # noqa: ANN001
     """One MLflow run per evaluation, tagged with the model version; the version gets the headline numbers."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
@@ -145,17 +147,19 @@ def track(result, ref, files: list[Path], *, manifest: str) -> str:  # noqa: ANN
         client.log_artifact(run.info.run_id, str(f))
     client.set_terminated(run.info.run_id)
     if ref.version:
-        client.set_model_version_tag(ref.name, ref.version, f"{split}_acc{suffix}", f"{r.accuracy:.6f}")
-        client.set_model_version_tag(ref.name, ref.version, f"{split}_macro_f1{suffix}", f"{r.macro_f1:.6f}")
-        update_card(client, ref, result)
+        prefix = "synthetic_" if synthetic else ""
+        client.set_model_version_tag(ref.name, ref.version, f"{prefix}{split}_acc{suffix}", f"{r.accuracy:.6f}")
+        client.set_model_version_tag(ref.name, ref.version, f"{prefix}{split}_macro_f1{suffix}", f"{r.macro_f1:.6f}")
+        update_card(client, ref, result, synthetic=synthetic)
     return run.info.run_id
 
 
-def update_card(client, ref, result) -> None:  # noqa: ANN001
+def update_card(client, ref, result, *, synthetic: bool = False) -> None:  # noqa: ANN001
     """Adds (or replaces) this split's results section in the version's model card."""
     from ferdist.model_card import results_section
 
-    heading = f"Results on {result.split}" + (" (flip TTA)" if result.tta else "")
+    data = f"{'SYNTHETIC ' if synthetic else ''}{result.split}"
+    heading = f"Results on {data}" + (" (flip TTA)" if result.tta else "")
     card = client.get_model_version(ref.name, ref.version).description or ""
     if f"## {heading}\n" in card:  # re-evaluated: replace the old section
         before, _, after = card.partition(f"## {heading}\n")

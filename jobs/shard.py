@@ -19,9 +19,35 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.constants import FER_CLASSES  # noqa: E402
-from ferdist.errors import FerdistError  # noqa: E402
+from ferdist.errors import FerdistError, Interrupted  # noqa: E402
 from ferdist.sharding import ShardingResult, write_shards  # noqa: E402
 from ferdist.sources import open_source, synthetic_source  # noqa: E402
+
+
+def whole_number(minimum: int):  # noqa: ANN201
+    """argparse type: a whole number >= ``minimum``, read strictly ("1e3", "2.5", "1_0" are refused, not rounded)."""
+
+    def parse(text: str) -> int:
+        digits = text.strip()
+        if not (digits.isascii() and digits.isdigit()) or int(digits) < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least {minimum}")
+        return int(digits)
+
+    return parse
+
+
+positive_int = whole_number(1)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 up to (not including) 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction from 0 up to 1 (e.g. 0.1)")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--samples-per-shard",
-        type=int,
+        type=positive_int,
         default=64,
         help="samples per tar (default 64: FER2013 train → 449 shards, 7 per rank even at 64 GPUs)",
     )
@@ -46,15 +72,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="S3-compatible endpoint (MinIO, Ceph, …); default: AWS_ENDPOINT_URL or AWS itself",
     )
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes (default: all cores)")
+    p.add_argument(
+        "--workers", type=positive_int, default=os.cpu_count(), help="encoding processes (default: all cores)"
+    )
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=fraction,
         default=0.1,
         help="image folders without val/: stratified fraction of train held out as val (default 0.1)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for the image-folder val slice and the synthetic set")
-    p.add_argument("--synthetic-rows", type=int, default=3000, help="size of the SYNTHETIC set (default 3000)")
+    p.add_argument(
+        "--test-fraction",
+        type=fraction,
+        default=None,
+        help="image folders without test/: stratified fraction of train held out as test (default: a test/ folder "
+        "is required)",
+    )
+    p.add_argument(
+        "--seed", type=whole_number(0), default=0, help="seed for the val/test slices and the synthetic set"
+    )
+    p.add_argument("--synthetic-rows", type=positive_int, default=3000, help="size of the SYNTHETIC set (default 3000)")
     return p.parse_args(argv)
 
 
@@ -90,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             source = synthetic_source(args.synthetic_rows, seed=args.seed)
         else:
             with console.status(f"reading {args.source}"):
-                source = open_source(args.source, val_fraction=args.val_fraction, seed=args.seed)
+                source = open_source(
+                    args.source, val_fraction=args.val_fraction, seed=args.seed, test_fraction=args.test_fraction
+                )
         total = sum(rows.size for rows in source.splits.values())
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
@@ -105,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                 on_encoded=lambda n: progress.advance(enc, n),
                 on_written=lambda n: progress.advance(wr, n),
             )
+    except Interrupted as exn:
+        console.print(f"[bold red]stopped:[/] {exn}", highlight=False)
+        return 130
+    except KeyboardInterrupt:
+        console.print(f"[bold red]stopped:[/] interrupted while reading {args.source}; nothing was written",
+                      highlight=False)  # fmt: skip
+        return 130
     except FerdistError as exn:
         console.print(f"[bold red]error:[/] {exn}", highlight=False)
         return 2

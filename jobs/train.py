@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # Inside `ray job submit` (or with RAY_ADDRESS) this joins that cluster; otherwise Ray starts here.
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
-        result = launch.build_trainer(cfg).fit()
+        result = launch.fit(launch.build_trainer(cfg))
         summary = launch.summarize(result)
         registration = track_result(cfg, result)
     except FerdistError as exn:

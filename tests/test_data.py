@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,15 +121,41 @@ def _corrupt(src: Path, dest: Path, names: list[str], how: str) -> None:
             (dest / name).write_bytes(bytes(data))
 
 
-def test_corrupt_samples_are_skipped_counted_and_logged(
+def test_a_changed_shard_is_skipped_whole_counted_and_logged(
     synth_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     dest = tmp_path / "d"
     _corrupt(synth_shards, dest, ["val-000000.tar"], how="flip")
     ds = open_dataset(str(dest))
     rows = _rows(build_loader(ds, "val", DataConfig(loader_workers=0), batch_size=8, training=False))
-    assert len(rows) == 34 and len(set(rows)) == 34
-    assert "skipped 1 unreadable sample(s)" in caplog.text and "val-000000.tar" in caplog.text
+    val_rows = ds.manifest.split("val").samples
+    assert len(rows) == val_rows - 16 and len(set(rows)) == len(rows)
+    assert "skipped 16 unreadable sample(s)" in caplog.text and "val-000000.tar" in caplog.text
+    assert "do not match the manifest's sha256" in caplog.text
+
+
+def test_a_changed_label_digit_is_never_served(synth_shards: Path, tmp_path: Path) -> None:
+    # The PNGs stay valid, so only the manifest's sha256 can tell: the old reader served the new, wrong label.
+    dest = tmp_path / "d"
+    shutil.copytree(synth_shards, dest)
+    shard = dest / "val-000001.tar"
+    data = bytearray(shard.read_bytes())
+    cls_at = data.index(b".cls\0") - 6  # the first sample's .cls member header
+    payload = cls_at + 512
+    truth = {int(r): int(lab) for r, lab in _labels(build_loader(open_dataset(str(synth_shards)), "val",
+                                                                 DataConfig(loader_workers=0), batch_size=64,
+                                                                 training=False))}  # fmt: skip
+    data[payload] = ord("0") + (data[payload] - ord("0") + 1) % 7
+    shard.write_bytes(bytes(data))
+    for workers in (0, 1):
+        got = _labels(build_loader(open_dataset(str(dest)), "val", DataConfig(loader_workers=workers), batch_size=64,
+                                   training=False))  # fmt: skip
+        assert got and all(truth[r] == lab for r, lab in got)
+        assert len(got) == len(truth) - 16
+
+
+def _labels(loader: Any) -> list[tuple[int, int]]:
+    return [(int(r), int(lab)) for b in loader for r, lab in zip(b["row"], b["label"], strict=True)]
 
 
 def test_too_many_bad_samples_stop_naming_the_shard(synth_shards: Path, tmp_path: Path) -> None:
@@ -140,8 +167,31 @@ def test_too_many_bad_samples_stop_naming_the_shard(synth_shards: Path, tmp_path
         for _ in build_loader(ds, "train", cfg, batch_size=16, training=True):
             pass
     # Under the threshold the same damage is tolerated.
-    tolerant = DataConfig(loader_workers=0, max_bad_samples=100)
+    tolerant = DataConfig(loader_workers=0, max_bad_samples=16)  # the shard counts once though the epoch cycles it
     assert len(list(build_loader(ds, "train", tolerant, batch_size=16, training=True))) == 17
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_worker_errors_are_the_one_sentence(synth_shards: Path, tmp_path: Path, workers: int) -> None:
+    # With loader processes PyTorch pastes the worker's traceback into the message; the user must get the sentence.
+    dest = tmp_path / "d"
+    _corrupt(synth_shards, dest, ["train-000003.tar"], how="truncate")
+    (dest / "train-000005.tar").unlink()
+    ds = open_dataset(str(dest))
+    missing = DataConfig(loader_workers=workers, max_bad_samples=1000)
+    with pytest.raises(FerdistError) as info:
+        for _ in build_loader(ds, "train", missing, batch_size=16, training=True):
+            pass
+    message = str(info.value)
+    assert message.startswith(f"shard '{dest / 'train-000005.tar'}' is listed in the manifest but missing; ")
+    assert f"python jobs/shard.py --dest {dest}" in message and "\n" not in message and "Traceback" not in message
+    (dest / "train-000005.tar").write_bytes((synth_shards / "train-000005.tar").read_bytes())
+    strict = DataConfig(loader_workers=workers, max_bad_samples=3)
+    with pytest.raises(CorruptDataError) as info:
+        for _ in build_loader(ds, "train", strict, batch_size=16, training=True):
+            pass
+    assert str(info.value).startswith("16 unreadable samples so far (limit data.max_bad_samples=3)")
+    assert "\n" not in str(info.value) and "DataLoader worker" not in str(info.value)
 
 
 def test_missing_manifest_is_a_clear_error(synth_shards: Path, tmp_path: Path) -> None:

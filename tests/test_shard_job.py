@@ -192,3 +192,86 @@ def test_real_fer2013_published_counts(tmp_path: Path) -> None:
     for _, label in test_rows:
         counts[label] += 1
     assert counts == published["test"]
+
+
+def test_a_bad_row_leaves_no_new_folder_behind(synth_csv: Path, tmp_path: Path) -> None:
+    lines = synth_csv.read_text().splitlines()
+    lines[7] = lines[7].replace(" ", " 12.5 ", 1)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    dest = tmp_path / "new" / "nested"
+    assert shard_job.main(["--source", str(bad), "--dest", str(dest)]) == 2
+    assert not (tmp_path / "new").exists()  # the README promises the destination untouched
+
+
+def test_a_rerun_that_changes_nothing_never_removes_the_manifest(synth_csv: Path, tmp_path: Path) -> None:
+    from ferdist.sharding import write_shards
+    from ferdist.sources import open_source
+
+    dest = tmp_path / "d"
+    write_shards(open_source(synth_csv), str(dest), samples_per_shard=16, workers=1)
+    manifest = dest / "manifest.json"
+    before = manifest.stat()
+    seen: list[bool] = []
+    # Checked between every shard of the re-run: a reader starting then must always find the dataset.
+    result = write_shards(open_source(synth_csv), str(dest), samples_per_shard=16, workers=1,
+                          on_written=lambda _n: seen.append(manifest.exists()))  # fmt: skip
+    assert (result.written, result.skipped) == (0, 24) and seen == [True] * 24
+    after = manifest.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_ctrl_c_while_writing_is_one_sentence_and_a_rerun_finishes(synth_csv: Path, tmp_path: Path) -> None:
+    from ferdist.errors import Interrupted
+    from ferdist.sharding import write_shards
+    from ferdist.sources import open_source
+
+    dest, written = tmp_path / "d", []
+
+    def ctrl_c_after_three(nbytes: int) -> None:
+        written.append(nbytes)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as info:
+        write_shards(open_source(synth_csv), str(dest), samples_per_shard=16, workers=1, on_written=ctrl_c_after_three)
+    assert str(info.value) == (
+        f"interrupted while writing shards to {dest}; manifest.json is not written, so readers see no dataset there "
+        "until you re-run the same command (shards already written are kept)"
+    )
+    assert not (dest / "manifest.json").exists() and len(list(dest.glob("*.tar"))) >= 3
+    result = write_shards(open_source(synth_csv), str(dest), samples_per_shard=16, workers=1)
+    assert result.written + result.skipped == 24 and result.skipped >= 3
+    assert len(_read_all(str(dest), "train")) == 280
+
+
+def test_ctrl_c_while_reading_the_source_exits_130_with_one_line(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    fifo = tmp_path / "fer2013.csv"
+    os.mkfifo(fifo)  # the job blocks reading it until this test opens the other end: no timing guesswork
+    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "shard.py"), "--source", str(fifo), "--dest",
+                            str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    with fifo.open("w"):
+        job.send_signal(signal.SIGINT)
+        _, err = job.communicate(timeout=60)
+    assert job.returncode == 130
+    assert err.strip() == f"stopped: interrupted while reading {fifo}; nothing was written"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--samples-per-shard", "0"), ("--samples-per-shard", "1e3"), ("--workers", "-1"), ("--val-fraction", "1.5"),
+     ("--test-fraction", "abc"), ("--synthetic-rows", "2.5"), ("--seed", "-3")],
+)  # fmt: skip
+def test_numbers_on_the_command_line_are_read_strictly(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        shard_job.main(["--source", "synthetic", "--dest", str(tmp_path / "s"), flag, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"error: argument {flag}: '{value}' is not a " in err[-1]
+    assert not (tmp_path / "s").exists()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,22 +96,59 @@ def test_corrupt_sample_is_skipped_and_reported() -> None:
     offset = 2 * 4096 + 512 + 100
     data[offset : offset + 8] = bytes(8)
     bad: list[tuple[str, str]] = []
-    shard = decode_shard(
-        bytes(data),
-        shard="x.tar",
-        sha256=sha256_hex(build_shard(rows, labels, encode_pngs(faces))),
-        on_bad=lambda s, r: bad.append((s, r)),
-    )
+    # Without a manifest hash (a shard from elsewhere) the careful path keeps every sample it can check.
+    shard = decode_shard(bytes(data), shard="x.tar", sha256=None, on_bad=lambda s, r: bad.append((s, r)))
     assert shard.rows.tolist() == [0, 1, 3, 4]
     assert (shard.images == faces[[0, 1, 3, 4]]).all()
     assert len(bad) == 1 and bad[0][0] == "x.tar" and "sample 000002" in bad[0][1]
+    # Against the manifest's hash, changed bytes yield nothing: one report for the whole shard.
+    bad.clear()
+    sha = sha256_hex(build_shard(rows, labels, encode_pngs(faces)))
+    shard = decode_shard(bytes(data), shard="x.tar", sha256=sha, on_bad=lambda s, r: bad.append((s, r)))
+    assert len(shard) == 0 and len(bad) == 1 and "do not match the manifest's sha256" in bad[0][1]
+
+
+def test_a_changed_label_is_never_served() -> None:
+    faces, rows, labels = _faces(4), [0, 1, 2, 3], [1, 2, 3, 4]
+    good = build_shard(rows, labels, encode_pngs(faces))
+    data = bytearray(good)
+    data[3 * 4096 - 512] = ord("6")  # sample 0's .cls payload: every PNG stays valid
+    assert bytes(data) != good and data.count(b"6") > good.count(b"6")
+    bad: list[str] = []
+    shard = decode_shard(bytes(data), shard="x.tar", sha256=sha256_hex(good), on_bad=lambda s, r: bad.append(r))
+    assert len(shard) == 0 and len(bad) == 1
+
+
+@pytest.mark.parametrize(
+    ("cls", "key", "reason"),
+    [(b"+3", "000001", "label '+3'"), (b" 3\n", "000001", "label"), (b"0_3", "000001", "label"),
+     (b"3", "1_000", "key is not a row number")],
+)  # fmt: skip
+def test_labels_and_keys_are_plain_digits(cls: bytes, key: str, reason: str) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in ((f"{key}.png", encode_pngs(_faces(1))[0]), (f"{key}.cls", cls)):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    bad: list[str] = []
+    shard = decode_shard(buf.getvalue(), shard="x.tar", sha256=None, on_bad=lambda s, r: bad.append(r))
+    assert len(shard) == 0 and len(bad) == 1 and reason in bad[0]
+
+
+def test_rows_past_a_million_keep_every_digit() -> None:
+    # Keys are zero-padded to 6 digits; row 1,234,567 has 7. The fast reader used to read it as 123456.
+    faces, rows, labels = _faces(3), [999_999, 1_000_000, 1_234_567], [0, 1, 2]
+    data = build_shard(rows, labels, encode_pngs(faces))
+    shard = decode_shard(data, shard="big.tar", sha256=sha256_hex(data), on_bad=lambda s, r: pytest.fail(r))
+    assert shard.rows.tolist() == rows and shard.labels.tolist() == labels and (shard.images == faces).all()
 
 
 def test_truncated_shard_yields_what_precedes_the_damage() -> None:
     faces = _faces(6)
     data = build_shard(list(range(6)), [0] * 6, encode_pngs(faces))
     bad: list[str] = []
-    shard = decode_shard(data[: 3 * 4096 + 700], shard="t.tar", sha256="0" * 64, on_bad=lambda s, r: bad.append(r))
+    shard = decode_shard(data[: 3 * 4096 + 700], shard="t.tar", sha256=None, on_bad=lambda s, r: bad.append(r))
     assert shard.rows.tolist() == [0, 1, 2]
     assert len(bad) == 1 and "truncated" in bad[0]
 
@@ -140,3 +179,45 @@ def test_manifest_rejects_other_format_or_version(synth_shards: Path) -> None:
         manifest_from_json(b'{"format": "something-else"}', uri="m")
     with pytest.raises(FerdistError, match="invalid JSON"):
         manifest_from_json(b"{", uri="m")
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda m: m["splits"]["train"].update(samples="280"), "split train: samples is '280'"),
+        (lambda m: m["splits"]["train"].update(samples=281), "class_counts add up to 280, samples says 281"),
+        (lambda m: m["splits"]["val"]["class_counts"].append(0), "are not 7 counts"),
+        (lambda m: m["splits"]["val"]["shards"][0].update(name="../../etc/passwd.tar"), "not a plain file name"),
+        (lambda m: m["splits"]["val"]["shards"][0].update(samples=True), "has samples True"),
+        (lambda m: m["splits"]["val"]["shards"][0].update(sha256="abc"), "has no valid sha256"),
+        (lambda m: m.update(classes=list(reversed(m["classes"]))), "are not FER2013's"),
+        (lambda m: m["splits"]["test"]["shards"].pop(), "its shards hold"),
+    ],
+)
+def test_manifest_numbers_and_names_must_add_up(synth_shards: Path, change: Any, problem: str) -> None:
+    raw = json.loads((synth_shards / "manifest.json").read_bytes())
+    change(raw)
+    with pytest.raises(FerdistError, match=re.escape(problem)) as info:
+        manifest_from_json(json.dumps(raw).encode(), uri="m.json")
+    assert str(info.value).startswith("'m.json' is a damaged manifest (") and "re-run jobs/shard.py" in str(info.value)
+
+
+def test_the_plain_webdataset_snippet_in_shards_readme_reads_grey_faces_without_warnings(synth_shards: Path) -> None:
+    import warnings
+
+    text = (Path(__file__).resolve().parents[1] / "shards" / "README.md").read_text()
+    snippet = text.split("## Reading the shards without ferdist", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    count = len(list(synth_shards.glob("train-*.tar")))
+    snippet = snippet.replace('"shards/fer2013/train-{000000..000448}.tar"',
+                              repr(f"{synth_shards}/train-{{000000..{count - 1:06d}}}.tar"))  # fmt: skip
+    snippet = snippet.replace("    ...  #", "    seen.append((face, label, key))  #")
+    seen: list[tuple[Any, Any, str]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # webdataset's shardshuffle warning would fail here
+        exec(compile(snippet, "shards/README.md", "exec"), {"seen": seen})
+    manifest = json.loads((synth_shards / "manifest.json").read_bytes())
+    assert len(seen) == manifest["splits"]["train"]["samples"] == 280
+    face, label, key = seen[0]
+    assert isinstance(face, np.ndarray) and face.shape == (48, 48) and face.dtype == np.uint8
+    assert isinstance(label, int) and 0 <= label < 7 and key.isdigit()
+    assert np.bincount([lab for _, lab, _ in seen], minlength=7).tolist() == manifest["splits"]["train"]["class_counts"]

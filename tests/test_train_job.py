@@ -32,3 +32,26 @@ def test_too_small_for_the_batch(capsys: pytest.CaptureFixture[str], synth_shard
     args = ["--config", QUICKSTART, "--set", f"data.manifest={synth_shards}", "--set", "loop.global_batch_size=512"]
     assert train_job.main(args) == 2
     assert "fewer than one global batch" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_shard_lost_after_start_is_one_sentence_from_the_workers(synth_shards: Path, tmp_path: Path) -> None:
+    # The check before Ray starts reads only the manifest; a shard deleted since is found by a worker's loader
+    # process, two process boundaries (DataLoader, Ray) away from the user.
+    import shutil
+    import subprocess
+    import sys
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synth_shards, shards)
+    (shards / "train-000004.tar").unlink()
+    done = subprocess.run(
+        [sys.executable, str(Path(QUICKSTART).parents[2] / "jobs" / "train.py"), "--config", QUICKSTART,
+         "--set", f"data.manifest={shards}", "--set", f"checkpoint.storage_path={tmp_path / 'runs'}",
+         "--set", "tracking.backend=none", "--set", "checkpoint.max_failures=0", "--set", "loop.epochs=1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=400, check=False,
+    )  # fmt: skip
+    last = [line for line in done.stderr.splitlines() if line.strip()][-1]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert last.startswith(f"error: shard '{shards / 'train-000004.tar'}' is listed in the manifest but missing; ")
+    assert last.endswith(")") and "(worker rank " in last
