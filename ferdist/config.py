@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -326,14 +327,18 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
             return int(value)
         raise wrong("an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str) and "_" not in value:  # float() would read "1_0" as 10
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise wrong("a number")
+        # NaN slips through every "must be > 0" check (all comparisons are False), and no setting means infinity.
+        if number is None or not math.isfinite(number):
+            raise wrong("a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

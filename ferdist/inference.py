@@ -17,6 +17,7 @@ import torch
 
 from ferdist.constants import FACE_SIDE, FER_CLASSES
 from ferdist.errors import FerdistError
+from ferdist.images import array_to_uint8, grey_pixels
 from ferdist.model import FerClassifier
 from ferdist.transforms import eval_transform
 
@@ -41,14 +42,11 @@ def to_face(image: Any, *, name: str = "image") -> np.ndarray:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or min(array.shape[:2]) < 1:
             raise FerdistError(f"{name} has shape {array.shape}; pass [H, W] grey or [H, W, 3|4] colour pixels")
-        if array.dtype != np.uint8:
-            if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
-                array = array * 255.0  # floats in [0, 1]
-            array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-        image = Image.fromarray(array)
+        # By the array's type: uint16 is 16-bit (÷ 257), floats are 0-1 or 0-255; anything outside is refused.
+        image = Image.fromarray(array_to_uint8(array, name=name))
     if not isinstance(image, Image.Image):
         raise FerdistError(f"{name} is a {type(image).__name__}; pass image bytes, a PIL image or a uint8 array")
-    grey = image.convert("L")
+    grey = Image.fromarray(grey_pixels(image, name=name))
     if grey.size != (FACE_SIDE, FACE_SIDE):
         grey = grey.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(grey, dtype=np.uint8)

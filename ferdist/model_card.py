@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ferdist.config import RunConfig
-from ferdist.constants import FER_CLASSES
+from ferdist.constants import FER_CLASSES, SPLITS
 from ferdist.metrics import report_from_confusion
 from ferdist.shards import Manifest
 
@@ -46,7 +46,8 @@ def data_section(manifest_uri: str, manifest: Manifest | None) -> list[str]:
     if manifest is None:
         return [f"Shards `{manifest_uri}` (their manifest could not be read when this card was written).", ""]
     source = manifest.source
-    counts = ", ".join(f"{name} {split.samples:,}" for name, split in manifest.splits.items())
+    order = sorted(manifest.splits, key=lambda name: (SPLITS.index(name) if name in SPLITS else len(SPLITS), name))
+    counts = ", ".join(f"{name} {manifest.splits[name].samples:,}" for name in order)
     lines = [f"Shards `{manifest_uri}` from `{source.name}` ({source.kind}, sha256 {source.sha256[:16]}…): {counts}.",
              ""]  # fmt: skip
     if source.synthetic:

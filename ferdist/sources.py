@@ -270,7 +270,11 @@ class ImageFolder(Source):
         self.labels = np.asarray([lab for _, _, lab in files], dtype=np.int64)
         digest = hashlib.sha256()
         for path in self.paths:
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+            try:
+                data = path.read_bytes()
+            except OSError as exn:
+                raise FerdistError(f"{path}: cannot be read ({exn.strerror}); fix or remove it") from None
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + data)
         if test_fraction and "test" not in folders:
             # Part of the source's identity: the same folder split another way is another dataset.
             digest.update(f"test_fraction={test_fraction}".encode())
@@ -381,9 +385,12 @@ def open_source(
             f"{path}: no such file or folder; pass --source a fer2013.csv[.gz|.xz], fer2013.tar.gz or image folder"
         )
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    except OSError as exn:
+        raise FerdistError(f"{path}: cannot be read ({exn.strerror}); check its permissions") from None
     info = SourceInfo(name=path.name, kind="kaggle-csv", sha256=digest.hexdigest())
     return KaggleCsv(read_csv_bytes(path), name=str(path), info=info)
 

@@ -55,7 +55,10 @@ def test_unknown_key_names_the_file_and_suggests(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("optim.lr=fast", "optim.lr must be a number, got 'fast'"),
+        ("optim.lr=fast", "optim.lr must be a finite number, got 'fast'"),
+        ("optim.lr=nan", "optim.lr must be a finite number, got 'nan'"),
+        ("optim.weight_decay=inf", "optim.weight_decay must be a finite number, got 'inf'"),
+        ("loop.epochs=1e3", "loop.epochs must be an integer, got '1e3'"),
         ("loop.epochs=2.5", "loop.epochs must be an integer, got 2.5"),
         ("loop.precision=fp16", "loop.precision must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
         ("workers.use_gpu=maybe", "workers.use_gpu must be true or false"),

@@ -3,6 +3,7 @@ accuracy. Against MLflow's embedded SQLite store (the real server is exercised b
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -61,6 +62,20 @@ def test_any_image_becomes_the_training_face(val_faces: np.ndarray) -> None:
         to_face(np.zeros((48, 48, 2), np.uint8))
 
 
+def test_deep_images_are_scaled_to_the_training_face_not_clipped(val_faces: np.ndarray) -> None:
+    face = val_faces[1]
+    deep = face.astype(np.uint16) * 257  # the same picture in 16 bits
+    buf = io.BytesIO()
+    Image.fromarray(deep).save(buf, format="PNG")
+    assert np.array_equal(to_face(buf.getvalue()), face)  # 16-bit PNG bytes (was all white)
+    assert np.array_equal(to_face(deep), face)  # a uint16 array
+    assert np.array_equal(to_face(face / 255.0), face)  # floats in 0-1
+    with pytest.raises(FerdistError, match=r"image has pixel values from -5 to 300, outside the 0-255"):
+        to_face(np.asarray([[-5, 300], [0, 0]], np.int32))
+    with pytest.raises(FerdistError, match=r"image has NaN or infinite pixel values"):
+        to_face(np.full((48, 48), np.nan))
+
+
 def test_pyfunc_predicts_like_the_checkpoint_and_champion_moves_only_when_better(
     checkpoint: Path, val_faces: np.ndarray, tmp_path: Path
 ) -> None:
@@ -80,6 +95,16 @@ def test_pyfunc_predicts_like_the_checkpoint_and_champion_moves_only_when_better
     assert (better.version, better.champion) == ("3", True)
     assert str(client.get_model_version_by_alias("fer-test", CHAMPION).version) == "3"
     assert "not @champion: v1 stays" in worse.describe()
+    # Drawn faces are far easier than real ones: a SYNTHETIC model's 0.99 must not displace a real model's 0.6,
+    # and any real-data model takes @champion from a SYNTHETIC one.
+    drawn = register(model_uri, name="fer-test", val_acc=0.99, tags={}, tracking_uri=uri, synthetic=True)
+    assert (drawn.version, drawn.champion) == ("4", False)
+    assert "a SYNTHETIC-trained model never replaces a real one" in drawn.describe()
+    assert client.get_model_version("fer-test", "4").tags["synthetic"] == "true"
+    drawn_first = register(model_uri, name="fer-other", val_acc=0.9, tags={}, tracking_uri=uri, synthetic=True)
+    real_after = register(model_uri, name="fer-other", val_acc=0.3, tags={}, tracking_uri=uri)
+    assert drawn_first.champion and real_after.champion
+    assert str(client.get_model_version_by_alias("fer-test", CHAMPION).version) == "3"
 
     with using_store(uri):
         served = mlflow.pyfunc.load_model(f"models:/fer-test@{CHAMPION}")
@@ -101,3 +126,22 @@ def test_class_report_lists_every_class_with_its_recall() -> None:
     assert rows["Disgust"].split("|")[3].strip() == "0.0000" and rows["Disgust"].split("|")[5].strip() == "2"
     assert rows["Happy"].split("|")[2].strip() == f"{10 / 12:.4f}"  # precision: 10 of 12 called Happy
     assert "accuracy 0.9375" in text and "32 samples" in text  # 30 of 32 right
+
+
+def test_the_model_card_says_synthetic_and_describes_the_shards_it_was_trained_on(synth_shards: Path) -> None:
+    from ferdist.model_card import SYNTHETIC_WARNING, model_card
+
+    cfg = load_config(None, [f"data.manifest={synth_shards}"])
+    best = {"epoch": 3, "confusion": np.diag([5, 1, 3, 10, 2, 4, 6]).tolist()}
+    shards = open_dataset(str(synth_shards)).manifest
+    manifest = dataclasses.replace(shards, source=dataclasses.replace(shards.source, synthetic=True,
+                                                                      kind="synthetic-csv"))  # fmt: skip
+    card = model_card(cfg, best=best, version="2", manifest=manifest)
+    title, _, first = card.split("\n")[:3]
+    assert title == "# fer-vitmae v2 (SYNTHETIC data)" and first == SYNTHETIC_WARNING
+    assert "PrivateTest" not in card and "28,709" not in card  # FER2013's splits are not claimed
+    assert "train 280, val 35, test 35" in card
+    real = dataclasses.replace(manifest, source=dataclasses.replace(manifest.source, synthetic=False,
+                                                                    kind="kaggle-csv", name="fer2013.csv"))  # fmt: skip
+    card = model_card(cfg, best=best, version="2", manifest=real)
+    assert "SYNTHETIC" not in card and "val = PublicTest" in card and "`fer2013.csv` (kaggle-csv" in card

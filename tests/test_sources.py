@@ -292,3 +292,12 @@ def test_fractions_outside_0_to_1_are_refused(tmp_path: Path, fraction: float) -
     _face_folder(tmp_path, "train", "fear", 3)
     with pytest.raises(FerdistError, match="is not a fraction from 0 up to 1"):
         open_source(tmp_path, val_fraction=fraction)
+
+
+def test_an_unreadable_image_file_is_named(tmp_path: Path) -> None:
+    _face_folder(tmp_path, "train", "fear", 2)
+    _face_folder(tmp_path, "test", "fear", 1)
+    dangling = tmp_path / "train" / "fear" / "moved.png"
+    dangling.symlink_to(tmp_path / "elsewhere.png")  # a link whose target was moved away
+    with pytest.raises(FerdistError, match=re.escape(f"{dangling}: cannot be read (No such file or directory)")):
+        open_source(tmp_path)
