@@ -1,29 +1,52 @@
-"""What a checkpoint folder holds, and reading it back.
+"""Checkpoints: what they hold, when they are taken, and how they are written without stalling the loop.
 
-A checkpoint is self-contained: the weights (``model.pt``), the backbone's architecture (``backbone.json``) and the
-run's config (``config.yaml``) are enough to rebuild the classifier without the pretrained source; ``train_state.pt``
-adds the optimizer, scheduler and metric history needed to resume; ``summary.json`` is the small part a driver reads
-without loading torch: the epoch's metrics, the val confusion matrix and the history (for reports and curves).
-Checkpoints are written at epoch boundaries, so
-"where the data was" is just the epoch: data order and augmentation are functions of (seed, epoch, rank).
+Two kinds, because at GPU speed an epoch lasts seconds and a ViT-B checkpoint is hundreds of MB:
+
+* **Resume state** (``checkpoint_epoch_NNNN``, registered with Ray Train): the *trained* parameters, the optimizer,
+  the LR schedule and the progress (``train_state.pt``), every ``checkpoint.every_epochs`` epochs and after the last;
+  Ray keeps the newest. It is slim: frozen weights never change, so they are rebuilt from ``model.pretrained`` on
+  restore and checked against the sha256 kept here (a changed source is one sentence, never a silent mix).
+* **The model** (``model_epoch_NNNN``, written by ferdist beside Ray's folders): every weight, the backbone's
+  architecture and the run config, self-contained for evaluate.py, predict.py and the registry, written whenever
+  ``checkpoint.select_by`` improves, so the best epoch is kept even between resume points; the best ``keep`` stay.
+
+Both carry ``summary.json`` (epoch, metrics, val confusion, history), written *last*: a folder without one is an
+interrupted write and is ignored. Writing is asynchronous (`CheckpointManager`): the loop only copies the state off
+the device; serialising and persisting happen while the next epoch trains. Checkpoints are taken at epoch ends, and
+data order and augmentation are functions of (seed, epoch, rank), so resuming from epoch k is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ferdist.config import RunConfig, load_config, to_yaml
+from ferdist.config import CheckpointConfig, RunConfig, load_config, to_yaml
+from ferdist.errors import FerdistError
 
 if TYPE_CHECKING:
+    import pyarrow.fs
+
     from ferdist.model import FerClassifier
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE, STATE_FILE, BACKBONE_FILE, CONFIG_FILE = "model.pt", "train_state.pt", "backbone.json", "config.yaml"
-SUMMARY_FILE = "summary.json"
+TRAINED_FILE, SUMMARY_FILE = "trained.pt", "summary.json"
+RESUME_PREFIX, MODEL_PREFIX = "checkpoint_epoch_", "model_epoch_"
 
 
 @dataclass
@@ -37,37 +60,84 @@ class TrainState:
     """Epochs at which the run restarted from a checkpoint (after a failure or a re-submission)."""
 
 
-def save_checkpoint(
-    directory: Path,
-    *,
-    raw_model: FerClassifier,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: TrainState,
-    cfg: RunConfig,
-    confusion: list[list[int]],
-) -> None:
-    """Writes the checkpoint files into ``directory`` (which Ray then persists to storage).
+# --------------------------------------------------------------------------- what is in a checkpoint
 
-    ``confusion`` is the val confusion matrix (rows: true class) of the epoch just finished.
-    """
+
+def frozen_sha256(model: FerClassifier) -> str:
+    """sha256 over the names and bytes of every parameter and buffer that is not trained (sorted by name)."""
+    digest = hashlib.sha256()
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    for name, tensor in sorted(model.state_dict().items()):
+        if name not in trained:
+            digest.update(name.encode() + b"\0" + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One epoch's checkpoint contents, copied off the device: training goes on while this is written."""
+
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    """Every weight (a model checkpoint) or only the trained ones (resume state)."""
+    summary: dict[str, Any]
+    backbone: dict[str, Any]
+    config_yaml: str
+    train_state: dict[str, Any] | None = None
+    """Optimizer, scheduler, progress and the frozen weights' sha256: resume state only."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights.values())
+
+
+def _to_cpu(value: Any) -> Any:
+    """A deep copy of tensors (in dicts and lists) on the CPU, so later in-place updates cannot reach it."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def take_snapshot(
+    raw_model: FerClassifier,
+    *,
+    cfg: RunConfig,
+    state: TrainState,
+    confusion: list[list[int]],
+    resume: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, str] | None = None,
+) -> Snapshot:
+    """The model checkpoint (``resume=None``: every weight) or the resume state (``resume=(optimizer, scheduler,
+    frozen sha256)``: trained weights only) of the epoch just finished, on the CPU."""
+    # Copies: the loop adds timings to the latest metrics while the writer thread serialises these.
+    summary = {"epoch": state.epochs_done, "metrics": dict(state.history[-1]), "confusion": confusion,
+               "history": [dict(h) for h in state.history]}  # fmt: skip
+    common = dict(epoch=state.epochs_done, summary=summary, backbone=raw_model.backbone.config.to_dict(),
+                  config_yaml=to_yaml(cfg))  # fmt: skip
+    if resume is None:
+        return Snapshot(weights=_to_cpu(raw_model.state_dict()), **common)
+    optimizer, scheduler, frozen = resume
+    trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
+    weights = {k: v for k, v in raw_model.state_dict().items() if k in trained}
+    train_state = {"optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+                   "epochs_done": state.epochs_done, "history": summary["history"],
+                   "resumed_at": list(state.resumed_at), "frozen_sha256": frozen,
+                   "pretrained": cfg.model.pretrained}  # fmt: skip
+    return Snapshot(weights=_to_cpu(weights), train_state=train_state, **common)
+
+
+def write_snapshot(snapshot: Snapshot, directory: Path) -> None:
+    """Writes a snapshot's files into the local folder ``directory``, ``summary.json`` last."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save(raw_model.state_dict(), directory / MODEL_FILE)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epochs_done": state.epochs_done,
-            "history": state.history,
-            "resumed_at": state.resumed_at,
-        },
-        directory / STATE_FILE,
-    )
-    (directory / BACKBONE_FILE).write_text(json.dumps(raw_model.backbone.config.to_dict(), indent=1, sort_keys=True))
-    (directory / CONFIG_FILE).write_text(to_yaml(cfg))
-    summary = {"epoch": state.epochs_done, "metrics": state.history[-1], "confusion": confusion,
-               "history": state.history}  # fmt: skip
-    (directory / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
+    torch.save(snapshot.weights, directory / (MODEL_FILE if snapshot.train_state is None else TRAINED_FILE))
+    if snapshot.train_state is not None:
+        torch.save(snapshot.train_state, directory / STATE_FILE)
+    (directory / BACKBONE_FILE).write_text(json.dumps(snapshot.backbone, indent=1, sort_keys=True))
+    (directory / CONFIG_FILE).write_text(snapshot.config_yaml)
+    (directory / SUMMARY_FILE).write_text(json.dumps(snapshot.summary, indent=1))
 
 
 def restore(
@@ -76,17 +146,41 @@ def restore(
     raw_model: FerClassifier,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    pretrained: str,
 ) -> TrainState:
-    """Loads weights, optimizer and scheduler from ``directory`` in place; returns the progress to continue from."""
-    raw_model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+    """Loads trained weights, optimizer and scheduler from resume state ``directory`` into a model freshly built
+    from ``pretrained``; returns the progress to continue from.
+
+    Raises:
+        FerdistError: the frozen weights ``pretrained`` gives differ from the ones the run trained with.
+    """
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    if (directory / MODEL_FILE).exists():  # a checkpoint from before slim resume states: every weight is there
+        raw_model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+    else:
+        _load_trained(raw_model, directory, expected=saved["frozen_sha256"], source=pretrained)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     return _progress(saved)
 
 
+def _load_trained(raw_model: FerClassifier, directory: Path, *, expected: str, source: str) -> None:
+    if frozen_sha256(raw_model) != expected:
+        raise FerdistError(
+            f"the frozen weights of model.pretrained={source} differ from the ones the checkpoint in {directory} was "
+            "trained with (the source changed, or another one is given); resume with the same weights, or start a "
+            "new run with --set name=…"
+        )
+    trained = torch.load(directory / TRAINED_FILE, map_location="cpu", weights_only=True)
+    missing = {n for n, p in raw_model.named_parameters() if p.requires_grad} - set(trained)
+    if missing:
+        raise FerdistError(f"{directory} lacks {len(missing)} trained weights (e.g. {sorted(missing)[0]}); "
+                           "model.freeze_blocks differs from the run's")  # fmt: skip
+    raw_model.load_state_dict(trained, strict=False)
+
+
 def read_history(directory: Path) -> TrainState:
-    """The progress recorded in a checkpoint, without loading any weights into a model."""
+    """The progress recorded in a resume checkpoint, without loading any weights into a model."""
     return _progress(torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True))
 
 
@@ -95,10 +189,172 @@ def _progress(saved: dict[str, Any]) -> TrainState:
 
 
 def load_classifier(directory: Path, *, map_location: str | torch.device = "cpu") -> tuple[FerClassifier, RunConfig]:
-    """The trained classifier (in eval mode) and its run config, from the checkpoint alone."""
-    from ferdist.model import build_model_from_config  # here: drivers that only read summaries skip transformers
+    """The trained classifier (in eval mode) and its run config, from a model checkpoint alone, or from resume state
+    and the pretrained source it names."""
+    from ferdist.model import build_model, build_model_from_config  # here: drivers reading summaries skip this
 
     cfg = load_config(directory / CONFIG_FILE)
-    model = build_model_from_config(json.loads((directory / BACKBONE_FILE).read_text()), cfg.model)
-    model.load_state_dict(torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True))
+    if (directory / MODEL_FILE).exists():
+        model = build_model_from_config(json.loads((directory / BACKBONE_FILE).read_text()), cfg.model)
+        model.load_state_dict(torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True))
+    else:
+        saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        model = build_model(cfg.model, seed=cfg.seed, endpoint_url=cfg.data.endpoint_url)
+        _load_trained(model, directory, expected=saved["frozen_sha256"], source=cfg.model.pretrained)
     return model.eval(), cfg
+
+
+# --------------------------------------------------------------------------- when, and where
+
+
+@dataclass(frozen=True)
+class ModelStore:
+    """Where model checkpoints go: a folder on a pyarrow filesystem (the run folder, local or S3)."""
+
+    filesystem: pyarrow.fs.FileSystem
+    root: str
+
+
+def better(a: dict[str, float], b: dict[str, float] | None, select_by: str) -> bool:
+    """Whether epoch metrics ``a`` beat ``b`` on ``select_by`` (strictly: the earlier epoch wins a tie)."""
+    return b is None or a[select_by] > b[select_by]
+
+
+class CheckpointManager:
+    """The checkpoint policy, called once per epoch from the loop: what to take, and writing it in the background.
+
+    Model checkpoints are persisted here (one writer thread on rank 0); resume state is handed to the session, which
+    persists it through Ray (asynchronously, see `ferdist.loop.RaySession`). A write that failed is raised, as one
+    sentence, at the next epoch end or at `finish`; the latest committed checkpoint is never touched by it.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, *, epochs: int, eval_every: int, store: ModelStore | None,
+                 history: list[dict[str, float]]) -> None:  # fmt: skip
+        self.cfg, self.epochs, self.eval_every, self.store = cfg, epochs, eval_every, store
+        self.best = max((h for h in history if cfg.select_by in h), key=lambda h: h[cfg.select_by], default=None)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferdist-ckpt") if store else None
+        self._pending: Future[None] | None = None
+        self.blocked_s = 0.0
+        """Seconds the loop spent in this manager (copies off the device, waits for a writer behind)."""
+        self.written_bytes = 0
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ends with a val evaluation."""
+        return (epoch + 1) % self.eval_every == 0 or epoch + 1 == self.epochs
+
+    def resumes(self, epoch: int) -> bool:
+        """Whether epoch ``epoch`` (0-based) ends with a resume checkpoint."""
+        return (epoch + 1) % self.cfg.every_epochs == 0 or epoch + 1 == self.epochs
+
+    def improves(self, metrics: dict[str, float]) -> bool:
+        return self.cfg.select_by in metrics and better(metrics, self.best, self.cfg.select_by)
+
+    def save_model(self, take: Callable[[], Snapshot]) -> None:
+        """Records the new best and writes its model checkpoint (``take()`` copies it off the device)."""
+        started = time.perf_counter()
+        self.raise_if_failed(wait=self.cfg.write == "sync")
+        snapshot = take()
+        self.best = snapshot.summary["metrics"]
+        if self.store is not None and self._pool is not None:
+            self._pending = self._pool.submit(self._persist_model, snapshot)
+            if self.cfg.write == "sync":
+                self.raise_if_failed(wait=True)
+        self.blocked_s += time.perf_counter() - started
+
+    def raise_if_failed(self, *, wait: bool) -> None:
+        """Raises the last model write's failure; with ``wait``, first waits for it (a writer that is behind)."""
+        pending = self._pending
+        if pending is None or not (wait or pending.done()):
+            return
+        self._pending = None
+        started = time.perf_counter()
+        error = pending.exception()
+        self.blocked_s += time.perf_counter() - started if wait else 0.0
+        if error is not None:
+            raise error
+
+    def finish(self) -> None:
+        """Waits for the last model write (a run never reports done before it is committed) and stops the writer."""
+        try:
+            self.raise_if_failed(wait=True)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _persist_model(self, snapshot: Snapshot) -> None:
+        assert self.store is not None
+        name = f"{MODEL_PREFIX}{snapshot.epoch:04d}"
+        try:
+            persist(snapshot, self.store.filesystem, f"{self.store.root}/{name}")
+            self.written_bytes += snapshot.nbytes
+            prune_models(self.store, keep=self.cfg.keep, select_by=self.cfg.select_by)
+        except OSError as exn:
+            raise FerdistError(
+                f"could not write the best model (epoch {snapshot.epoch}) to {self.store.root}/{name} ({exn}); "
+                "the checkpoints written before it are intact: fix the storage and re-submit to resume"
+            ) from None
+
+
+def persist(snapshot: Snapshot, filesystem: pyarrow.fs.FileSystem, path: str) -> None:
+    """Writes ``snapshot`` to folder ``path`` on ``filesystem``; ``summary.json`` goes last, so a folder without one
+    is an interrupted write (readers skip it)."""
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="ferdist-ckpt-") as tmp:
+        local = Path(tmp) / "c"
+        write_snapshot(snapshot, local)
+        summary = (local / SUMMARY_FILE).read_bytes()
+        (local / SUMMARY_FILE).unlink()
+        filesystem.create_dir(path, recursive=True)
+        pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=filesystem)  # fmt: skip
+        with filesystem.open_output_stream(f"{path}/{SUMMARY_FILE}") as out:
+            out.write(summary)
+
+
+def prune_models(store: ModelStore, *, keep: int, select_by: str) -> None:
+    """Deletes model checkpoints beyond the ``keep`` best by ``select_by`` (the earlier epoch wins a tie)."""
+    from ferdist import runs
+
+    found = runs.models(store.root, store.filesystem)
+    ranked = sorted(found, key=lambda c: (-c.summary["metrics"][select_by], c.summary["epoch"]))
+    for stale in ranked[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            store.filesystem.delete_dir(stale.path)
+
+
+class LocalResumeWriter:
+    """Resume state without Ray (LocalSession): written to ``root/checkpoint_epoch_NNNN`` on a writer thread, the
+    newest kept; the loop waits only if the previous write is still going."""
+
+    def __init__(self, root: Path, *, mode: str) -> None:
+        self.root, self.mode = root, mode
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, snapshot: Snapshot) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                target = self.root / f"{RESUME_PREFIX}{snapshot.epoch:04d}"
+                part = target.with_name(target.name + ".part")
+                write_snapshot(snapshot, part)
+                part.rename(target)
+                for old in sorted(self.root.glob(f"{RESUME_PREFIX}*[0-9]"))[:-1]:
+                    shutil.rmtree(old)
+            except BaseException as exn:  # surfaced on the loop's thread by wait()
+                self._error = exn
+
+        self._thread = threading.Thread(target=write, name="ferdist-resume", daemon=True)
+        self._thread.start()
+        if self.mode == "sync":
+            self.wait()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise FerdistError(f"could not write the resume checkpoint to {self.root} ({error})") from None

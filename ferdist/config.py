@@ -144,10 +144,16 @@ class LoopConfig:
     """Autocast dtype: auto is bf16 on CUDA and fp32 on CPU."""
     log_every: int = 50
     """Log train loss every this many steps (rank 0)."""
+    eval_every: int = 1
+    """Evaluate on val every this many epochs and after the last (≈ 0.35 s on one H100 for FER2013's PublicTest)."""
+    compile: Literal["off", "default", "max-autotune"] = "off"
+    """torch.compile the model with this mode (pays on GPUs, after a first-epoch compile of about a minute)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"loop.epochs must be >= 1, got {self.epochs}")
+        if self.eval_every < 1:
+            raise ValueError(f"loop.eval_every must be >= 1, got {self.eval_every}")
         if self.global_batch_size < 1:
             raise ValueError(f"loop.global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.log_every < 1:
@@ -191,8 +197,16 @@ class WorkersConfig:
 class CheckpointConfig:
     storage_path: str = "runs"
     """Where Ray Train keeps results and checkpoints: a local folder or s3://bucket/prefix."""
+    every_epochs: int = 5
+    """Resume state (trained weights, optimizer, schedule, progress) every this many epochs and after the last; only
+    the newest is kept. A failure re-trains at most this many epochs minus one (seconds each on a GPU)."""
     keep: int = 2
-    """Checkpoints kept per run (the newest ones; one per epoch is written)."""
+    """Best models kept per run (weights only, written whenever select_by improves on an evaluated epoch)."""
+    select_by: Literal["val/acc", "val/macro_f1"] = "val/acc"
+    """The metric that picks the best epoch, stops trials early (ASHA), picks a sweep's best trial and @champion."""
+    write: Literal["async", "sync"] = "async"
+    """async: the loop only copies state off the device; files are written and persisted while the next epoch
+    trains. sync: written before the loop goes on (for measuring the difference)."""
     max_failures: int = 3
     """Worker failures a run recovers from (restarting from the last checkpoint) before it gives up; -1 = always."""
 
@@ -201,6 +215,8 @@ class CheckpointConfig:
             raise ValueError("checkpoint.storage_path must name a folder or s3:// prefix")
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        if self.every_epochs < 1:
+            raise ValueError(f"checkpoint.every_epochs must be >= 1, got {self.every_epochs}")
         if self.max_failures < -1:
             raise ValueError(f"checkpoint.max_failures must be >= -1, got {self.max_failures}")
 

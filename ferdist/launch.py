@@ -18,8 +18,6 @@ from ferdist.config import RunConfig, to_flat_dict
 from ferdist.errors import FerdistError
 from ferdist.tracking import prepare_tracking
 
-SCORE = "val/acc"
-
 
 def prepare(cfg: RunConfig) -> tuple[RunConfig, int]:
     """On the driver, before Ray starts: ``cfg`` with absolute local paths and a prepared tracking store (see
@@ -109,9 +107,8 @@ def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> Torc
             name=cfg.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
-            ),
+            # Ray keeps the resume state, newest only (the best models are ferdist's own model_epoch_* folders).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             callbacks=callbacks,
             # Ray's per-report INFO lines repeat every metric; the loop logs its own one-line summary per epoch.
@@ -140,30 +137,32 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a finished run reports: its best epoch and where that checkpoint is."""
+    """What a finished run reports: its best epoch and where that model checkpoint is."""
 
     best_epoch: int
-    best_val_acc: float
+    best_metrics: dict[str, Any]
     best_checkpoint: str
     last_epoch: int
     last_metrics: dict[str, Any]
     run_path: str
 
+    @property
+    def best_val_acc(self) -> float:
+        return float(self.best_metrics["val/acc"])
 
-def summarize(result: ray.train.Result) -> RunSummary:
-    """The best epoch by val accuracy among the retained checkpoints, and the last epoch's metrics."""
+
+def summarize(result: ray.train.Result, *, select_by: str = "val/acc") -> RunSummary:
+    """The best epoch by ``select_by`` among the run's model checkpoints, and the last epoch's metrics."""
     if result.error is not None:
         raise result.error
-    if not result.best_checkpoints:
-        raise FerdistError(f"the run at {result.path} finished without a checkpoint")
-    best_checkpoint, best = max(result.best_checkpoints, key=lambda item: item[1][SCORE])
+    best, last = runs.best_and_last(result.path, result.filesystem, select_by=select_by)
     # pyarrow paths carry no scheme: put s3:// back so the printed location can be pasted into aws s3 / ferdist.
-    scheme = "s3://" if best_checkpoint.filesystem.type_name == "s3" else ""
+    scheme = "s3://" if result.filesystem.type_name == "s3" else ""
     return RunSummary(
-        best_epoch=int(best["epoch"]),
-        best_val_acc=float(best[SCORE]),
-        best_checkpoint=scheme + best_checkpoint.path,
-        last_epoch=int(result.metrics["epoch"]),
-        last_metrics=dict(result.metrics),
+        best_epoch=int(best.summary["epoch"]),
+        best_metrics=dict(best.summary["metrics"]),
+        best_checkpoint=scheme + best.path,
+        last_epoch=int(last.summary["epoch"]),
+        last_metrics=dict(last.summary["metrics"]),
         run_path=scheme + result.path,
     )

@@ -48,11 +48,14 @@ class Session(Protocol):
 
     def prepare_model(self, model: nn.Module) -> nn.Module: ...
     def latest_checkpoint(self) -> Path | None: ...
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+    def model_store(self) -> ckpt.ModelStore: ...
+    def report(self, metrics: dict[str, float], resume: ckpt.Snapshot | None, *, mode: str) -> None: ...
+    def finish(self) -> None: ...
 
 
 class RaySession:
-    """Ray Train's view of this worker: DDP via prepare_model, checkpoints persisted to the run's storage_path."""
+    """Ray Train's view of this worker: DDP via prepare_model, resume state persisted by Ray to the run's
+    storage_path, model checkpoints beside it."""
 
     def __init__(self) -> None:
         import ray.train
@@ -62,6 +65,7 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()  # [ray] this worker's GPU, or the CPU
         self._checkpoint = ray.train.get_checkpoint()  # [ray] the latest checkpoint after a restart, else None
+        self._storage = ctx.get_storage()  # [ray] the run folder: local, or s3:// through pyarrow
         self._checkpoint_dir: Path | None = None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
@@ -75,40 +79,81 @@ class RaySession:
         self._checkpoint_dir = Path(tempfile.mkdtemp(prefix="ferdist-restore-"))
         return Path(self._checkpoint.to_directory(str(self._checkpoint_dir)))  # [ray] fetched from storage_path
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    def model_store(self) -> ckpt.ModelStore:
+        return ckpt.ModelStore(self._storage.storage_filesystem, self._storage.experiment_fs_path)
+
+    def report(self, metrics: dict[str, float], resume: ckpt.Snapshot | None, *, mode: str) -> None:
+        """Reports ``metrics`` (every rank: it is a barrier); rank 0 hands Ray the resume state to persist.
+
+        In async mode the snapshot is serialised inside Ray's upload thread (``checkpoint_upload_fn``), so the
+        loop goes on at once; Ray registers the checkpoint only once it is whole in storage, and waits for the last
+        upload before the run ends.
+        """
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         if self._checkpoint_dir is not None:  # the restored copy is loaded by now
             shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
             self._checkpoint_dir = None
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)  # [ray] every rank calls it: it is a barrier
+        upload_mode = CheckpointUploadMode.ASYNC if mode == "async" else CheckpointUploadMode.SYNC
+        if resume is None:
+            # Async even without a checkpoint: Ray reports in order, so a sync report would wait for the upload.
+            ray.train.report(metrics, checkpoint_upload_mode=upload_mode)  # [ray] report
+            return
+        stage = Path(tempfile.mkdtemp(prefix="ferdist-resume-"))
+        storage = self._storage
+
+        def upload(checkpoint: Any, name: str) -> Any:
+            try:
+                ckpt.write_snapshot(resume, stage)
+                return storage.persist_current_checkpoint(checkpoint, name)
+            except OSError as exn:
+                raise FerdistError(
+                    f"could not write the resume checkpoint of epoch {resume.epoch} to {storage.experiment_fs_path} "
+                    f"({exn}); the checkpoints committed before it are intact: fix the storage and re-submit"
+                ) from None
+
+        ray.train.report(  # [ray] report + persist the resume state (in Ray's upload thread when async)
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(str(stage)),
+            checkpoint_dir_name=f"{ckpt.RESUME_PREFIX}{resume.epoch:04d}", checkpoint_upload_mode=upload_mode,
+            delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload,
+        )  # fmt: skip
+
+    def finish(self) -> None:
+        """Nothing to wait for here: Ray flushes its upload thread before the run counts as finished."""
 
 
 @dataclass
 class LocalSession:
-    """One process, no Ray: checkpoints are copied to ``root/epoch_NNNN``, the newest ``keep`` kept."""
+    """One process, no Ray: resume state in ``root/checkpoint_epoch_NNNN`` (the newest kept), models beside it."""
 
     root: Path
     device: torch.device = torch.device("cpu")
-    keep: int = 2
     rank: int = 0
     world_size: int = 1
+    _writer: ckpt.LocalResumeWriter | None = None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
 
     def latest_checkpoint(self) -> Path | None:
-        found = sorted(self.root.glob("epoch_*"))
+        found = sorted(self.root.glob(f"{ckpt.RESUME_PREFIX}*[0-9]"))
         return found[-1] if found else None
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        if checkpoint_dir is not None:
-            target = self.root / f"epoch_{int(metrics['epoch']):04d}"
-            shutil.copytree(checkpoint_dir, target.with_suffix(".part"), dirs_exist_ok=True)
-            target.with_suffix(".part").rename(target)
-            for old in sorted(self.root.glob("epoch_*"))[: -self.keep]:
-                shutil.rmtree(old)
+    def model_store(self) -> ckpt.ModelStore:
+        import pyarrow.fs
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return ckpt.ModelStore(pyarrow.fs.LocalFileSystem(), str(self.root.resolve()))
+
+    def report(self, metrics: dict[str, float], resume: ckpt.Snapshot | None, *, mode: str) -> None:
+        if resume is not None:
+            self._writer = self._writer or ckpt.LocalResumeWriter(self.root, mode=mode)
+            self._writer.submit(resume)
+
+    def finish(self) -> None:
+        if self._writer is not None:
+            self._writer.wait()
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -146,11 +191,16 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
 
     raw_model = build_model(cfg.model, seed=cfg.seed, endpoint_url=cfg.data.endpoint_url).to(device)
     optimizer, scheduler = build_optimizer(raw_model, cfg.optim, schedule=schedule)
+    frozen = ckpt.frozen_sha256(raw_model)  # once: these weights never change, so resume state leaves them out
     state = ckpt.TrainState()
     if (restore_dir := session.latest_checkpoint()) is not None:
-        state = ckpt.restore(restore_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler)
+        state = ckpt.restore(restore_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler,
+                             pretrained=cfg.model.pretrained)  # fmt: skip
         state.resumed_at.append(state.epochs_done)
         log.info("resumed from the checkpoint after epoch %d", state.epochs_done)
+    manager = ckpt.CheckpointManager(cfg.checkpoint, epochs=cfg.loop.epochs, eval_every=cfg.loop.eval_every,
+                                     store=session.model_store() if rank == 0 else None,
+                                     history=state.history)  # fmt: skip
     model = session.prepare_model(raw_model)
     weights = class_weights(train_info.class_counts, cfg.optim.class_weights, device=device)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
@@ -189,8 +239,6 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         train_loss, train_correct, train_seen = all_reduce_sum(totals, world_size=world_size).tolist()
         epoch_seconds = time.perf_counter() - started
 
-        val = evaluate(raw_model, dataset, cfg, split="val", rank=rank, world_size=world_size, device=device)
-        confusion = val.pop("confusion")
         metrics = {
             "epoch": epoch + 1,
             "step": (epoch + 1) * steps,
@@ -199,36 +247,56 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
             "train/lr": lr,
             "perf/samples_per_s": train_seen / epoch_seconds,
             "perf/epoch_s": epoch_seconds,
-            **{f"val/{k}": v for k, v in val.items()},
         }
+        confusion: list[list[int]] = []
+        if manager.evaluates(epoch):
+            val = evaluate(raw_model, dataset, cfg, split="val", rank=rank, world_size=world_size, device=device)
+            confusion = val.pop("confusion")
+            metrics |= {f"val/{k}": v for k, v in val.items()}
         if device.type == "cuda":  # the epoch's peak (training and evaluation), for sizing batches and GPUs
             metrics["perf/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        best = max([*state.history, metrics], key=lambda m: m["val/acc"])
-        metrics |= {"best/val_acc": best["val/acc"], "best/epoch": best["epoch"]}
+        improved = manager.improves(metrics)
+        best = metrics if improved else manager.best
+        if best is not None:
+            metrics |= {"best/score": best[cfg.checkpoint.select_by], "best/val_acc": best["val/acc"],
+                        "best/epoch": best["epoch"]}  # fmt: skip
         state.history.append(metrics)
         state.epochs_done = epoch + 1
         if rank == 0:
-            log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s",
-                     epoch + 1, metrics["train/loss"], metrics["train/acc"], val["loss"], val["acc"], val["macro_f1"],
-                     metrics["perf/samples_per_s"])  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="ferdist-ckpt-") as tmp:
-            checkpoint_dir = None
-            if rank == 0:  # one writer; the weights are identical on every rank
-                checkpoint_dir = Path(tmp)
-                ckpt.save_checkpoint(
-                    checkpoint_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler, state=state,
-                    cfg=cfg, confusion=confusion,
-                )  # fmt: skip
-            tracker.log_metrics(metrics, step=epoch + 1)
-            session.report(metrics, checkpoint_dir)  # [ray] report + persist the checkpoint
+            val_text = (f"val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:.4f} macro-F1 "
+                        f"{metrics['val/macro_f1']:.4f}" if "val/acc" in metrics else "val not evaluated")  # fmt: skip
+            log.info("epoch %d: train loss %.4f acc %.4f | %s | %.0f img/s", epoch + 1, metrics["train/loss"],
+                     metrics["train/acc"], val_text, metrics["perf/samples_per_s"])  # fmt: skip
+        # [checkpoint] rank 0 copies state off the device; files are written while the next epoch trains.
+        blocked = manager.blocked_s
+        manager.raise_if_failed(wait=False)
+        if improved and rank == 0:
+            manager.save_model(lambda c=confusion: ckpt.take_snapshot(raw_model, cfg=cfg, state=state, confusion=c))
+        elif improved:
+            manager.best = metrics
+        resume = None
+        if manager.resumes(epoch) and rank == 0:
+            snap_started = time.perf_counter()
+            resume = ckpt.take_snapshot(raw_model, cfg=cfg, state=state, confusion=confusion,
+                                        resume=(optimizer, scheduler, frozen))  # fmt: skip
+            manager.blocked_s += time.perf_counter() - snap_started
+        if epoch + 1 == cfg.loop.epochs:
+            manager.finish()  # the last model is committed before the last report: the run is done after it
+        report_started = time.perf_counter()
+        tracker.log_metrics(metrics, step=epoch + 1)
+        session.report(dict(metrics), resume, mode=cfg.checkpoint.write)  # [ray] report (+ resume state)
+        metrics["perf/checkpoint_s"] = manager.blocked_s - blocked
+        metrics["perf/report_s"] = time.perf_counter() - report_started
         # The whole epoch as the job experiences it (train, eval, checkpoint, report); known only after the report,
         # so it reaches the history saved with the next checkpoint.
         metrics["perf/cycle_s"] = time.perf_counter() - cycle_started
+    manager.finish()
+    session.finish()
     if restore_dir is not None and state.resumed_at[-1] == cfg.loop.epochs and state.history:
         # Restored after its last epoch (e.g. a sweep resumed after its driver died): nothing left to train, but
         # the caller (Tune) still needs the run's final metrics.
-        session.report(dict(state.history[-1]), None)
+        session.report(dict(state.history[-1]), None, mode=cfg.checkpoint.write)
     return state
 
 

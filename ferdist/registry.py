@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 MODEL_NAME = "model"
 ACC_TAG = "val_acc"
+F1_TAG = "val_macro_f1"
+SELECT_TAG = "select_by"
+SCORE_TAGS = {"val/acc": ACC_TAG, "val/macro_f1": F1_TAG}
+"""Version tag holding each selection metric's value (checkpoint.select_by → tag)."""
 SYNTHETIC_TAG = "synthetic"
 """Version tag: "true" for a model trained on the SYNTHETIC set (its @champion rule differs)."""
 
@@ -125,20 +129,34 @@ class Registration:
     """(version, val_acc) of the champion before this registration, if there was one."""
     synthetic: bool = False
     """Whether this version was trained on the SYNTHETIC set."""
+    select_by: str = "val/acc"
+    """The metric ``val_acc`` holds and @champion was decided on (checkpoint.select_by)."""
 
     def describe(self) -> str:
         if self.champion:
             verdict = "now @" + CHAMPION
         else:
             version, acc = self.previous_champion or ("?", float("nan"))
-            verdict = f"not @{CHAMPION}: v{version} stays, with val acc {acc:.4f}"
+            verdict = f"not @{CHAMPION}: v{version} stays, with {self.metric} {acc:.4f}"
             if self.synthetic and acc < self.val_acc:
                 verdict += " on real faces (a SYNTHETIC-trained model never replaces a real one)"
-        return f"registered {self.name} v{self.version} (val acc {self.val_acc:.4f}), {verdict}"
+        return f"registered {self.name} v{self.version} ({self.metric} {self.val_acc:.4f}), {verdict}"
+
+    @property
+    def metric(self) -> str:
+        return {"val/acc": "val acc", "val/macro_f1": "val macro-F1"}.get(self.select_by, self.select_by)
 
 
 def register(
-    model_uri: str, *, name: str, val_acc: float, tags: dict[str, str], tracking_uri: str, synthetic: bool = False
+    model_uri: str,
+    *,
+    name: str,
+    val_acc: float,
+    tags: dict[str, str],
+    tracking_uri: str,
+    synthetic: bool = False,
+    val_macro_f1: float | None = None,
+    select_by: str = "val/acc",
 ) -> Registration:
     """A new version of ``name``; it becomes ``champion`` only if it beats the current champion.
 
@@ -150,19 +168,22 @@ def register(
 
     client = MlflowClient(tracking_uri)
     with using_store(tracking_uri):
-        version_tags = {ACC_TAG: f"{val_acc:.6f}", SYNTHETIC_TAG: str(synthetic).lower(), **tags}
+        version_tags = {ACC_TAG: f"{val_acc:.6f}", SYNTHETIC_TAG: str(synthetic).lower(), SELECT_TAG: select_by,
+                        **({F1_TAG: f"{val_macro_f1:.6f}"} if val_macro_f1 is not None else {}), **tags}  # fmt: skip
         version = mlflow.register_model(model_uri, name, tags=version_tags).version
+    score = val_acc if select_by == "val/acc" else float(val_macro_f1 if val_macro_f1 is not None else "nan")
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
-        previous = (str(current.version), float(current.tags.get(ACC_TAG, "-inf")))
+        # The champion is compared on the new version's metric (every version is tagged with both).
+        previous = (str(current.version), float(current.tags.get(SCORE_TAGS[select_by], "-inf")))
         # Versions from before the tag existed count as real data: a SYNTHETIC model never displaces them.
         previous_synthetic = current.tags.get(SYNTHETIC_TAG) == "true"
     except MlflowException:
         previous, previous_synthetic = None, False
-    champion = previous is None or (not synthetic, val_acc) > (not previous_synthetic, previous[1])
+    champion = previous is None or (not synthetic, score) > (not previous_synthetic, previous[1])
     if champion:
         client.set_registered_model_alias(name, CHAMPION, str(version))
-    return Registration(name, str(version), val_acc, champion, previous, synthetic)
+    return Registration(name, str(version), score, champion, previous, synthetic, select_by)
 
 
 @dataclass(frozen=True)

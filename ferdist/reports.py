@@ -64,13 +64,15 @@ def plot_curves(history: list[dict[str, float]], path: Path, *, title: str) -> N
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
+    evaluated = [h for h in history if "val/acc" in h]  # loop.eval_every > 1 leaves epochs without val
+    val_epochs = [h["epoch"] for h in evaluated]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     loss_ax.plot(epochs, [h["train/loss"] for h in history], label="train")
-    loss_ax.plot(epochs, [h["val/loss"] for h in history], label="val")
+    loss_ax.plot(val_epochs, [h["val/loss"] for h in evaluated], label="val")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc_ax.plot(epochs, [h["train/acc"] for h in history], label="train acc")
-    acc_ax.plot(epochs, [h["val/acc"] for h in history], label="val acc")
-    acc_ax.plot(epochs, [h["val/macro_f1"] for h in history], label="val macro-F1", linestyle="--")
+    acc_ax.plot(val_epochs, [h["val/acc"] for h in evaluated], label="val acc")
+    acc_ax.plot(val_epochs, [h["val/macro_f1"] for h in evaluated], label="val macro-F1", linestyle="--")
     acc_ax.set(xlabel="epoch", ylim=(0, 1), title="accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)

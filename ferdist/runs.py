@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.fs
 
-from ferdist.checkpoint import SUMMARY_FILE
+from ferdist.checkpoint import MODEL_PREFIX, SUMMARY_FILE
 from ferdist.errors import FerdistError
 
 
@@ -47,8 +47,7 @@ def filesystem_for(path: str, filesystem: pyarrow.fs.FileSystem | None = None) -
     return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
-def checkpoints(run_path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> list[StoredCheckpoint]:
-    """The run's checkpoints that hold a summary, oldest epoch first (empty if the run folder has none)."""
+def _listed(run_path: str, filesystem: pyarrow.fs.FileSystem | None, prefix: str) -> list[StoredCheckpoint]:
     fs, root = filesystem_for(run_path, filesystem)
     try:
         entries = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
@@ -56,29 +55,44 @@ def checkpoints(run_path: str, filesystem: pyarrow.fs.FileSystem | None = None) 
         raise FerdistError(f"cannot list the run folder {run_path} ({exn})") from None
     found = []
     for entry in entries:
-        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith(prefix):
             continue
         summary_path = f"{entry.path}/{SUMMARY_FILE}"
         if fs.get_file_info(summary_path).type != pyarrow.fs.FileType.File:
-            continue  # an upload cut short by a crash
+            continue  # a write cut short by a crash: summary.json is written last
         with fs.open_input_stream(summary_path) as stream:
             found.append(StoredCheckpoint(entry.path, json.loads(stream.read()), fs))
     return sorted(found, key=lambda c: c.summary["epoch"])
 
 
+def checkpoints(run_path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> list[StoredCheckpoint]:
+    """The run's resume checkpoints (Ray's ``checkpoint_*`` folders) that hold a summary, oldest epoch first."""
+    return _listed(run_path, filesystem, "checkpoint_")
+
+
+def models(run_path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> list[StoredCheckpoint]:
+    """The run's best-model checkpoints (``model_epoch_*``) that hold a summary, oldest epoch first."""
+    return _listed(run_path, filesystem, MODEL_PREFIX)
+
+
 def best_and_last(
-    run_path: str, filesystem: pyarrow.fs.FileSystem | None = None
+    run_path: str, filesystem: pyarrow.fs.FileSystem | None = None, *, select_by: str = "val/acc"
 ) -> tuple[StoredCheckpoint, StoredCheckpoint]:
-    """The retained checkpoint with the highest val accuracy (earliest on ties), and the latest one.
+    """The best model checkpoint by ``select_by`` (earliest on ties), and the latest resume checkpoint (whose
+    summary holds the whole history).
+
+    Runs from before model checkpoints existed pick the best among their resume checkpoints.
 
     Raises:
         FerdistError: the run has no checkpoint yet.
     """
-    found = checkpoints(run_path, filesystem)
-    if not found:
+    resume = checkpoints(run_path, filesystem)
+    candidates = models(run_path, filesystem) or resume
+    if not resume or not candidates:
         raise FerdistError(f"the run folder {run_path} holds no checkpoint with a {SUMMARY_FILE}")
-    best = max(found, key=lambda c: (c.summary["metrics"]["val/acc"], -c.summary["epoch"]))
-    return best, found[-1]
+    scored = [c for c in candidates if select_by in c.summary["metrics"]] or candidates
+    best = max(scored, key=lambda c: (c.summary["metrics"].get(select_by, float("-inf")), -c.summary["epoch"]))
+    return best, resume[-1]
 
 
 def download(checkpoint: StoredCheckpoint, dest: Path) -> Path:

@@ -96,6 +96,10 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     base = load_config(path, run_overrides)
     sweep = _sweep_settings(doc.get("sweep") or {}, sweep_overrides, origin)
     search = parse_search(doc.get("search") or {}, base, origin=origin)
+    if base.loop.eval_every != 1:
+        # Tune needs the metric in every report, and stale values would let ASHA compare trials at other epochs.
+        raise FerdistError(f"{origin}: loop.eval_every must be 1 in a sweep (ASHA reads "
+                           f"{base.checkpoint.select_by} every epoch), got {base.loop.eval_every}")  # fmt: skip
     return Sweep(base=base, sweep=sweep, search=search)
 
 

@@ -194,6 +194,7 @@ def finalize_run(
     filesystem: pyarrow.fs.FileSystem | None,
     status: str,
     config_yaml: str,
+    select_by: str = "val/acc",
 ) -> tuple[str | None, Any]:
     """Logs a finished run's reports (best epoch's confusion matrix and class report, learning curves) and config as
     artefacts, and its final status (`COMPLETED`, `EARLY_STOPPED` or `FAILED`) as tag and run status.
@@ -212,7 +213,7 @@ def finalize_run(
         return None, None
     best = None
     try:
-        best, last = runs.best_and_last(run_path, filesystem)
+        best, last = runs.best_and_last(run_path, filesystem, select_by=select_by)
     except FerdistError as exn:
         log.warning("%s: no reports (%s)", run_name, exn)
     with tempfile.TemporaryDirectory(prefix="ferdist-reports-") as tmp:
@@ -250,10 +251,11 @@ def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str
         model_uri = registry.log_model(run_id, runs.download(best, Path(tmp) / "checkpoint"), tracking_uri=uri)
         if not cfg.registered_model:
             return None
-        val_acc = float(best.summary["metrics"]["val/acc"])
+        val = best.summary["metrics"]
         tags = {"run_id": run_id, "epoch": str(best.summary["epoch"]), **tags}
-        registration = registry.register(model_uri, name=cfg.registered_model, val_acc=val_acc, tags=tags,
-                                         tracking_uri=uri, synthetic=synthetic)  # fmt: skip
+        registration = registry.register(model_uri, name=cfg.registered_model, val_acc=float(val["val/acc"]),
+                                         val_macro_f1=float(val["val/macro_f1"]), tags=tags, tracking_uri=uri,
+                                         synthetic=synthetic, select_by=run.checkpoint.select_by)  # fmt: skip
         card = model_card(run, best=best.summary, version=registration.version, manifest=manifest)
         client = _client(uri)
         client.update_model_version(registration.name, registration.version, description=card)

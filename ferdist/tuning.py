@@ -2,8 +2,9 @@
 
 Ray 2.60 (Train V2) pattern: the Tune trainable `run_trial` is only a driver; it builds the trial's `RunConfig`,
 launches a `TorchTrainer` and relays each epoch's report to Tune (``TuneReportCallback``), where ASHA reads
-``val/acc`` at rungs of ``epoch``. A trial's Train run is named ``<sweep>-<trial id>`` under
-``<storage_path>/<sweep>/trials``, so a restored sweep resumes its unfinished trials from their checkpoints.
+``checkpoint.select_by`` (val/acc by default) at rungs of ``epoch``. A trial's Train run is named
+``<sweep>-<trial id>`` under ``<storage_path>/<sweep>/trials``, so a restored sweep resumes its unfinished trials
+from their checkpoints.
 
 MLflow: the sweep is a parent run; each trial's rank 0 logs its child run; `TrialTracking` (a Tune callback, on the
 driver) closes each trial's run with its reports and status. After the sweep the best trial's best checkpoint is
@@ -25,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from ferdist import tracking
 from ferdist.config import RunConfig, from_flat_dict, redacted, to_flat_dict, to_yaml
-from ferdist.launch import SCORE, build_trainer, fit, storage_target
+from ferdist.launch import build_trainer, fit, storage_target
 from ferdist.sweep import Dimension, Sweep, trial_epochs_budget
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class TrialTracking(ray.tune.Callback):
         storage_path, filesystem = storage_target(cfg.checkpoint.storage_path)
         try:
             tracking.finalize_run(cfg.tracking, run_name=cfg.name, run_path=f"{storage_path}/{cfg.name}",
-                                  filesystem=filesystem, status=status, config_yaml=to_yaml(cfg))  # fmt: skip
+                                  filesystem=filesystem, status=status, config_yaml=to_yaml(cfg),
+                                  select_by=cfg.checkpoint.select_by)  # fmt: skip
         except Exception as exn:  # a tracking hiccup must not stop the other trials
             log.warning("could not close the MLflow run of trial %s: %s", trial.trial_id, exn)
 
@@ -149,7 +151,7 @@ def build_tuner(sweep: Sweep, *, max_concurrent: int, resume: bool) -> ray.tune.
         trainable,
         param_space=param_space(sweep),
         tune_config=ray.tune.TuneConfig(
-            metric=SCORE, mode="max", scheduler=scheduler, num_samples=sweep.sweep.samples,
+            metric=base.checkpoint.select_by, mode="max", scheduler=scheduler, num_samples=sweep.sweep.samples,
             trial_dirname_creator=trial_dirname,
             # The generator limits concurrency itself (Tune ignores max_concurrent_trials next to a custom one).
             search_alg=BasicVariantGenerator(random_state=sweep.sweep.seed, max_concurrent=max_concurrent),
@@ -172,7 +174,8 @@ class TrialOutcome:
     status: str
     """completed, early-stopped or failed."""
     epochs: int
-    best_val_acc: float
+    best_score: float
+    """The trial's best value of checkpoint.select_by."""
     seconds: float
     """Wall time of the trial's driver, start-up included."""
     config: dict[str, Any]
@@ -205,7 +208,7 @@ class SweepSummary:
     @property
     def best(self) -> TrialOutcome | None:
         ranked = [t for t in self.trials if t.epochs]
-        return max(ranked, key=lambda t: t.best_val_acc) if ranked else None
+        return max(ranked, key=lambda t: t.best_score) if ranked else None
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -224,7 +227,7 @@ def summarize(results: ray.tune.ResultGrid, sweep: Sweep) -> SweepSummary:
             status = tracking.COMPLETED if epochs >= sweep.base.loop.epochs else tracking.EARLY_STOPPED
         outcomes.append(TrialOutcome(
             trial_id=trial_id, run=trial_config(result.config, trial_id), status=status, epochs=epochs,
-            best_val_acc=float(metrics.get("best/val_acc", float("nan"))),
+            best_score=float(metrics.get("best/score", float("nan"))),
             seconds=float(metrics.get("time_total_s", 0)),
             config={k: result.config.get(k) for k in searched},
         ))  # fmt: skip
@@ -251,7 +254,8 @@ def publish_best(sweep: Sweep, summary: SweepSummary, *, parent_run_id: str) -> 
     if (best := summary.best) is not None:
         tags["best_trial"] = best.trial_id
         storage_path, filesystem = storage_target(best.run.checkpoint.storage_path)
-        checkpoint, _ = runs.best_and_last(f"{storage_path}/{best.run.name}", filesystem)
+        checkpoint, _ = runs.best_and_last(f"{storage_path}/{best.run.name}", filesystem,
+                                           select_by=best.run.checkpoint.select_by)  # fmt: skip
         if (run_id := tracking.run_id_of(cfg, best.run.name)) is not None:
             tags["best_run_id"] = run_id
             registration = tracking.publish_model(best.run, run_id=run_id, best=checkpoint,
@@ -264,6 +268,6 @@ def publish_best(sweep: Sweep, summary: SweepSummary, *, parent_run_id: str) -> 
         "trial_epochs_saved": summary.saved_trial_epochs, "device_hours_saved": summary.saved_device_hours,
     }  # fmt: skip
     if best is not None:
-        metrics["best/val_acc"] = best.best_val_acc
+        metrics["best/score"] = best.best_score
     tracking.close_sweep_run(cfg, parent_run_id, metrics=metrics, tags=tags)
     return registration

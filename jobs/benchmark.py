@@ -387,7 +387,7 @@ def bench_tune(args: argparse.Namespace, console: Console) -> dict:
         "asha_trials": len(summary.trials), "asha_early_stopped": stopped, "asha_wall_s": asha_wall,
         "asha_trial_epochs_run": summary.run_trial_epochs, "asha_trial_epochs_budget": summary.budget_trial_epochs,
         "asha_trial_epochs_saved": summary.saved_trial_epochs, "asha_worker_hours_saved": summary.saved_device_hours,
-        "asha_best_val_acc": summary.best.best_val_acc if summary.best else None,
+        "asha_best_val_acc": summary.best.best_score if summary.best else None,
     }  # fmt: skip
     table.add_row(f"ASHA sweep ({asha.sweep.samples} samples × ≤{asha.base.loop.epochs} epochs, grace "
                   f"{asha.sweep.grace_period}, rf {asha.sweep.reduction_factor:g}, {concurrent} at a time)",

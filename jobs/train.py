@@ -39,6 +39,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return load_config(args.config, overrides)
 
 
+SCORE_NAMES = {"val/acc": "val accuracy", "val/macro_f1": "val macro-F1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar for every artefact download while it validates the logged model.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -57,15 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         # Inside `ray job submit` (or with RAY_ADDRESS) this joins that cluster; otherwise Ray starts here.
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
         result = launch.fit(launch.build_trainer(cfg))
-        summary = launch.summarize(result)
+        summary = launch.summarize(result, select_by=cfg.checkpoint.select_by)
         registration = track_result(cfg, result)
     except FerdistError as exn:
         console.print(f"[bold red]error:[/] {exn}", highlight=False)
         return 2
     last = summary.last_metrics
     console.print(
-        f"\n[bold]{cfg.name}[/]: {summary.last_epoch} epochs; best epoch {summary.best_epoch} with val accuracy "
-        f"{summary.best_val_acc:.4f} (last: val acc {last['val/acc']:.4f}, macro-F1 {last['val/macro_f1']:.4f})",
+        f"\n[bold]{cfg.name}[/]: {summary.last_epoch} epochs; best epoch {summary.best_epoch} with "
+        f"{SCORE_NAMES[cfg.checkpoint.select_by]} {summary.best_metrics[cfg.checkpoint.select_by]:.4f} "
+        f"(last: val acc {last['val/acc']:.4f}, macro-F1 {last['val/macro_f1']:.4f})",
         highlight=False,
     )
     if cfg.model.pretrained.startswith("random:"):
@@ -82,7 +86,7 @@ def track_result(cfg: RunConfig, result):  # noqa: ANN001, ANN201
 
     run_id, best = tracking.finalize_run(cfg.tracking, run_name=cfg.name, run_path=result.path,
                                          filesystem=result.filesystem, status=tracking.COMPLETED,
-                                         config_yaml=to_yaml(cfg))  # fmt: skip
+                                         config_yaml=to_yaml(cfg), select_by=cfg.checkpoint.select_by)  # fmt: skip
     if run_id is None or best is None:
         return None
     return tracking.publish_model(cfg, run_id=run_id, best=best, tags={"manifest": cfg.data.manifest})

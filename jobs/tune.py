@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_summary(console: Console, summary, sweep: Sweep) -> None:  # noqa: ANN001
     table = Table(title=f"sweep {sweep.base.name}")
-    for column in ("trial", "status", "epochs", "best val acc", "s", *[d.key for d in sweep.search]):
+    score = f"best {sweep.base.checkpoint.select_by}"
+    for column in ("trial", "status", "epochs", score, "s", *[d.key for d in sweep.search]):
         table.add_column(column)
     for t in summary.trials:
-        table.add_row(t.trial_id, t.status, str(t.epochs), f"{t.best_val_acc:.4f}", f"{t.seconds:.0f}",
+        table.add_row(t.trial_id, t.status, str(t.epochs), f"{t.best_score:.4f}", f"{t.seconds:.0f}",
                       *[f"{v:.4g}" if isinstance(v, float) else str(v) for v in t.config.values()])  # fmt: skip
     console.print(table)
     unit = "GPU" if sweep.base.workers.use_gpu else "worker"

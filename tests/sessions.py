@@ -1,20 +1,21 @@
-"""A test double for a worker that dies: the real LocalSession, crashing right after persisting a checkpoint."""
+"""A test double for a worker that dies: the real LocalSession, crashing right after reporting an epoch."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
+from ferdist.checkpoint import Snapshot
 from ferdist.loop import LocalSession
 
 
 @dataclass
 class CrashingSession(LocalSession):
-    """A LocalSession whose process 'dies' right after persisting the checkpoint of epoch ``crash_after``."""
+    """A LocalSession whose process 'dies' right after reporting epoch ``crash_after`` (its writes finished)."""
 
     crash_after: int = 0
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        super().report(metrics, checkpoint_dir)
+    def report(self, metrics: dict[str, float], resume: Snapshot | None, *, mode: str) -> None:
+        super().report(metrics, resume, mode=mode)
         if metrics["epoch"] == self.crash_after:
+            self.finish()
             raise RuntimeError("worker lost")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sessions import CrashingSession
 
-from ferdist.checkpoint import load_classifier, read_history
+from ferdist.checkpoint import Snapshot, load_classifier, read_history
 from ferdist.config import DataConfig, RunConfig, load_config
 from ferdist.data import batches, open_dataset
 from ferdist.errors import FerdistError
@@ -42,12 +42,20 @@ def without_perf(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in m.items() if not k.startswith("perf/")} for m in history]
 
 
-def test_resumed_run_equals_uninterrupted_run(synth_shards: Path, tmp_path: Path) -> None:
-    cfg = tiny_run(synth_shards)
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_classifier(directory)
+    return model.state_dict()
+
+
+def test_killed_between_resume_points_resumes_from_the_last_one_and_ends_bit_identical(
+    synth_shards: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_run(synth_shards, "checkpoint.every_epochs=2")
     clean = run_training(cfg, LocalSession(tmp_path / "clean"))
 
+    # Epoch 3 is not a resume point: the restart goes back to epoch 2's state and trains epoch 3 again.
     with pytest.raises(RuntimeError, match="worker lost"):
-        run_training(cfg, CrashingSession(tmp_path / "crashed", crash_after=2))
+        run_training(cfg, CrashingSession(tmp_path / "crashed", crash_after=3))
     resumed = run_training(cfg, LocalSession(tmp_path / "crashed"))
 
     assert resumed.resumed_at == [2]
@@ -55,11 +63,19 @@ def test_resumed_run_equals_uninterrupted_run(synth_shards: Path, tmp_path: Path
     steps = 280 // 32
     assert [m["step"] for m in resumed.history] == [steps * e for e in (1, 2, 3, 4)]
     assert without_perf(resumed.history) == without_perf(clean.history)  # same losses, LRs and val metrics
-    a, _ = load_classifier(tmp_path / "clean" / "epoch_0004")
-    b, _ = load_classifier(tmp_path / "crashed" / "epoch_0004")
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-    # Retention: only the newest two checkpoints stay.
-    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["epoch_0003", "epoch_0004"]
+    a = _weights(tmp_path / "clean" / "checkpoint_epoch_0004")
+    b = _weights(tmp_path / "crashed" / "checkpoint_epoch_0004")
+    assert all(torch.equal(x, b[k]) for k, x in a.items())
+    # Resume state is slim: the frozen blocks are rebuilt from model.pretrained, not written.
+    trained = torch.load(tmp_path / "clean" / "checkpoint_epoch_0004" / "trained.pt", weights_only=True)
+    assert not any(k.startswith(("backbone.embeddings.", "backbone.layers.0.", "backbone.layers.1.")) for k in trained)
+    assert any(k.startswith("backbone.layers.2.") for k in trained) and "head.weight" in trained
+    # Retention: the newest resume state, and the best two models.
+    resume = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.name.startswith("checkpoint_"))
+    assert resume == ["checkpoint_epoch_0004"]
+    models = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.name.startswith("model_"))
+    ranked = sorted(clean.history, key=lambda m: (-m["val/acc"], m["epoch"]))
+    assert models == sorted(f"model_epoch_{m['epoch']:04d}" for m in ranked[:2])
 
 
 def test_run_restored_after_its_last_epoch_reports_its_final_metrics(synth_shards: Path, tmp_path: Path) -> None:
@@ -69,9 +85,9 @@ def test_run_restored_after_its_last_epoch_reports_its_final_metrics(synth_shard
     class Recording(LocalSession):
         reports: list[dict[str, float]] = []
 
-        def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        def report(self, metrics: dict[str, float], resume: Snapshot | None, *, mode: str) -> None:
             self.reports.append(metrics)
-            super().report(metrics, checkpoint_dir)
+            super().report(metrics, resume, mode=mode)
 
     cfg = tiny_run(synth_shards, "loop.epochs=1")
     done = run_training(cfg, LocalSession(tmp_path))
@@ -90,14 +106,36 @@ def test_metrics_count_every_val_sample_and_the_lr_follows_the_schedule(synth_sh
     assert state.history[0]["train/lr"] == pytest.approx(2e-3)
     assert last["train/lr"] == pytest.approx(2e-3 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
     assert last["best/val_acc"] == max(m["val/acc"] for m in state.history)
-    assert read_history(tmp_path / "run" / "epoch_0002").epochs_done == 2
+    assert read_history(tmp_path / "run" / "checkpoint_epoch_0002").epochs_done == 2
 
     # Re-evaluating the saved model gives the metrics the run reported for that epoch.
-    model, saved_cfg = load_classifier(tmp_path / "run" / "epoch_0002")
+    model, saved_cfg = load_classifier(tmp_path / "run" / "checkpoint_epoch_0002")
     assert saved_cfg == cfg
     val = evaluate(model, open_dataset(str(synth_shards)), cfg, split="val", rank=0, world_size=1,
                    device=torch.device("cpu"))  # fmt: skip
     assert val["acc"] == last["val/acc"] and val["loss"] == pytest.approx(last["val/loss"], rel=1e-6)
+
+
+def test_the_best_epoch_is_kept_even_when_it_is_not_a_resume_point(synth_shards: Path, tmp_path: Path) -> None:
+    cfg = tiny_run(synth_shards, "loop.epochs=4", "checkpoint.every_epochs=4", "checkpoint.keep=1",
+                   "optim.lr=2e-2")  # fmt: skip  # a high LR makes val accuracy move up and down
+    state = run_training(cfg, LocalSession(tmp_path / "run"))
+    best = max(state.history, key=lambda m: (m["val/acc"], -m["epoch"]))
+    (model_dir,) = (tmp_path / "run").glob("model_epoch_*")
+    assert model_dir.name == f"model_epoch_{best['epoch']:04d}"
+    model, _ = load_classifier(model_dir)  # self-contained: every weight is in model.pt
+    val = evaluate(model, open_dataset(str(synth_shards)), cfg, split="val", rank=0, world_size=1,
+                   device=torch.device("cpu"))  # fmt: skip
+    assert val["acc"] == best["val/acc"] and val["macro_f1"] == best["val/macro_f1"]
+    assert state.history[-1]["best/epoch"] == best["epoch"]
+
+
+def test_eval_every_skips_val_between_and_always_evaluates_the_last_epoch(synth_shards: Path, tmp_path: Path) -> None:
+    cfg = tiny_run(synth_shards, "loop.epochs=3", "loop.eval_every=2")
+    state = run_training(cfg, LocalSession(tmp_path / "run"))
+    assert ["val/acc" in m for m in state.history] == [False, True, True]
+    assert "best/epoch" not in state.history[0] and state.history[1]["best/epoch"] in (2,)
+    assert sorted(p.name for p in (tmp_path / "run").glob("model_epoch_*")) <= ["model_epoch_0002", "model_epoch_0003"]
 
 
 def test_missing_manifest_is_one_sentence(tmp_path: Path) -> None:
