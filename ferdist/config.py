@@ -202,6 +202,8 @@ class CheckpointConfig:
     the newest is kept. A failure re-trains at most this many epochs minus one (seconds each on a GPU)."""
     keep: int = 2
     """Best models kept per run (weights only, written whenever select_by improves on an evaluated epoch)."""
+    keep_resume: int = 1
+    """Resume states kept, newest first (more only to score every epoch afterwards, as benchmark.py recipe does)."""
     select_by: Literal["val/acc", "val/macro_f1"] = "val/acc"
     """The metric that picks the best epoch, stops trials early (ASHA), picks a sweep's best trial and @champion."""
     write: Literal["async", "sync"] = "async"
@@ -215,6 +217,8 @@ class CheckpointConfig:
             raise ValueError("checkpoint.storage_path must name a folder or s3:// prefix")
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
+        if self.keep_resume < 1:
+            raise ValueError(f"checkpoint.keep_resume must be >= 1, got {self.keep_resume}")
         if self.every_epochs < 1:
             raise ValueError(f"checkpoint.every_epochs must be >= 1, got {self.every_epochs}")
         if self.max_failures < -1:

@@ -107,8 +107,8 @@ def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> Torc
             name=cfg.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            # Ray keeps the resume state, newest only (the best models are ferdist's own model_epoch_* folders).
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # Ray keeps the resume states, newest first (the best models are ferdist's own model_epoch_* folders).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_resume),
             failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
             callbacks=callbacks,
             # Ray's per-report INFO lines repeat every metric; the loop logs its own one-line summary per epoch.

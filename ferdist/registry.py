@@ -205,7 +205,7 @@ def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -
     Raises:
         FerdistError: the URI names no model, or the folder holds neither a checkpoint nor an MLflow model.
     """
-    from ferdist.checkpoint import MODEL_FILE
+    from ferdist.checkpoint import MODEL_FILE, TRAINED_FILE
 
     if uri.startswith(("models:/", "runs:/")):
         from mlflow.exceptions import MlflowException
@@ -239,8 +239,9 @@ def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -
 
         fs, path = runs.filesystem_for(uri)
         stored = runs.StoredCheckpoint(path, {}, fs)
-        if fs.get_file_info(f"{path}/{MODEL_FILE}").type != runs.pyarrow.fs.FileType.File:
-            raise FerdistError(f"{uri} holds no {MODEL_FILE}; point --model at a checkpoint_* folder of a run")
+        if all(fs.get_file_info(f"{path}/{name}").type != runs.pyarrow.fs.FileType.File
+               for name in (MODEL_FILE, TRAINED_FILE)):  # fmt: skip
+            raise FerdistError(f"{uri} holds no {MODEL_FILE}; point --model at a model_epoch_* folder of a run")
         return runs.download(stored, dest / "checkpoint"), ModelRef(uri)
     local = Path(uri).expanduser()
     if not local.exists():
@@ -250,9 +251,10 @@ def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -
 
 
 def _checkpoint_in(folder: Path, uri: str) -> Path:
-    from ferdist.checkpoint import MODEL_FILE
+    from ferdist.checkpoint import MODEL_FILE, TRAINED_FILE
 
     for candidate in (folder, folder / "artifacts" / "checkpoint"):
-        if (candidate / MODEL_FILE).is_file():
+        # A model checkpoint, or resume state (its frozen weights come from model.pretrained again).
+        if (candidate / MODEL_FILE).is_file() or (candidate / TRAINED_FILE).is_file():
             return candidate
     raise FerdistError(f"{uri} is neither a ferdist checkpoint (no {MODEL_FILE}) nor a ferdist MLflow model")

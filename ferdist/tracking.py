@@ -101,9 +101,14 @@ class MlflowTracker:
     def __init__(self, cfg: TrackingConfig, *, run_name: str, params: dict[str, Any]) -> None:
         self.client = _client(tracking_uri(cfg))
         found = find_run(self.client, cfg.experiment, RUN_TAG, run_name)
+        self.logged_through = 0
+        """The last epoch already in the run: a resumed run re-trains the epochs after its last resume state, with
+        bit-identical results, so they are not logged twice."""
         if found:
             self.run_id = found.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, "epoch")),
+                                      default=0)  # fmt: skip
         else:
             tags = {RUN_TAG: run_name} | ({PARENT_TAG: cfg.parent_run_id} if cfg.parent_run_id else {})
             run = self.client.create_run(_experiment_id(self.client, cfg.experiment), run_name=run_name, tags=tags)
@@ -116,6 +121,8 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=batch)

@@ -38,7 +38,7 @@ def checkpoint(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                              "model.image_size=32", "loop.epochs=1", "loop.global_batch_size=32", "optim.lr=2e-3",
                              "tracking.backend=none"])  # fmt: skip
     run_training(cfg, LocalSession(root))
-    return root / "epoch_0001"
+    return root / "model_epoch_0001"
 
 
 @pytest.fixture(scope="module")

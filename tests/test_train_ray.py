@@ -76,7 +76,11 @@ def test_two_workers_learn_and_match_a_single_process_evaluation(clean_run, shar
     last = summary.last_metrics
     assert summary.last_epoch == EPOCHS and last["val/samples"] == 140
     assert last["val/acc"] > 0.35  # chance is 1/7 = 0.143
-    assert last["train/loss"] < read_history(Path(summary.best_checkpoint)).history[0]["train/loss"]
+    assert last["train/loss"] < read_history(latest_checkpoint(Path(summary.run_path))).history[0]["train/loss"]
+    # The best epoch's model is kept whether or not it was a resume point, and the newest resume state beside it.
+    assert Path(summary.best_checkpoint).name == f"model_epoch_{summary.best_epoch:04d}"
+    resume = sorted(p.name for p in Path(summary.run_path).glob("checkpoint_epoch_*"))
+    assert resume == [f"checkpoint_epoch_{EPOCHS:04d}"]
 
     # The same weights evaluated by one process: identical counts, so identical accuracy and macro-F1.
     latest = latest_checkpoint(Path(summary.run_path))
@@ -166,7 +170,7 @@ def test_train_job_end_to_end_on_s3(tmp_path: Path, s3: tuple[str, str]) -> None
     assert "quickstart: 2 epochs; best epoch" in proc.stderr
     assert "randomly initialised, not pretrained" in proc.stderr
     checkpoint = proc.stderr.split("best checkpoint: ")[1].split()[0]
-    assert checkpoint.startswith(f"s3://{bucket}/runs/quickstart/checkpoint_")
+    assert checkpoint.startswith(f"s3://{bucket}/runs/quickstart/model_epoch_")
     key = checkpoint.removeprefix(f"s3://{bucket}/") + "/model.pt"
     assert boto3.client("s3", endpoint_url=endpoint).head_object(Bucket=bucket, Key=key)["ContentLength"] > 100_000
     # Tracked like a sweep trial, in the embedded default store (./mlflow.db): reports, status, registered model.
