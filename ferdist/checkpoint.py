@@ -102,6 +102,12 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+def frozen_state(raw_model: FerClassifier) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights that are not trained: taken once, shared by every model snapshot of the run."""
+    trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
+    return {k: v.detach().to("cpu", copy=True) for k, v in raw_model.state_dict().items() if k not in trained}
+
+
 def take_snapshot(
     raw_model: FerClassifier,
     *,
@@ -109,24 +115,37 @@ def take_snapshot(
     state: TrainState,
     confusion: list[list[int]],
     resume: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, str] | None = None,
+    frozen: dict[str, torch.Tensor] | None = None,
+    reuse: Snapshot | None = None,
 ) -> Snapshot:
     """The model checkpoint (``resume=None``: every weight) or the resume state (``resume=(optimizer, scheduler,
-    frozen sha256)``: trained weights only) of the epoch just finished, on the CPU."""
+    frozen sha256)``: trained weights only) of the epoch just finished, on the CPU.
+
+    Only what changes is copied off the device: ``frozen`` (from `frozen_state`) supplies the frozen weights, and
+    ``reuse``, a snapshot of the same epoch, its copies of the trained ones.
+    """
+    trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
+    if reuse is not None and reuse.epoch == state.epochs_done and trained <= set(reuse.weights):
+        trained_now = {k: reuse.weights[k] for k in trained}
+    else:
+        trained_now = _to_cpu({k: v for k, v in raw_model.state_dict().items() if k in trained})
     # Copies: the loop adds timings to the latest metrics while the writer thread serialises these.
     summary = {"epoch": state.epochs_done, "metrics": dict(state.history[-1]), "confusion": confusion,
                "history": [dict(h) for h in state.history]}  # fmt: skip
     common = dict(epoch=state.epochs_done, summary=summary, backbone=raw_model.backbone.config.to_dict(),
                   config_yaml=to_yaml(cfg))  # fmt: skip
     if resume is None:
-        return Snapshot(weights=_to_cpu(raw_model.state_dict()), **common)
-    optimizer, scheduler, frozen = resume
-    trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
-    weights = {k: v for k, v in raw_model.state_dict().items() if k in trained}
+        everything = raw_model.state_dict()
+        kept = frozen if frozen is not None and set(frozen) | trained == set(everything) else None
+        weights = {k: trained_now[k] if k in trained else (kept[k] if kept else v.detach().to("cpu", copy=True))
+                   for k, v in everything.items()}  # fmt: skip
+        return Snapshot(weights=weights, **common)
+    optimizer, scheduler, frozen_digest = resume
     train_state = {"optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                    "epochs_done": state.epochs_done, "history": summary["history"],
-                   "resumed_at": list(state.resumed_at), "frozen_sha256": frozen,
+                   "resumed_at": list(state.resumed_at), "frozen_sha256": frozen_digest,
                    "pretrained": cfg.model.pretrained}  # fmt: skip
-    return Snapshot(weights=_to_cpu(weights), train_state=train_state, **common)
+    return Snapshot(weights=trained_now, train_state=train_state, **common)
 
 
 def write_snapshot(snapshot: Snapshot, directory: Path) -> None:
@@ -249,7 +268,7 @@ class CheckpointManager:
     def improves(self, metrics: dict[str, float]) -> bool:
         return self.cfg.select_by in metrics and better(metrics, self.best, self.cfg.select_by)
 
-    def save_model(self, take: Callable[[], Snapshot]) -> None:
+    def save_model(self, take: Callable[[], Snapshot]) -> Snapshot:
         """Records the new best and writes its model checkpoint (``take()`` copies it off the device)."""
         started = time.perf_counter()
         self.raise_if_failed(wait=self.cfg.write == "sync")
@@ -260,6 +279,7 @@ class CheckpointManager:
             if self.cfg.write == "sync":
                 self.raise_if_failed(wait=True)
         self.blocked_s += time.perf_counter() - started
+        return snapshot
 
     def raise_if_failed(self, *, wait: bool) -> None:
         """Raises the last model write's failure; with ``wait``, first waits for it (a writer that is behind)."""

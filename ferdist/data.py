@@ -330,6 +330,7 @@ def build_loader(
     epoch: int = 0,
     seed: int = 0,
     training: bool,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader over one rank's share of ``split`` for ``epoch`` (see the module docstring for the contract)."""
     split_info = dataset.manifest.split(split)
@@ -359,4 +360,6 @@ def build_loader(
         training=training,
         batch_size=batch_size,
     )
-    return ShardLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+    # pin_memory (for CUDA): page-locked batches copy to the GPU asynchronously (see ferdist.loop.on_device).
+    return ShardLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+                       pin_memory=pin_memory)  # fmt: skip

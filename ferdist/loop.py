@@ -15,6 +15,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -198,10 +199,14 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
                              pretrained=cfg.model.pretrained)  # fmt: skip
         state.resumed_at.append(state.epochs_done)
         log.info("resumed from the checkpoint after epoch %d", state.epochs_done)
+    frozen_weights = ckpt.frozen_state(raw_model) if rank == 0 else {}  # copied off the device once per run
     manager = ckpt.CheckpointManager(cfg.checkpoint, epochs=cfg.loop.epochs, eval_every=cfg.loop.eval_every,
                                      store=session.model_store() if rank == 0 else None,
                                      history=state.history)  # fmt: skip
     model = session.prepare_model(raw_model)
+    if cfg.loop.compile != "off":
+        # Compiled around DDP (as PyTorch recommends); evaluation keeps the eager raw_model.
+        model = torch.compile(model, mode=cfg.loop.compile)
     weights = class_weights(train_info.class_counts, cfg.optim.class_weights, device=device)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
     if rank == 0:
@@ -218,16 +223,15 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         augment_rng = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1))
         loader = build_loader(
             dataset, "train", cfg.data, batch_size=batch_size, rank=rank, world_size=world_size,
-            epoch=epoch, seed=cfg.seed, training=True,
+            epoch=epoch, seed=cfg.seed, training=True, pin_memory=device.type == "cuda",
         )  # fmt: skip  # [ray] each rank reads its own shards: Ray does not shard IterableDatasets
         model.train()
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
         started = time.perf_counter()
-        for step, batch in enumerate(loader):
-            labels = batch["label"].to(device, non_blocking=True)
+        for step, (images, labels) in enumerate(on_device(loader, device)):
             loss, logits, lr = train_step(
-                model, batch["image"].to(device, non_blocking=True), labels, cfg=cfg, optimizer=optimizer,
-                scheduler=scheduler, weights=weights, trainable=trainable, bf16=bf16, generator=augment_rng,
+                model, images, labels, cfg=cfg, optimizer=optimizer, scheduler=scheduler, weights=weights,
+                trainable=trainable, bf16=bf16, generator=augment_rng,
             )  # fmt: skip
             seen = totals.new_tensor(len(labels))
             totals += torch.stack([loss.detach().double() * seen, (logits.argmax(1) == labels).sum().double(), seen])
@@ -271,15 +275,16 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         # [checkpoint] rank 0 copies state off the device; files are written while the next epoch trains.
         blocked = manager.blocked_s
         manager.raise_if_failed(wait=False)
+        model_snapshot = resume = None
         if improved and rank == 0:
-            manager.save_model(lambda c=confusion: ckpt.take_snapshot(raw_model, cfg=cfg, state=state, confusion=c))
+            model_snapshot = manager.save_model(lambda c=confusion: ckpt.take_snapshot(
+                raw_model, cfg=cfg, state=state, confusion=c, frozen=frozen_weights))  # fmt: skip
         elif improved:
             manager.best = metrics
-        resume = None
         if manager.resumes(epoch) and rank == 0:
             snap_started = time.perf_counter()
             resume = ckpt.take_snapshot(raw_model, cfg=cfg, state=state, confusion=confusion,
-                                        resume=(optimizer, scheduler, frozen))  # fmt: skip
+                                        resume=(optimizer, scheduler, frozen), reuse=model_snapshot)  # fmt: skip
             manager.blocked_s += time.perf_counter() - snap_started
         if epoch + 1 == cfg.loop.epochs:
             manager.finish()  # the last model is committed before the last report: the run is done after it
@@ -298,6 +303,22 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         # the caller (Tune) still needs the run's final metrics.
         session.report(dict(state.history[-1]), None, mode=cfg.checkpoint.write)
     return state
+
+
+def on_device(loader: Iterable[dict[str, torch.Tensor]], device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(images, labels) on ``device``, the next batch's copy issued before this one is used: from pinned host memory
+    with ``non_blocking`` the transfer overlaps the step on a GPU (on the CPU both are no-ops)."""
+
+    def move(batch: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, ...] | None:
+        if batch is None:
+            return None
+        return batch["image"].to(device, non_blocking=True), batch["label"].to(device, non_blocking=True)
+
+    batches = iter(loader)
+    upcoming = move(next(batches, None))
+    while upcoming is not None:
+        current, upcoming = upcoming, move(next(batches, None))
+        yield current
 
 
 class StepOutput(NamedTuple):

@@ -99,7 +99,9 @@ def build_model(cfg: ModelConfig, *, seed: int, endpoint_url: str | None = None)
 
 def build_model_from_config(backbone_config: dict[str, Any], cfg: ModelConfig) -> FerClassifier:
     """The classifier's architecture (weights uninitialised in meaning) for loading a checkpoint into."""
-    return classifier_on(ViTMAEModel(ViTMAEConfig(**{**backbone_config, "mask_ratio": 0.0})), cfg)
+    config = ViTMAEConfig(**{**backbone_config, "mask_ratio": 0.0})
+    config._attn_implementation = cfg.attention
+    return classifier_on(ViTMAEModel(config), cfg)
 
 
 def classifier_on(backbone: ViTMAEModel, cfg: ModelConfig) -> FerClassifier:
@@ -133,7 +135,9 @@ def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMA
     """
     source = cfg.pretrained
     if source.startswith("random:"):
-        return ViTMAEModel(random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size))
+        config = random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size)
+        config._attn_implementation = cfg.attention
+        return ViTMAEModel(config)
     if source.startswith("s3://"):
         folder = _s3_cache_dir(source)
         storage.download_prefix(source, folder, endpoint_url=endpoint_url)
@@ -144,7 +148,8 @@ def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMA
     # library's table of them would bury real problems, which the missing-key check below reports instead.
     transformers_logging.set_verbosity_error()
     try:
-        backbone, info = ViTMAEModel.from_pretrained(source, config=config, output_loading_info=True)
+        backbone, info = ViTMAEModel.from_pretrained(source, config=config, output_loading_info=True,
+                                                     attn_implementation=cfg.attention)  # fmt: skip
     except OSError as exn:
         raise FerdistError(
             f"cannot load the weights of model.pretrained={cfg.pretrained!r} ({str(exn).splitlines()[0]}); "

@@ -78,21 +78,24 @@ def models(run_path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> li
 def best_and_last(
     run_path: str, filesystem: pyarrow.fs.FileSystem | None = None, *, select_by: str = "val/acc"
 ) -> tuple[StoredCheckpoint, StoredCheckpoint]:
-    """The best model checkpoint by ``select_by`` (earliest on ties), and the latest resume checkpoint (whose
-    summary holds the whole history).
+    """The best model checkpoint by ``select_by`` (earliest on ties), and the newest checkpoint of either kind
+    (whose summary holds the history).
 
     Runs from before model checkpoints existed pick the best among their resume checkpoints.
 
     Raises:
         FerdistError: the run has no checkpoint yet.
     """
-    resume = checkpoints(run_path, filesystem)
-    candidates = models(run_path, filesystem) or resume
-    if not resume or not candidates:
+    resume, kept = checkpoints(run_path, filesystem), models(run_path, filesystem)
+    candidates = kept or resume
+    if not candidates:
         raise FerdistError(f"the run folder {run_path} holds no checkpoint with a {SUMMARY_FILE}")
     scored = [c for c in candidates if select_by in c.summary["metrics"]] or candidates
     best = max(scored, key=lambda c: (c.summary["metrics"].get(select_by, float("-inf")), -c.summary["epoch"]))
-    return best, resume[-1]
+    # The newest summary has the longest history: the last resume state, or a later model (a trial that ASHA
+    # stopped between resume points has only models after its last one, or no resume state at all).
+    last = max([*resume, *kept], key=lambda c: (c.summary["epoch"], c in resume))
+    return best, last
 
 
 def download(checkpoint: StoredCheckpoint, dest: Path) -> Path:

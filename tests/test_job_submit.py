@@ -92,7 +92,8 @@ def test_train_job_submitted_to_a_ray_head(ray_head: str, s3_shards: tuple[str, 
     assert version.run_id == run.info.run_id and "## Bias and risks" in version.description
     keys = [o["Key"] for o in boto3.client("s3", endpoint_url=endpoint).list_objects_v2(
         Bucket=bucket, Prefix="runs/submitted/")["Contents"]]  # fmt: skip
-    assert any(k.endswith("/model.pt") and "/checkpoint_" in k for k in keys)
+    assert any(k.endswith("/model.pt") and "/model_epoch_" in k for k in keys)  # the best model, self-contained
+    assert any(k.endswith("/trained.pt") and "/checkpoint_epoch_" in k for k in keys)  # slim resume state
 
 
 def test_sweep_job_submitted_to_a_ray_head(ray_head: str, s3_shards: tuple[str, str], mlflow_server: str) -> None:

@@ -138,3 +138,34 @@ def test_unavailable_sources_get_one_sentence_naming_the_alternatives(
         check_pretrained(ModelConfig(pretrained="random:tiny", image_size=36))
     with pytest.raises(FerdistError, match="exceeds the backbone's 6 blocks"):
         build_model(tiny_cfg(freeze_blocks=7), seed=0)
+
+
+def _tiny(*extra: str):  # noqa: ANN202
+    from ferdist.config import load_config
+    from ferdist.model import build_model
+
+    cfg = load_config(None, ["model.pretrained=random:tiny", "model.image_size=32", "model.freeze_blocks=2", *extra])
+    return build_model(cfg.model, seed=0).eval()
+
+
+def test_sdpa_and_eager_attention_give_the_same_logits() -> None:
+    sdpa, eager = _tiny("model.attention=sdpa"), _tiny("model.attention=eager")
+    assert sdpa.backbone.config._attn_implementation == "sdpa"
+    assert eager.backbone.config._attn_implementation == "eager"
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(sdpa(x), eager(x), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_gives_the_eager_logits_and_gradients() -> None:
+    model = _tiny()
+    compiled = torch.compile(model)  # what loop.compile=default does (inductor, here on the CPU)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+    compiled(x).square().mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x).square().mean().backward()
+    assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
