@@ -78,3 +78,20 @@ def test_the_gpu_script_calls_the_benchmark_with_flags_it_has() -> None:
         argv = shlex.split(call.replace("$out", "out").replace("$epochs", "5"))[2:]
         args = benchmark.build_parser().parse_args(argv)  # exits (fails the test) on an unknown flag
         assert args.gpu and args.json.parent == Path("out")
+
+
+@pytest.mark.slow
+def test_the_cycle_benchmark_measures_both_policies_and_the_slim_sizes(tmp_path: Path) -> None:
+    import benchmark
+
+    out = tmp_path / "cycle.json"
+    assert benchmark.main(["cycle", "--epochs", "2", "--epoch-s", "0.5", "--no-s3", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["h100_epoch_s"] == {"1": 6.5, "4": 1.6, "8": 0.8}
+    # ViT-B: 85.8 M parameters, 56.7 M trained with blocks 0-3 frozen, in fp32; AdamW keeps two moments of each.
+    assert 340 < r["after"]["model_mb"] < 346 and 676 < r["after"]["resume_mb"] < 684 and 790 < r["before"][
+        "checkpoint_mb"] < 800  # fmt: skip
+    assert [(row["policy"], row["storage"]) for row in r["runs"]] == [("before", "local"), ("after", "local")]
+    for key in ("overhead_s_per_epoch", "max_blocking_s"):
+        assert r["before"][key] > 0 and r["after"][key] > 0
+    assert all(len(row["blocked_s"]) == 2 for row in r["runs"])

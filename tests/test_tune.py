@@ -123,7 +123,7 @@ def test_asha_stops_the_laggard_one_run_per_trial_and_champion_serves_the_checkp
     with using_store(mlflow_server):
         served = mlflow.pyfunc.load_model("models:/asha-model@champion")
     trial_runs = tmp_path / "runs" / "asha" / "trials"
-    (checkpoint,) = [c for c in stored.checkpoints(str(trial_runs / good.data.tags["ferdist.run"]))
+    (checkpoint,) = [c for c in stored.models(str(trial_runs / good.data.tags["ferdist.run"]))
                      if c.summary["epoch"] == int(champion.tags["epoch"])]  # fmt: skip
     model, cfg = load_classifier(Path(checkpoint.path))
     loader = build_loader(open_dataset(str(shards)), "val", cfg.data, batch_size=64, rank=0, world_size=1,
