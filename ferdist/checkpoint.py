@@ -253,6 +253,10 @@ class CheckpointManager:
         self.best = max((h for h in history if cfg.select_by in h), key=lambda h: h[cfg.select_by], default=None)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferdist-ckpt") if store else None
         self._pending: Future[None] | None = None
+        """The newest model write."""
+        self._queued: Future[None] | None = None
+        """A model write waiting behind a running one (cancelled if a newer best arrives first)."""
+        self._errors: list[BaseException] = []
         self.blocked_s = 0.0
         """Seconds the loop spent in this manager (copies off the device, waits for a writer behind)."""
         self.written_bytes = 0
@@ -269,29 +273,37 @@ class CheckpointManager:
         return self.cfg.select_by in metrics and better(metrics, self.best, self.cfg.select_by)
 
     def save_model(self, take: Callable[[], Snapshot]) -> Snapshot:
-        """Records the new best and writes its model checkpoint (``take()`` copies it off the device)."""
+        """Records the new best and writes its model checkpoint (``take()`` copies it off the device).
+
+        The loop never waits for a writer that is behind (slow storage, a new best every epoch): a newer best
+        replaces a write that has not started yet, since it supersedes that model anyway.
+        """
         started = time.perf_counter()
+        if self._queued is not None and self._queued.cancel():
+            self._queued = None  # superseded before it started
         self.raise_if_failed(wait=self.cfg.write == "sync")
         snapshot = take()
         self.best = snapshot.summary["metrics"]
         if self.store is not None and self._pool is not None:
-            self._pending = self._pool.submit(self._persist_model, snapshot)
+            future = self._pool.submit(self._persist_model, snapshot)
+            self._queued = future if self._pending is not None and not self._pending.done() else None
+            self._pending = future
             if self.cfg.write == "sync":
                 self.raise_if_failed(wait=True)
         self.blocked_s += time.perf_counter() - started
         return snapshot
 
     def raise_if_failed(self, *, wait: bool) -> None:
-        """Raises the last model write's failure; with ``wait``, first waits for it (a writer that is behind)."""
-        pending = self._pending
-        if pending is None or not (wait or pending.done()):
-            return
-        self._pending = None
-        started = time.perf_counter()
-        error = pending.exception()
-        self.blocked_s += time.perf_counter() - started if wait else 0.0
-        if error is not None:
-            raise error
+        """Raises a model write's failure; with ``wait``, first waits for the newest write (all before it end first)."""
+        if wait and self._pending is not None:
+            started = time.perf_counter()
+            with contextlib.suppress(BaseException):
+                self._pending.result()
+            self.blocked_s += time.perf_counter() - started
+        if self._pending is not None and self._pending.done():
+            self._pending = self._queued = None
+        if self._errors:
+            raise self._errors.pop(0)
 
     def finish(self) -> None:
         """Waits for the last model write (a run never reports done before it is committed) and stops the writer."""
@@ -309,10 +321,11 @@ class CheckpointManager:
             self.written_bytes += snapshot.nbytes
             prune_models(self.store, keep=self.cfg.keep, select_by=self.cfg.select_by)
         except OSError as exn:
-            raise FerdistError(
+            # Kept for the loop's thread: raised there, at the next epoch end, as one sentence.
+            self._errors.append(FerdistError(
                 f"could not write the best model (epoch {snapshot.epoch}) to {self.store.root}/{name} ({exn}); "
                 "the checkpoints written before it are intact: fix the storage and re-submit to resume"
-            ) from None
+            ))  # fmt: skip
 
 
 def persist(snapshot: Snapshot, filesystem: pyarrow.fs.FileSystem, path: str) -> None:

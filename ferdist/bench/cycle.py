@@ -158,29 +158,39 @@ def checkpoint_sizes(image_size: int = 32) -> dict[str, float]:
 
 @contextlib.contextmanager
 def s3_storage() -> Iterator[Storage]:
-    """A bucket on an S3 server (moto) on loopback, reached through pyarrow as Ray reaches storage_path."""
-    import os
+    """A bucket on an S3 server (moto, its own process, on loopback), reached through pyarrow as Ray reaches
+    storage_path. Out of process, as real storage is: an in-process server would compete with the loop for the GIL."""
+    import socket
+    import subprocess
+    import sys
 
     import boto3
-    from moto.server import ThreadedMotoServer
+    from botocore.exceptions import EndpointConnectionError
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ |= {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
+                          aws_secret_access_key="bench")  # fmt: skip
     try:
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="cycle")
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", region="us-east-1",
+        deadline = time.monotonic() + 60
+        while True:  # until the server answers (a benchmark's start-up, not a test's synchronisation)
+            try:
+                client.create_bucket(Bucket="cycle")
+                break
+            except EndpointConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
                                      access_key="bench", secret_key="bench")  # fmt: skip
         yield Storage("s3", fs, "cycle/runs")
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def bench_cycle(*, epochs: int, epoch_s: float, s3: bool = True) -> dict[str, Any]:
