@@ -74,7 +74,12 @@ def test_killed_between_resume_points_resumes_from_the_last_one_and_ends_bit_ide
     resume = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.name.startswith("checkpoint_"))
     assert resume == ["checkpoint_epoch_0004"]
     models = sorted(p.name for p in (tmp_path / "clean").iterdir() if p.name.startswith("model_"))
-    ranked = sorted(clean.history, key=lambda m: (-m["val/acc"], m["epoch"]))
+    improving, best = [], -1.0  # a model is written when val/acc improves strictly; the best two stay
+    for m in clean.history:
+        if m["val/acc"] > best:
+            improving.append(m)
+            best = m["val/acc"]
+    ranked = sorted(improving, key=lambda m: (-m["val/acc"], m["epoch"]))
     assert models == sorted(f"model_epoch_{m['epoch']:04d}" for m in ranked[:2])
 
 
