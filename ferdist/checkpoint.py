@@ -86,10 +86,6 @@ class Snapshot:
     train_state: dict[str, Any] | None = None
     """Optimizer, scheduler, progress and the frozen weights' sha256: resume state only."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.weights.values())
-
 
 def _to_cpu(value: Any) -> Any:
     """A deep copy of tensors (in dicts and lists) on the CPU, so later in-place updates cannot reach it."""
@@ -259,7 +255,6 @@ class CheckpointManager:
         self._errors: list[BaseException] = []
         self.blocked_s = 0.0
         """Seconds the loop spent in this manager (copies off the device, waits for a writer behind)."""
-        self.written_bytes = 0
 
     def evaluates(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (0-based) ends with a val evaluation."""
@@ -318,7 +313,6 @@ class CheckpointManager:
         name = f"{MODEL_PREFIX}{snapshot.epoch:04d}"
         try:
             persist(snapshot, self.store.filesystem, f"{self.store.root}/{name}")
-            self.written_bytes += snapshot.nbytes
             prune_models(self.store, keep=self.cfg.keep, select_by=self.cfg.select_by)
         except OSError as exn:
             # Kept for the loop's thread: raised there, at the next epoch end, as one sentence.
