@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -348,6 +349,31 @@ def prune_models(store: ModelStore, *, keep: int, select_by: str) -> None:
     for stale in ranked[keep:]:
         with contextlib.suppress(FileNotFoundError):
             store.filesystem.delete_dir(stale.path)
+
+
+def discard_after(store: ModelStore, epoch: int) -> list[str]:
+    """Deletes the run's checkpoint folders (model and resume) from after ``epoch``, the epoch this attempt resumes
+    from; returns their names.
+
+    Such folders were left by an attempt that failed after writing them but before Ray registered them (e.g. its
+    controller lost the storage mid-write). They belong to a timeline this attempt re-trains, would otherwise be
+    taken for the run's best or latest state, and Ray never deletes what it never registered.
+    """
+    import pyarrow.fs
+
+    try:
+        entries = store.filesystem.get_file_info(pyarrow.fs.FileSelector(store.root, allow_not_found=True))
+    except OSError as exn:
+        raise FerdistError(f"cannot list the run folder {store.root} ({exn})") from None
+    stale = [e for e in entries if e.type == pyarrow.fs.FileType.Directory
+             and (m := re.fullmatch(rf"(?:{MODEL_PREFIX}|{RESUME_PREFIX})(\d+)", e.base_name)) and int(m[1]) > epoch]
+    for entry in stale:
+        with contextlib.suppress(FileNotFoundError):
+            store.filesystem.delete_dir(entry.path)
+    if stale:
+        log.warning("removed %s: written after epoch %d by an attempt that failed before Ray registered them",
+                    ", ".join(sorted(e.base_name for e in stale)), epoch)  # fmt: skip
+    return sorted(e.base_name for e in stale)
 
 
 class LocalResumeWriter:

@@ -27,7 +27,8 @@ class DataConfig:
     manifest: str = "shards/synthetic"
     """Dataset location: a folder, file:// URL or s3://bucket/prefix holding manifest.json (or the manifest itself)."""
     endpoint_url: str | None = None
-    """S3-compatible endpoint (MinIO, Ceph); None uses AWS_ENDPOINT_URL or AWS."""
+    """S3-compatible endpoint (MinIO, Ceph, SeaweedFS) of the data, and of checkpoints unless
+    checkpoint.endpoint_url is set; None uses AWS_ENDPOINT_URL or AWS."""
     loader_workers: int = 2
     """DataLoader worker processes per training worker (each decodes ~40k faces/s)."""
     shuffle_buffer: int = 2048
@@ -214,10 +215,18 @@ class CheckpointConfig:
     trains. sync: written before the loop goes on (for measuring the difference)."""
     max_failures: int = 3
     """Worker failures a run recovers from (restarting from the last checkpoint) before it gives up; -1 = always."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint of storage_path; None uses data.endpoint_url, then AWS_ENDPOINT_URL, then AWS. Every
+    client of the run uses it: Ray's controller and workers, the model writer, the driver's summary."""
+    outage_s: float = 300.0
+    """How long a run rides out an object-store outage: shard reads, checkpoint writes and Ray's own run-state
+    writes retry with backoff for this long before the attempt fails (one sentence; re-submit to resume)."""
 
     def __post_init__(self) -> None:
         if not self.storage_path:
             raise ValueError("checkpoint.storage_path must name a folder or s3:// prefix")
+        if not self.outage_s >= 0:
+            raise ValueError(f"checkpoint.outage_s must be >= 0 seconds, got {self.outage_s}")
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
         if self.keep_resume < 1:
@@ -266,6 +275,11 @@ class RunConfig:
             raise ValueError(f"name must be letters, digits, '_', '.' or '-' (it names a folder), got {self.name!r}")
         # Fail at submission, not on the cluster, when the batch cannot be split evenly.
         self.loop.batch_per_worker(self.workers.num_workers)
+
+    @property
+    def checkpoint_endpoint(self) -> str | None:
+        """The S3 endpoint of checkpoint.storage_path (its own setting, else the data's)."""
+        return self.checkpoint.endpoint_url or self.data.endpoint_url
 
 
 # --- flattening, parsing, YAML ------------------------------------------------------------------------------------

@@ -3,9 +3,20 @@ default there is 80, which cuts trial names and parameter values out of the tabl
 
 from __future__ import annotations
 
+import logging
+
 from rich.console import Console
 
 LOG_WIDTH = 160
+# Libraries whose INFO lines are noise in a job's output ("Found credentials in environment variables.").
+QUIET_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "aiobotocore")
+
+
+def setup_logging() -> None:
+    """INFO for ferdist's own messages, WARNING for the S3 and HTTP clients' chatter."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def job_console(*, stderr: bool = False) -> Console:

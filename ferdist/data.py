@@ -43,6 +43,8 @@ class ShardedDataset:
     manifest: Manifest
     base_uri: str
     endpoint_url: str | None = None
+    outage_s: float = 0.0
+    """How long a shard read waits out an unreachable store (inside a run; 0 fails at once)."""
 
     def shards(self, split: str) -> list[tuple[str, int]]:
         """(URI, sample count) of each shard of ``split``."""
@@ -50,21 +52,23 @@ class ShardedDataset:
         return list(zip(self.manifest.shard_uris(self.base_uri, split), (s.samples for s in info.shards), strict=True))
 
 
-def open_dataset(uri: str, *, endpoint_url: str | None = None) -> ShardedDataset:
-    """Reads the manifest at ``uri`` (a dataset folder/prefix, or the manifest.json itself)."""
+def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float = 0.0) -> ShardedDataset:
+    """Reads the manifest at ``uri`` (a dataset folder/prefix, or the manifest.json itself); ``outage_s``: how long
+    this and every shard read waits out an unreachable store (see `ferdist.outage`)."""
     base = uri.rstrip("/")
     if base.endswith(".json"):
         manifest_uri, base = base, base.rsplit("/", 1)[0] if "/" in base else "."
     else:
         manifest_uri = storage.parse_uri(base).join(MANIFEST_NAME).uri
     try:
-        data = storage.read_bytes(manifest_uri, endpoint_url=endpoint_url)
+        data = storage.read_bytes(manifest_uri, endpoint_url=endpoint_url, outage_s=outage_s)
     except MissingError:
         raise FerdistError(
             f"no manifest at '{manifest_uri}'; shard the data there first (python jobs/shard.py --dest {base}) — "
             "a folder of shards without manifest.json is an incomplete dataset"
         ) from None
-    return ShardedDataset(manifest=manifest_from_json(data, uri=manifest_uri), base_uri=base, endpoint_url=endpoint_url)
+    return ShardedDataset(manifest=manifest_from_json(data, uri=manifest_uri), base_uri=base, endpoint_url=endpoint_url,
+                          outage_s=outage_s)  # fmt: skip
 
 
 def shards_for(urls: Sequence[str], *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> list[str]:
@@ -147,7 +151,7 @@ class _ShardStream(IterableDataset):
         for url, expected in self._my_shards():
             reasons: list[str] = []
             try:
-                data = storage.read_bytes(url, endpoint_url=self.dataset.endpoint_url)
+                data = storage.read_bytes(url, endpoint_url=self.dataset.endpoint_url, outage_s=self.dataset.outage_s)
             except MissingError:
                 raise FerdistError(
                     f"shard '{url}' is listed in the manifest but missing; re-create the dataset with "

@@ -28,24 +28,37 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, int]:
 
 
 def preflight(cfg: RunConfig) -> int:
-    """Checks on the driver what would otherwise fail on every worker; returns the training steps per epoch.
+    """Checks on the driver what would otherwise fail on every worker, or in Ray's controller tens of seconds in;
+    returns the training steps per epoch.
 
     Raises:
-        FerdistError: the dataset is missing or too small for the batch, the pretrained source is unavailable, or
-            the tracking server does not answer.
+        FerdistError: the data or checkpoint store is unreachable, refuses the credentials, lacks its bucket or (the
+            checkpoint store) cannot be written; the dataset is missing or too small for the batch; the pretrained
+            source is unavailable.
     """
     from ferdist.data import build_loader, open_dataset, steps_per_epoch
     from ferdist.model import check_pretrained
 
+    # Short timeouts first, so an endpoint that accepts connections but never answers is named in seconds.
+    storage.check_reachable(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     world = cfg.workers.num_workers
     # Building (not iterating) the loader runs its checks: enough samples and shards for every worker.
     build_loader(dataset, "train", cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
                  training=True)  # fmt: skip
     check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
+    check_checkpoint_storage(cfg)
     return steps_per_epoch(
         dataset.manifest.split("train").samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world
     )
+
+
+def check_checkpoint_storage(cfg: RunConfig) -> None:
+    """checkpoint.storage_path is reachable, accepts the credentials, has its bucket and can be written."""
+    try:
+        storage.check_writable(cfg.checkpoint.storage_path, endpoint_url=cfg.checkpoint_endpoint)
+    except FerdistError as exn:
+        raise type(exn)(f"checkpoint.storage_path: {exn}") from None
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -67,16 +80,19 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
-def storage_target(path: str) -> tuple[str, Any]:
-    """Ray's ``storage_path`` and filesystem: an absolute local folder, or s3:// (through a custom endpoint if set)."""
-    loc = storage.parse_uri(path)
+def storage_target(cfg: RunConfig) -> tuple[str, Any]:
+    """Ray's ``storage_path`` and filesystem for ``cfg.checkpoint``: an absolute local folder (Ray's own filesystem),
+    or an s3:// prefix on ferdist's S3 filesystem, through the run's endpoint and riding out outages of up to
+    ``checkpoint.outage_s``. Ray's controller, its workers and the driver all use this one filesystem, so every S3
+    client of the run goes to the same endpoint (Ray would otherwise pick AWS itself)."""
+    from ferdist.outage import resilient
+
+    loc = storage.parse_uri(cfg.checkpoint.storage_path)
     if not loc.is_s3:
         assert loc.path is not None
         return str(loc.path.expanduser().resolve()), None
-    filesystem = runs.endpoint_s3_filesystem()
-    if filesystem is None:
-        return path, None
-    return f"{loc.bucket}/{loc.key}".rstrip("/"), filesystem
+    filesystem = runs.s3_filesystem(cfg.checkpoint_endpoint, bucket=loc.bucket)
+    return f"{loc.bucket}/{loc.key}".rstrip("/"), resilient(filesystem, budget_s=cfg.checkpoint.outage_s)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -95,7 +111,7 @@ def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> Torc
     resources: dict[str, float] = {"CPU": cfg.workers.cpus_per_worker}
     if cfg.workers.use_gpu:
         resources["GPU"] = cfg.workers.gpus_per_worker
-    storage_path, filesystem = storage_target(cfg.checkpoint.storage_path)
+    storage_path, filesystem = storage_target(cfg)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config=to_flat_dict(cfg),
@@ -157,7 +173,7 @@ def summarize(result: ray.train.Result, *, select_by: str = "val/acc") -> RunSum
         raise result.error
     best, last = runs.best_and_last(result.path, result.filesystem, select_by=select_by)
     # pyarrow paths carry no scheme: put s3:// back so the printed location can be pasted into aws s3 / ferdist.
-    scheme = "s3://" if result.filesystem.type_name == "s3" else ""
+    scheme = "s3://" if result.filesystem.type_name.endswith("s3") else ""  # "py::s3" through ferdist.outage
     return RunSummary(
         best_epoch=int(best.summary["epoch"]),
         best_metrics=dict(best.summary["metrics"]),

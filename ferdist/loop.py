@@ -183,7 +183,7 @@ def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
 def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainState:
     """The training loop: build → restore → per epoch: train steps, evaluate, checkpoint, report."""
     rank, world_size, device = session.rank, session.world_size, session.device
-    dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
+    dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url, outage_s=cfg.checkpoint.outage_s)
     batch_size = cfg.loop.batch_per_worker(world_size)
     train_info = dataset.manifest.split("train")
     steps = steps_per_epoch(train_info.samples, batch_size=batch_size, world_size=world_size)
@@ -200,9 +200,11 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         state.resumed_at.append(state.epochs_done)
         log.info("resumed from the checkpoint after epoch %d", state.epochs_done)
     frozen_weights = ckpt.frozen_state(raw_model) if rank == 0 else {}  # copied off the device once per run
+    store = session.model_store() if rank == 0 else None
+    if store is not None:
+        ckpt.discard_after(store, state.epochs_done)
     manager = ckpt.CheckpointManager(cfg.checkpoint, epochs=cfg.loop.epochs, eval_every=cfg.loop.eval_every,
-                                     store=session.model_store() if rank == 0 else None,
-                                     history=state.history)  # fmt: skip
+                                     store=store, history=state.history)  # fmt: skip
     model = session.prepare_model(raw_model)
     if cfg.loop.compile != "off":
         # Compiled around DDP (as PyTorch recommends); evaluation keeps the eager raw_model.

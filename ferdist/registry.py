@@ -131,8 +131,14 @@ class Registration:
     """Whether this version was trained on the SYNTHETIC set."""
     select_by: str = "val/acc"
     """The metric ``val_acc`` holds and @champion was decided on (checkpoint.select_by)."""
+    existing: bool = False
+    """Whether this version was registered before, for the same run and epoch (a finished run re-submitted)."""
 
     def describe(self) -> str:
+        if self.existing:
+            where = f"it is @{CHAMPION}" if self.champion else f"@{CHAMPION} is v{(self.previous_champion or '?')[0]}"
+            return (f"{self.name} v{self.version} ({self.metric} {self.val_acc:.4f}) already holds this run's best "
+                    f"checkpoint, so nothing new was registered; {where}")
         if self.champion:
             verdict = "now @" + CHAMPION
         else:
@@ -184,6 +190,31 @@ def register(
     if champion:
         client.set_registered_model_alias(name, CHAMPION, str(version))
     return Registration(name, str(version), score, champion, previous, synthetic, select_by)
+
+
+def find_registered(name: str, *, run_id: str, epoch: int, select_by: str, tracking_uri: str) -> Registration | None:
+    """The version of ``name`` already registered from ``run_id``'s epoch ``epoch`` (chosen by ``select_by``), if any:
+    re-submitting a finished run must not register its best checkpoint again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    same = [v for v in versions if v.tags.get("epoch") == str(epoch) and v.tags.get(SELECT_TAG, "val/acc") == select_by]
+    if not same:
+        return None
+    version = max(same, key=lambda v: int(v.version))
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        previous = (str(champion.version), float(champion.tags.get(SCORE_TAGS[select_by], "nan")))
+    except MlflowException:
+        previous = None
+    score = float(version.tags.get(SCORE_TAGS[select_by], "nan"))
+    return Registration(name, str(version.version), score, previous is not None and previous[0] == str(version.version),
+                        previous, version.tags.get(SYNTHETIC_TAG) == "true", select_by, existing=True)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -27,23 +27,36 @@ class StoredCheckpoint:
     filesystem: pyarrow.fs.FileSystem
 
 
-def endpoint_s3_filesystem() -> pyarrow.fs.S3FileSystem | None:
-    """An S3 filesystem for the endpoint in AWS_ENDPOINT_URL(_S3) (MinIO, a test server), or None for AWS itself."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return None
-    scheme, _, host = endpoint.partition("://")
-    return pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme or "https")
+def s3_filesystem(endpoint_url: str | None = None, *, bucket: str | None = None) -> pyarrow.fs.S3FileSystem:
+    """pyarrow's S3 filesystem for ``endpoint_url`` (else AWS_ENDPOINT_URL(_S3), else AWS itself), with bounded
+    timeouts; ``bucket`` finds the region on AWS when none is configured."""
+    from ferdist.storage import resolve_endpoint
+
+    # Writes in the calling thread: Ray copies with use_threads only for a bare S3FileSystem, and pyarrow's background
+    # writes from inside its own I/O threads can starve them (apache/arrow#32372).
+    options: dict[str, Any] = {"connect_timeout": 5, "request_timeout": 30, "background_writes": False}
+    if (endpoint := resolve_endpoint(endpoint_url)) is not None:
+        scheme, sep, host = endpoint.partition("://")
+        return pyarrow.fs.S3FileSystem(endpoint_override=host if sep else endpoint, scheme=scheme if sep else "https",
+                                       **options)  # fmt: skip
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region is None and bucket:
+        try:
+            region = pyarrow.fs.resolve_s3_region(bucket)
+        except OSError:
+            region = None  # the SDK's default; the first request then says what is wrong
+    return pyarrow.fs.S3FileSystem(region=region, **options) if region else pyarrow.fs.S3FileSystem(**options)
 
 
-def filesystem_for(path: str, filesystem: pyarrow.fs.FileSystem | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+def filesystem_for(
+    path: str, filesystem: pyarrow.fs.FileSystem | None = None, *, endpoint_url: str | None = None
+) -> tuple[pyarrow.fs.FileSystem, str]:
     """``(filesystem, path on it)`` for a local path or an s3:// URI, unless ``filesystem`` is given."""
     if filesystem is not None:
         return filesystem, path.removeprefix("s3://")
     if path.startswith("s3://"):
-        if (s3 := endpoint_s3_filesystem()) is not None:
-            return s3, path[len("s3://") :]
-        return pyarrow.fs.FileSystem.from_uri(path)
+        bare = path[len("s3://") :]
+        return s3_filesystem(endpoint_url, bucket=bare.split("/", 1)[0]), bare
     return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 

@@ -2,9 +2,12 @@
 
 URIs are plain paths, ``file://`` URLs or ``s3://bucket/key``. S3 goes through boto3 with bounded timeouts and
 botocore's standard retry mode, so a flaky connection is retried and an unreachable endpoint fails in seconds
-rather than hanging. The endpoint comes from the caller (``--endpoint-url``) or boto3's own ``AWS_ENDPOINT_URL``,
-which is how MinIO and other S3-compatible stores are reached. Every boto3 error is turned into one
-`FerdistError` sentence; credentials never appear in messages.
+rather than hanging; checks that run before a job starts (`check_reachable`, `check_writable`) use a shorter
+timeout still, so a server that accepts connections but never answers is named within seconds. Inside a training
+run, reads ride out an outage of up to ``outage_s`` (see `ferdist.outage`). The endpoint comes from the caller
+(``--endpoint-url``, ``data.endpoint_url``) or boto3's own ``AWS_ENDPOINT_URL``, which is how MinIO, SeaweedFS and
+other S3-compatible stores are reached. Every boto3 error is turned into one `FerdistError` sentence; credentials
+never appear in messages.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ferdist.errors import FerdistError, MissingError
+from ferdist.outage import retried
 
 # Objects above this size go up in parts, so a lost connection costs one part, not the object.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -64,26 +68,42 @@ def parse_uri(uri: str) -> Location:
     raise FerdistError(f"unsupported storage URI '{uri}'; use a local path, file://PATH or s3://BUCKET/PREFIX")
 
 
+def resolve_endpoint(endpoint_url: str | None) -> str | None:
+    """The S3 endpoint a client will use: ``endpoint_url``, else boto3's AWS_ENDPOINT_URL(_S3), else None (AWS)."""
+    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def endpoint_base(url: str | None) -> str:
+    """``scheme://host:port`` of an endpoint or request URL (botocore reports the whole request URL)."""
+    if not url:
+        return "the default AWS endpoint"
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    return f"{parsed.scheme}://{parsed.netloc}" if parsed.netloc else url
+
+
 @lru_cache(maxsize=8)
-def _s3_client(endpoint_url: str | None, pid: int) -> Any:
+def _s3_client(endpoint_url: str | None, pid: int, quick: bool = False) -> Any:
     # One client per process: boto3 clients are thread-safe but must not cross a fork, hence the pid in the key.
     import boto3
     from botocore.config import Config
 
     del pid
     config = Config(
-        connect_timeout=5,
-        read_timeout=60,
-        retries={"max_attempts": 5, "mode": "standard"},
+        # A read timeout bounds the wait between bytes, not a whole transfer. The quick client is for checks before a
+        # job starts: a server that accepts connections but never answers is named in ~10 s instead of minutes.
+        connect_timeout=3 if quick else 5,
+        read_timeout=5 if quick else 20,
+        retries={"max_attempts": 2 if quick else 3, "mode": "standard"},
         # Path-style addressing works with every S3-compatible server (MinIO, moto, Ceph) as well as AWS.
         s3={"addressing_style": "path"} if endpoint_url else {},
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    """The boto3 S3 client for this process (``endpoint_url=None`` lets boto3 read ``AWS_ENDPOINT_URL``)."""
-    return _s3_client(endpoint_url, os.getpid())
+def s3_client(endpoint_url: str | None = None, *, quick: bool = False) -> Any:
+    """The boto3 S3 client for this process (``endpoint_url=None`` lets boto3 read ``AWS_ENDPOINT_URL``); ``quick``:
+    short timeouts, for checks before a job starts."""
+    return _s3_client(endpoint_url, os.getpid(), quick)
 
 
 @contextlib.contextmanager
@@ -91,7 +111,8 @@ def explained_s3_errors(loc: Location, endpoint_url: str | None) -> Iterator[Non
     """Turns boto3's exceptions into one sentence naming the URI and the fix."""
     from botocore import exceptions as bx
 
-    where = f"'{loc.uri}'" + (f" at {endpoint_url}" if endpoint_url else "")
+    endpoint = resolve_endpoint(endpoint_url)
+    where = f"'{loc.uri}'" + (f" at {endpoint_base(endpoint)}" if endpoint else "")
     try:
         yield
     except bx.NoCredentialsError:
@@ -100,10 +121,12 @@ def explained_s3_errors(loc: Location, endpoint_url: str | None) -> Iterator[Non
             "or run where an instance role grants access"
         ) from None
     except (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError) as exn:
-        endpoint = getattr(exn, "kwargs", {}).get("endpoint_url") or endpoint_url or "the default AWS endpoint"
+        base = endpoint_base(getattr(exn, "kwargs", {}).get("endpoint_url") or endpoint)
+        problem = (f"the S3 endpoint {base} accepts connections but does not answer" if isinstance(
+            exn, bx.ReadTimeoutError) else f"cannot reach the S3 endpoint {base}")  # fmt: skip
         raise FerdistError(
-            f"cannot reach the S3 endpoint {endpoint} for '{loc.uri}'; check --endpoint-url / AWS_ENDPOINT_URL "
-            "and that the server is running"
+            f"{problem} (for '{loc.uri}'); check the endpoint setting (--endpoint-url, data.endpoint_url, "
+            "checkpoint.endpoint_url or AWS_ENDPOINT_URL) and that the server is running"
         ) from None
     except (bx.IncompleteReadError, bx.ResponseStreamingError):
         raise FerdistError(
@@ -125,8 +148,11 @@ def explained_s3_errors(loc: Location, endpoint_url: str | None) -> Iterator[Non
         raise FerdistError(f"S3 request for {where} failed: {code or exn}") from None
 
 
-def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
-    """Reads a whole object or file (shards are small; reading whole makes retries simple)."""
+def read_bytes(uri: str, *, endpoint_url: str | None = None, outage_s: float = 0.0) -> bytes:
+    """Reads a whole object or file (shards are small; reading whole makes retries simple).
+
+    ``outage_s`` > 0 (inside a run): an unreachable store is waited for that long (see `ferdist.outage`).
+    """
     loc = parse_uri(uri)
     if not loc.is_s3:
         assert loc.path is not None
@@ -139,7 +165,8 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
     from botocore.exceptions import IncompleteReadError, ResponseStreamingError
 
     client = s3_client(endpoint_url)
-    with explained_s3_errors(loc, endpoint_url):
+
+    def get() -> bytes:
         # botocore retries the request; a connection dropped while the body streams is retried here.
         for attempt in range(READ_ATTEMPTS):
             try:
@@ -147,7 +174,12 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None) -> bytes:
             except (IncompleteReadError, ResponseStreamingError):
                 if attempt == READ_ATTEMPTS - 1:
                     raise
-    raise AssertionError("unreachable")
+        raise AssertionError("unreachable")
+
+    with explained_s3_errors(loc, endpoint_url):
+        if outage_s > 0:
+            return retried(get, budget_s=outage_s, what=f"reading {uri}")
+        return get()
 
 
 def object_sha256(uri: str, *, endpoint_url: str | None = None) -> str | None:
@@ -210,10 +242,11 @@ def delete(uri: str, *, endpoint_url: str | None = None) -> None:
 
 
 def check_writable(uri: str, *, endpoint_url: str | None = None) -> None:
-    """Fails early, before any work, if the destination bucket or folder cannot be written; changes nothing.
+    """Fails early, before any work, if the destination bucket or folder cannot be written; leaves nothing behind.
 
     A local folder that does not exist yet is not created here (a job that then stops on bad input must leave no
-    empty folder behind): its nearest existing parent must be a writable folder.
+    empty folder behind): its nearest existing parent must be a writable folder. On S3 the bucket must exist and a
+    probe object under the prefix is written and deleted, so read-only credentials are caught now, not mid-run.
     """
     loc = parse_uri(uri)
     if not loc.is_s3:
@@ -225,19 +258,40 @@ def check_writable(uri: str, *, endpoint_url: str | None = None) -> None:
             raise FerdistError(f"cannot create the folder '{uri}': {existing} is a file, not a folder")
         if not os.access(existing, os.W_OK | os.X_OK):
             what = "folder" if existing == loc.path.expanduser().absolute() else f"parent folder {existing}"
-            raise FerdistError(f"the {what} of '{uri}' is not writable; choose another --dest") from None
+            raise FerdistError(f"the {what} of '{uri}' is not writable; choose another destination") from None
         return
+    client = s3_client(endpoint_url, quick=True)
+    with explained_s3_errors(loc, endpoint_url):
+        _head_bucket(client, loc)
+        probe = loc.join(".ferdist-write-check").key
+        client.put_object(Bucket=loc.bucket, Key=probe, Body=b"")
+        client.delete_object(Bucket=loc.bucket, Key=probe)
+
+
+def check_reachable(uri: str, *, endpoint_url: str | None = None) -> None:
+    """For s3:// URIs: the endpoint answers in seconds, the credentials are accepted and the bucket exists.
+
+    Raises:
+        FerdistError: one sentence naming the endpoint, the bucket or the credentials problem.
+    """
+    loc = parse_uri(uri)
+    if loc.is_s3:
+        with explained_s3_errors(loc, endpoint_url):
+            _head_bucket(s3_client(endpoint_url, quick=True), loc)
+
+
+def _head_bucket(client: Any, loc: Location) -> None:
     from botocore.exceptions import ClientError
 
-    client = s3_client(endpoint_url)
-    with explained_s3_errors(loc, endpoint_url):
-        try:
-            client.head_bucket(Bucket=loc.bucket)
-        except ClientError as exn:
-            if str(exn.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
-                # HEAD responses have no body, so a missing bucket arrives as a bare 404.
-                exn.response["Error"]["Code"] = "NoSuchBucket"
-            raise
+    try:
+        client.head_bucket(Bucket=loc.bucket)
+    except ClientError as exn:
+        if str(exn.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket", "NotFound"):
+            # HEAD responses have no body, so a missing bucket arrives as a bare 404.
+            exn.response["Error"]["Code"] = "NoSuchBucket"
+        elif str(exn.response.get("Error", {}).get("Code")) in ("403", "Forbidden"):
+            exn.response["Error"]["Code"] = "AccessDenied"
+        raise
 
 
 def download_prefix(uri: str, dest: Path, *, endpoint_url: str | None = None) -> int:
@@ -262,5 +316,6 @@ def download_prefix(uri: str, dest: Path, *, endpoint_url: str | None = None) ->
                     tmp.replace(target)
                 count += 1
     if not count:
-        raise FerdistError(f"nothing under '{uri}'" + (f" at {endpoint_url}" if endpoint_url else ""))
+        endpoint = resolve_endpoint(endpoint_url)
+        raise FerdistError(f"nothing under '{uri}'" + (f" at {endpoint_base(endpoint)}" if endpoint else ""))
     return count

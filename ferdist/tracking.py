@@ -254,6 +254,10 @@ def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str
         manifest = None
     synthetic = manifest is not None and manifest.source.synthetic
     uri = tracking_uri(cfg)
+    if cfg.registered_model and (existing := registry.find_registered(
+            cfg.registered_model, run_id=run_id, epoch=int(best.summary["epoch"]),
+            select_by=run.checkpoint.select_by, tracking_uri=uri)) is not None:  # fmt: skip
+        return existing
     with tempfile.TemporaryDirectory(prefix="ferdist-publish-") as tmp:
         model_uri = registry.log_model(run_id, runs.download(best, Path(tmp) / "checkpoint"), tracking_uri=uri)
         if not cfg.registered_model:

@@ -81,7 +81,7 @@ def finished_metrics(cfg: RunConfig) -> dict[str, Any] | None:
     """The last epoch's metrics if the run's stored checkpoints already reach ``loop.epochs``, else None."""
     from ferdist import runs
 
-    storage_path, filesystem = storage_target(cfg.checkpoint.storage_path)
+    storage_path, filesystem = storage_target(cfg)
     found = runs.checkpoints(f"{storage_path}/{cfg.name}", filesystem)
     if found and found[-1].summary["epoch"] >= cfg.loop.epochs:
         return dict(found[-1].summary["metrics"])
@@ -107,7 +107,7 @@ class TrialTracking(ray.tune.Callback):
 
     def _close(self, trial: Any, status: str) -> None:
         cfg = trial_config(trial.config, trial.trial_id)
-        storage_path, filesystem = storage_target(cfg.checkpoint.storage_path)
+        storage_path, filesystem = storage_target(cfg)
         try:
             tracking.finalize_run(cfg.tracking, run_name=cfg.name, run_path=f"{storage_path}/{cfg.name}",
                                   filesystem=filesystem, status=status, config_yaml=to_yaml(cfg),
@@ -127,7 +127,7 @@ def concurrent_trials(cfg: RunConfig, *, driver_cpus: float, resources: dict[str
 
 def experiment_path(base: RunConfig) -> tuple[str, Any]:
     """The sweep's Tune experiment folder (``<storage_path>/<sweep>``) and its pyarrow filesystem, if custom."""
-    storage_path, filesystem = storage_target(base.checkpoint.storage_path)
+    storage_path, filesystem = storage_target(base)
     return f"{storage_path}/{base.name}", filesystem
 
 
@@ -144,7 +144,7 @@ def build_tuner(sweep: Sweep, *, max_concurrent: int, resume: bool) -> ray.tune.
                                   reduction_factor=sweep.sweep.reduction_factor)  # fmt: skip
     else:
         scheduler = FIFOScheduler()
-    storage_path, _ = storage_target(base.checkpoint.storage_path)
+    storage_path, _ = storage_target(base)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return ray.tune.Tuner(
@@ -253,7 +253,7 @@ def publish_best(sweep: Sweep, summary: SweepSummary, *, parent_run_id: str) -> 
     registration = None
     if (best := summary.best) is not None:
         tags["best_trial"] = best.trial_id
-        storage_path, filesystem = storage_target(best.run.checkpoint.storage_path)
+        storage_path, filesystem = storage_target(best.run)
         checkpoint, _ = runs.best_and_last(f"{storage_path}/{best.run.name}", filesystem,
                                            select_by=best.run.checkpoint.select_by)  # fmt: skip
         if (run_id := tracking.run_id_of(cfg, best.run.name)) is not None:

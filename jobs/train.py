@@ -10,7 +10,6 @@ Re-running with the same name (and storage path) resumes the run from its latest
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.syntax import Syntax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import RunConfig, load_config, to_yaml, worker_overrides  # noqa: E402
+from ferdist.console import setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar for every artefact download while it validates the logged model.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     console = Console(stderr=True, soft_wrap=True)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     try:
         cfg = config_from_args(parse_args(argv))
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))

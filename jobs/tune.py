@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import worker_overrides  # noqa: E402
-from ferdist.console import job_console  # noqa: E402
+from ferdist.console import job_console, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.sweep import Sweep, load_sweep  # noqa: E402
 
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar for every artefact download while it validates the logged model.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     console = job_console(stderr=True)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     try:
         args = parse_args(argv)
         sweep = sweep_from_args(args)
