@@ -312,9 +312,16 @@ class CheckpointManager:
     def _persist_model(self, snapshot: Snapshot) -> None:
         assert self.store is not None
         name = f"{MODEL_PREFIX}{snapshot.epoch:04d}"
+        from ferdist.outage import budget_of, retried
+
+        store = self.store
         try:
-            persist(snapshot, self.store.filesystem, f"{self.store.root}/{name}")
-            prune_models(self.store, keep=self.cfg.keep, select_by=self.cfg.select_by)
+            # The whole folder again if a write is cut (see ferdist.outage: only opening a file is retried below).
+            retried(lambda: persist(snapshot, store.filesystem, f"{store.root}/{name}"),
+                    budget_s=budget_of(store.filesystem), what=f"writing the best model of epoch {snapshot.epoch}")
+            prune_models(store, keep=self.cfg.keep, select_by=self.cfg.select_by)
+        except FerdistError as exn:  # the store stayed away past checkpoint.outage_s
+            self._errors.append(exn)
         except OSError as exn:
             # Kept for the loop's thread: raised there, at the next epoch end, as one sentence.
             self._errors.append(FerdistError(

@@ -134,21 +134,30 @@ def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> Torc
 
 
 def fit(trainer: TorchTrainer) -> ray.train.Result:
-    """``trainer.fit()``, with a worker's `FerdistError` (bad data, a missing shard) raised as its own one sentence.
+    """``trainer.fit()``, with a `FerdistError` raised in a worker (bad data, a missing shard, an outage past
+    ``checkpoint.outage_s``) or in Ray's controller (its storage writes) raised as its own one sentence.
 
-    Ray wraps what a worker raised in a `WorkerGroupError` whose message is every rank's traceback; the worker's
-    exception object travels inside it, so the user can be shown the sentence ferdist wrote for them.
+    Ray wraps what a worker raised in a `WorkerGroupError` whose message is every rank's traceback, and a controller
+    failure in a `ControllerError`; the original exception travels inside, so the user can be shown the sentence
+    ferdist wrote for them.
     """
     try:
         return trainer.fit()
     except ray.train.WorkerGroupError as exn:
         for rank, failure in sorted(exn.worker_failures.items()):
-            cause: BaseException | None = failure
-            while cause is not None and not isinstance(cause, FerdistError):
-                cause = cause.__cause__ or getattr(cause, "cause", None)
-            if cause is not None:
+            if (cause := _ferdist_cause(failure)) is not None:
                 raise type(cause)(f"{cause} (worker rank {rank})") from None
         raise
+    except ray.train.ControllerError as exn:
+        if (cause := _ferdist_cause(exn.controller_failure)) is not None:
+            raise type(cause)(f"{cause} (Ray Train controller)") from None
+        raise
+
+
+def _ferdist_cause(failure: BaseException | None) -> FerdistError | None:
+    while failure is not None and not isinstance(failure, FerdistError):
+        failure = failure.__cause__ or failure.__context__ or getattr(failure, "cause", None)
+    return failure
 
 
 @dataclass(frozen=True)

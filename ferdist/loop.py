@@ -105,9 +105,14 @@ class RaySession:
         storage = self._storage
 
         def upload(checkpoint: Any, name: str) -> Any:
+            from ferdist.outage import budget_of, retried
+
             try:
                 ckpt.write_snapshot(resume, stage)
-                return storage.persist_current_checkpoint(checkpoint, name)
+                # The whole folder again if the copy is cut by an outage (within checkpoint.outage_s).
+                return retried(lambda: storage.persist_current_checkpoint(checkpoint, name),
+                               budget_s=budget_of(storage.storage_filesystem),
+                               what=f"uploading the resume checkpoint of epoch {resume.epoch}")  # fmt: skip
             except OSError as exn:
                 raise FerdistError(
                     f"could not write the resume checkpoint of epoch {resume.epoch} to {storage.experiment_fs_path} "

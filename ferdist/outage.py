@@ -15,10 +15,8 @@ workers' checkpoint uploads and restores all follow the same policy.
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -109,34 +107,6 @@ def retried(call: Callable[[], T], *, budget_s: float, what: str) -> T:
         return result
 
 
-class _UploadOnClose(io.RawIOBase):
-    """An output stream that spools what is written and uploads it whole on close, retried: a write cut by an
-    outage is redone from the start instead of leaving a partial object."""
-
-    def __init__(self, upload: Callable[[Any], None]) -> None:
-        super().__init__()
-        self._spool = tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024)  # noqa: SIM115 - closed in close()
-        self._upload = upload
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        return self._spool.write(data)
-
-    def tell(self) -> int:
-        return self._spool.tell()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        try:
-            self._upload(self._spool)
-        finally:
-            self._spool.close()
-            super().close()
-
-
 class RetryingHandler(pyarrow.fs.FileSystemHandler):
     """A pyarrow filesystem handler that forwards every call to ``inner`` under `retried`."""
 
@@ -202,19 +172,20 @@ class RetryingHandler(pyarrow.fs.FileSystemHandler):
         return self._read_whole(path)
 
     def open_output_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
-        def upload(spool: Any) -> None:
-            def attempt() -> None:
-                spool.seek(0)
-                with self.inner.open_output_stream(path, metadata=metadata) as out:
-                    while chunk := spool.read(8 * 1024 * 1024):
-                        out.write(chunk)
-
-            self._call(f"writing {path}", attempt)
-
-        return pa.PythonFile(_UploadOnClose(upload), mode="w")
+        # Opening is retried (on S3 it starts the upload, so a store that is down fails here). The stream itself is
+        # pyarrow's own: a Python stream's close() error is lost when pyarrow's C++ copy_files closes it, so
+        # a failure while writing surfaces as a plain OSError, and callers that copy whole folders retry the copy
+        # (`retried` with `budget_of`).
+        return self._call(f"writing {path}", lambda: self.inner.open_output_stream(path, metadata=metadata))
 
     def open_append_stream(self, path: str, metadata: dict[str, str] | None) -> pa.NativeFile:
         return self._call(f"appending to {path}", lambda: self.inner.open_append_stream(path, metadata=metadata))
+
+
+def budget_of(filesystem: pyarrow.fs.FileSystem | None) -> float:
+    """The outage budget a filesystem made by `resilient` carries (0 for any other)."""
+    handler = getattr(filesystem, "handler", None)
+    return handler.budget_s if isinstance(handler, RetryingHandler) else 0.0
 
 
 def resilient(filesystem: pyarrow.fs.FileSystem, *, budget_s: float) -> pyarrow.fs.FileSystem:

@@ -227,7 +227,9 @@ class ModelRef:
     run_id: str | None = None
 
 
-def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -> tuple[Path, ModelRef]:
+def fetch_checkpoint(
+    uri: str, dest: Path, *, tracking_uri: str | None = None, endpoint_url: str | None = None
+) -> tuple[Path, ModelRef]:
     """The checkpoint folder behind ``uri``, copied under ``dest`` where it is remote.
 
     ``uri``: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), ``runs:/RUN_ID/model``, a logged
@@ -266,9 +268,10 @@ def fetch_checkpoint(uri: str, dest: Path, *, tracking_uri: str | None = None) -
                                "check the name, version or alias in `mlflow ui`, and MLFLOW_TRACKING_URI") from None
         return _checkpoint_in(local, uri), ref
     if uri.startswith("s3://"):
-        from ferdist import runs
+        from ferdist import runs, storage
 
-        fs, path = runs.filesystem_for(uri)
+        fs, path = runs.filesystem_for(uri, endpoint_url=endpoint_url)
+        storage.check_reachable(uri, endpoint_url=endpoint_url)
         stored = runs.StoredCheckpoint(path, {}, fs)
         if all(fs.get_file_info(f"{path}/{name}").type != runs.pyarrow.fs.FileType.File
                for name in (MODEL_FILE, TRAINED_FILE)):  # fmt: skip

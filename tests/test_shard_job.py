@@ -80,8 +80,8 @@ def test_interrupted_local_write_is_completed(synth_csv: Path, tmp_path: Path) -
     assert len(_read_all(str(dest), "test")) == 35
 
 
-def test_s3_roundtrip_and_resume(synth_csv: Path, s3: tuple[str, str]) -> None:
-    endpoint, bucket = s3
+def test_s3_roundtrip_and_resume(synth_csv: Path, object_store: tuple[str, str]) -> None:
+    endpoint, bucket = object_store
     uri = f"s3://{bucket}/fer/synth"
     args = ["--source", str(synth_csv), "--dest", uri, "--endpoint-url", endpoint, "--samples-per-shard", "32"]
     assert shard_job.main(args) == 0
