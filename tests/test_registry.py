@@ -147,7 +147,9 @@ def test_the_model_card_says_synthetic_and_describes_the_shards_it_was_trained_o
     assert "SYNTHETIC" not in card and "val = PublicTest" in card and "`fer2013.csv` (kaggle-csv" in card
 
 
-def test_publishing_a_finished_run_again_reuses_its_version(checkpoint: Path, synth_shards: Path, tmp_path: Path) -> None:
+def test_publishing_a_finished_run_again_reuses_its_version(
+    checkpoint: Path, synth_shards: Path, tmp_path: Path
+) -> None:
     """Re-submitting a finished run prints its summary and registration again; it must not register its best
     checkpoint a second time (a duplicate version that could even take @champion from a newer run's model)."""
     from ferdist import runs, tracking
