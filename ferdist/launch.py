@@ -103,7 +103,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     """
     from ferdist.loop import train_fn_per_worker as train
 
-    train(config)
+    try:
+        train(config)
+    except FerdistError as exn:
+        # Ray logs the traceback of what a worker raised; for ferdist's own one-sentence errors (an outage past the
+        # budget, a lost shard) the frames add ~20 lines per attempt and nothing the sentence does not say.
+        raise exn.with_traceback(None) from None
 
 
 def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> TorchTrainer:

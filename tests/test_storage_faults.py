@@ -58,7 +58,7 @@ def hung_endpoint() -> Iterator[str]:
     ("storage", "message"),
     [
         ("s3://no-such-bucket/runs", "checkpoint.storage_path: bucket 'no-such-bucket' does not exist"),
-        ("s3://{bucket}/runs", "checkpoint.storage_path: cannot reach the S3 endpoint http://127.0.0.1:{port}"),
+        ("s3://{bucket}/runs", "checkpoint.storage_path: cannot reach the S3 endpoint http://127.0.0.1:{port} (for 's3://"),
     ],
     ids=["missing-bucket", "server-down"],
 )
@@ -76,6 +76,28 @@ def test_checkpoint_store_is_checked_before_ray_starts(
     assert "allow_bucket_creation" not in str(caught.value)
 
 
+@pytest.mark.slow
+def test_rejected_credentials_at_the_checkpoint_store_are_named(
+    seaweed_s3: tuple[str, str], synth_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SeaweedFS checks credentials (moto does not)."""
+    from ferdist import storage
+
+    endpoint, bucket = seaweed_s3
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    storage._s3_client.cache_clear()  # clients made with the right key earlier in this process
+    try:
+        cfg = run_config(str(synth_shards), f"checkpoint.storage_path=s3://{bucket}/runs",
+                         f"checkpoint.endpoint_url={endpoint}")  # fmt: skip
+        with pytest.raises(FerdistError) as caught:
+            launch.prepare(cfg)
+    finally:
+        storage._s3_client.cache_clear()
+    expected = f"checkpoint.storage_path: S3 refused access to 's3://{bucket}/runs' at {endpoint}"
+    assert str(caught.value).startswith(expected)
+    assert "not-the-secret" not in str(caught.value)
+
+
 def test_a_checkpoint_store_that_cannot_be_created_is_named(synth_shards: Path, tmp_path: Path) -> None:
     (tmp_path / "runs").write_text("a file where the folder should be")
     cfg = run_config(str(synth_shards), f"checkpoint.storage_path={tmp_path / 'runs' / 'fer'}")
@@ -83,8 +105,8 @@ def test_a_checkpoint_store_that_cannot_be_created_is_named(synth_shards: Path, 
         launch.prepare(cfg)
 
 
-def test_a_missing_data_bucket_is_named_as_such(s3: tuple[str, str]) -> None:
-    endpoint, _ = s3
+def test_a_missing_data_bucket_is_named_as_such(object_store: tuple[str, str]) -> None:
+    endpoint, _ = object_store
     cfg = run_config("s3://no-such-data/shards", f"data.endpoint_url={endpoint}")
     with pytest.raises(FerdistError) as caught:
         launch.prepare(cfg)
