@@ -71,10 +71,9 @@ def reason(exn: BaseException) -> str:
     if match := re.search(r"AWS Error (\S+) during (\S+) operation", text):
         return f"{match[1]} during {match[2]}"
     if url := getattr(exn, "kwargs", {}).get("endpoint_url"):  # botocore names the request URL: keep the endpoint
-        from urllib.parse import urlparse
+        from ferdist.storage import endpoint_base  # here: ferdist.storage imports this module
 
-        parsed = urlparse(url)
-        return f"{type(exn).__name__} at {parsed.scheme}://{parsed.netloc}"
+        return f"{type(exn).__name__} at {endpoint_base(url)}"
     return f"{type(exn).__name__}: {text}"[:200]
 
 
