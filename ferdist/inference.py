@@ -1,14 +1,15 @@
-"""Classifying face images people have: any size, grey or colour, raw pixels or encoded files.
+"""Classifying the faces in images people have: photos or face crops, any size, grey or colour, pixels or files.
 
-Every image becomes what the model was trained on, a uint8 48×48 grey face (PIL's ITU-R 601 luma, then a bilinear
-resize with antialiasing), and then goes through the same `eval_transform` as validation. A 48×48 grey face therefore
-reaches the model bit-identical to the same face read from a shard.
+A photo's faces are found and cut out first (`ferdist.faces`); a crop is one face as it is. Every face becomes what
+the model was trained on, a uint8 48×48 grey face (PIL's ITU-R 601 luma, then a bilinear resize with antialiasing),
+and then goes through the same `eval_transform` as validation. A 48×48 grey face therefore reaches the model
+bit-identical to the same face read from a shard.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,48 +18,86 @@ import torch
 
 from ferdist.constants import FACE_SIDE, FER_CLASSES
 from ferdist.errors import FerdistError
+from ferdist.faces import Box, DetectMode
 from ferdist.images import array_to_uint8, grey_pixels
 from ferdist.model import FerClassifier
 from ferdist.transforms import eval_transform
 
+MAX_PIXELS = 50_000_000
+"""Largest image read, in pixels (a 50-megapixel photo; ~150 MB decoded). Checked from the file's header before it is
+decoded, so a 10,000 × 10,000 upload is refused without the memory it would take."""
 
-def to_face(image: Any, *, name: str = "image") -> np.ndarray:
-    """uint8 ``[48, 48]`` from encoded bytes (PNG, JPEG, …), a PIL image, or an array ``[H, W]`` / ``[H, W, C]``.
+
+def to_pixels(image: Any, *, name: str = "image") -> np.ndarray:
+    """uint8 grey ``[H, W]`` at full size from encoded bytes (PNG, JPEG, …), a PIL image, or an array ``[H, W]`` /
+    ``[H, W, C]``: colour through ITU-R 601 luma, other bit depths scaled (`ferdist.images`).
 
     Raises:
-        FerdistError: ``name`` is not an image (undecodable bytes, a wrong shape).
+        FerdistError: ``name`` is not an image (undecodable or empty bytes, a wrong shape), or is over `MAX_PIXELS`.
     """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, (bytes, bytearray, memoryview)):
         try:
-            image = Image.open(io.BytesIO(bytes(image)))
+            image = Image.open(io.BytesIO(bytes(image)))  # reads the header only
+        except Image.DecompressionBombError:
+            raise FerdistError(f"{name} is over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} megapixels; downscale it "
+                               "first") from None  # fmt: skip
+        except (UnidentifiedImageError, OSError):
+            what = "empty" if not bytes(image) else f"{len(bytes(image)):,} bytes of no image format PIL knows"
+            raise FerdistError(f"{name} is not an image ({what}); send PNG, JPEG, BMP, WebP or TIFF bytes") from None
+        _check_size(image.size[0], image.size[1], name=name)
+        try:
             image.load()
-        except (UnidentifiedImageError, OSError) as exn:
-            raise FerdistError(f"{name} is not an image PIL can read ({exn}); pass PNG/JPEG/BMP bytes") from None
+        except (OSError, ValueError) as exn:
+            raise FerdistError(f"{name} is a damaged {image.format} file ({exn}); send the file again") from None
     if isinstance(image, np.ndarray):
         array = image
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)) or min(array.shape[:2]) < 1:
             raise FerdistError(f"{name} has shape {array.shape}; pass [H, W] grey or [H, W, 3|4] colour pixels")
+        _check_size(array.shape[1], array.shape[0], name=name)
         # By the array's type: uint16 is 16-bit (÷ 257), floats are 0-1 or 0-255; anything outside is refused.
         image = Image.fromarray(array_to_uint8(array, name=name))
+    if isinstance(image, str):
+        raise FerdistError(f"{name} is text that is not base64; send the image file's bytes, base64-encoded in JSON")
     if not isinstance(image, Image.Image):
         raise FerdistError(f"{name} is a {type(image).__name__}; pass image bytes, a PIL image or a uint8 array")
-    grey = Image.fromarray(grey_pixels(image, name=name))
-    if grey.size != (FACE_SIDE, FACE_SIDE):
-        grey = grey.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(grey, dtype=np.uint8)
+    _check_size(image.size[0], image.size[1], name=name)
+    return grey_pixels(image, name=name)
+
+
+def _check_size(width: int, height: int, *, name: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise FerdistError(f"{name} is {width}×{height} ({width * height / 1e6:.0f} megapixels), over the "
+                           f"{MAX_PIXELS / 1e6:.0f} megapixels ferdist reads; downscale it first")  # fmt: skip
+    if width < 1 or height < 1:
+        raise FerdistError(f"{name} is {width}×{height} pixels, an empty image")
+
+
+def to_face(image: Any, *, name: str = "image") -> np.ndarray:
+    """uint8 ``[48, 48]``: the whole of ``image`` (see `to_pixels`) as one face, resized bilinearly with
+    antialiasing. A 48×48 grey image comes back bit-identical."""
+    return resize_face(to_pixels(image, name=name))
+
+
+def resize_face(grey: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    if grey.shape == (FACE_SIDE, FACE_SIDE):
+        return grey
+    face = Image.fromarray(grey).resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(face, dtype=np.uint8)
 
 
 def read_image(path: Path) -> np.ndarray:
-    """The face in image file ``path`` (see `to_face`)."""
+    """The pixels of image file ``path`` (see `to_pixels`)."""
     try:
         data = path.read_bytes()
     except OSError as exn:
         raise FerdistError(f"cannot read {path} ({exn.strerror})") from None
-    return to_face(data, name=str(path))
+    return to_pixels(data, name=str(path))
 
 
 class Predictor:
@@ -96,27 +135,99 @@ def probability_columns() -> list[str]:
     return [f"p_{name.lower()}" for name in FER_CLASSES]
 
 
-def as_table(probabilities: np.ndarray) -> Any:
-    """A DataFrame: ``label`` (the most likely class name), then one probability column per class."""
+NO_FACE = "no face"
+"""The ``label`` of an image in which no face was found (its ``face`` is -1, its probabilities NaN)."""
+
+COLUMNS = ["image", "face", "x", "y", "w", "h", "label", *probability_columns(), "error"]
+
+
+def classify(
+    predictor: Predictor, images: Sequence[Any], *, detect: DetectMode = "auto", names: Sequence[str] | None = None
+) -> Any:
+    """A DataFrame with a row per face found (`COLUMNS`): ``image`` (the input's index), ``face`` (0, 1, … largest
+    first), its box ``x, y, w, h`` in the image's pixels, ``label`` and one probability per class. An image with no
+    face gets one row labelled `NO_FACE`; one that cannot be read gets a row whose ``error`` says why, and the others
+    are still classified. ``detect`` is a `ferdist.faces.DetectMode`.
+    """
     import pandas as pd
 
-    table = pd.DataFrame(probabilities.astype(np.float64), columns=probability_columns())
-    table.insert(0, "label", [FER_CLASSES[i] for i in probabilities.argmax(axis=1)] if len(probabilities) else [])
-    return table
+    from ferdist.faces import crop, find_faces, is_crop
+
+    is_crop(np.zeros((1, 1), np.uint8), detect)  # an unknown mode fails before any work
+    rows: list[dict[str, Any]] = []
+    crops: list[np.ndarray] = []
+    for index, item in enumerate(images):
+        name = names[index] if names is not None else f"image {index}"
+        row = {"image": index, "face": -1, "x": 0, "y": 0, "w": 0, "h": 0, "label": "", "error": ""}
+        try:
+            grey = to_pixels(item, name=name)
+        except FerdistError as exn:
+            rows.append({**row, "error": str(exn)})
+            continue
+        height, width = grey.shape
+        if is_crop(grey, detect):
+            found = [(Box(0, 0, width, height), resize_face(grey))]
+        else:
+            found = [(box, crop(grey, box)) for box in find_faces(grey)]
+        if not found:
+            rows.append({**row, "label": NO_FACE})
+        for number, (box, face) in enumerate(found):
+            rows.append({**row, "face": number, "x": box.x, "y": box.y, "w": box.w, "h": box.h})
+            crops.append(face)
+    probabilities = predictor.probabilities(np.stack(crops) if crops else np.zeros((0, FACE_SIDE, FACE_SIDE), np.uint8))
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if not c.startswith("p_")])
+    full = np.full((len(rows), len(FER_CLASSES)), np.nan)
+    has_face = (table["face"] >= 0).to_numpy() if rows else np.zeros(0, bool)
+    full[has_face] = probabilities
+    table.loc[has_face, "label"] = [FER_CLASSES[i] for i in probabilities.argmax(axis=1)] if len(probabilities) else []
+    for k, column in enumerate(probability_columns()):
+        table[column] = full[:, k]
+    return table[COLUMNS].astype({c: "int64" for c in ("image", "face", "x", "y", "w", "h")})
 
 
-def faces_from_input(model_input: Any) -> np.ndarray:
-    """uint8 faces ``[N, 48, 48]`` from a DataFrame with an ``image`` column, an array batch, or a list of images."""
+def images_from_input(model_input: Any) -> list[Any]:
+    """The images of an MLflow model input, in order: a DataFrame's ``image`` column (or its only column), a dict's
+    ``image`` entry (the ``{"inputs": {"image": …}}`` request form), a uint8 array ``[N, H, W]`` / ``[N, H, W, 3]``
+    (or one image ``[H, W]`` / ``[H, W, 3]``), or a list. Strings are base64 (how JSON carries bytes).
+
+    Raises:
+        FerdistError: the input holds no images where they are looked for.
+    """
     import pandas as pd
 
+    if isinstance(model_input, dict):
+        if "image" not in model_input:
+            raise FerdistError(f"the input has the fields {sorted(model_input)}; send the images as 'image'")
+        model_input = model_input["image"]
     if isinstance(model_input, pd.DataFrame):
-        if "image" not in model_input.columns:
-            raise FerdistError(f"the input table has columns {list(model_input.columns)}; put the images in 'image'")
-        items: Iterable[Any] = model_input["image"].tolist()
-    elif isinstance(model_input, np.ndarray) and model_input.dtype != object:
-        # [H, W] is one grey face; [N, H, W] (or [N, H, W, C]) a batch.
-        items = [model_input] if model_input.ndim == 2 else list(model_input)
+        if "image" in model_input.columns:
+            items: list[Any] = model_input["image"].tolist()
+        elif len(model_input.columns) == 1:
+            items = model_input.iloc[:, 0].tolist()
+        else:
+            raise FerdistError(f"the input table has the columns {list(model_input.columns)}; put the images in "
+                               "one column named 'image'")  # fmt: skip
+    elif isinstance(model_input, np.ndarray) and model_input.dtype.kind in "uifb":
+        # [H, W] or [H, W, 3|4] is one image; [N, H, W] or [N, H, W, C] a batch.
+        one = model_input.ndim == 2 or (model_input.ndim == 3 and model_input.shape[-1] in (3, 4))
+        items = [model_input] if one else list(model_input)
+    elif isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
+        items = list(model_input)
     else:
-        items = list(model_input) if isinstance(model_input, (list, tuple, np.ndarray)) else [model_input]
-    faces = [to_face(item, name=f"image {i}") for i, item in enumerate(items)]
-    return np.stack(faces) if faces else np.zeros((0, FACE_SIDE, FACE_SIDE), dtype=np.uint8)
+        items = [model_input]
+    return [_from_json(item) for item in items]
+
+
+def _from_json(item: Any) -> Any:
+    """Base64 text as its bytes, a nested list of pixel values as an array; anything else as it is."""
+    if isinstance(item, str):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode("".join(item.split()), validate=True)  # MIME base64 breaks lines
+        except (binascii.Error, ValueError):
+            return item  # refused by to_pixels with the row's name
+    if isinstance(item, list):
+        return np.asarray(item)
+    return item

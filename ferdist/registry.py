@@ -1,9 +1,8 @@
 """The trained classifier as an MLflow model, registered as ``fer-vitmae`` with the ``champion`` alias.
 
-The logged model carries the checkpoint folder (weights, backbone.json, config.yaml) and this package's code, and
-its ``predict`` takes raw face images: a DataFrame whose ``image`` column holds encoded image bytes (PNG, JPEG, …,
-any size, grey or colour), or uint8 arrays. It returns the class name and the seven probabilities per image,
-preprocessed exactly as in validation (`ferdist.inference`).
+The logged model carries the checkpoint folder (weights, backbone.json, config.yaml) and this package's code, and is
+logged from code (`ferdist.mlflow_model`), so loading it runs that file rather than unpickling an object. Its
+``predict`` takes photos or face crops and returns a row per face (`ferdist.serving`).
 
 A new version is registered for every published run; the alias moves only when the version's val accuracy beats
 the current champion's (kept as the version tag ``val_acc``).
@@ -11,21 +10,20 @@ the current champion's (kept as the version tag ``val_acc``).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow.artifacts
 import mlflow.pyfunc
-import numpy as np
 
-from ferdist.constants import FACE_SIDE
 from ferdist.errors import FerdistError
+from ferdist.serving import MODEL_CODE, FerModel, signature_and_example
+
+__all__ = ["FerModel"]  # models logged before models-from-code pickled ferdist.registry.FerModel: it must resolve
 
 log = logging.getLogger(__name__)
 
@@ -40,45 +38,12 @@ SYNTHETIC_TAG = "synthetic"
 """Version tag: "true" for a model trained on the SYNTHETIC set (its @champion rule differs)."""
 
 
-class FerModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: raw images in, ``label`` + ``p_<class>`` columns out."""
-
-    def load_context(self, context: Any) -> None:
-        from ferdist.checkpoint import load_classifier
-        from ferdist.inference import Predictor
-
-        model, cfg = load_classifier(Path(context.artifacts["checkpoint"]))
-        self.predictor = Predictor(model, image_size=cfg.model.image_size)
-
-    # No type hints here: MLflow would read them as a second, conflicting input schema.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        from ferdist.inference import as_table, faces_from_input
-
-        return as_table(self.predictor.probabilities(faces_from_input(model_input)))
-
-
-def signature_and_example() -> tuple[Any, Any]:
-    """Input: an ``image`` column of encoded bytes; output: ``label`` and one probability per class."""
-    import pandas as pd
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-    from PIL import Image
-
-    from ferdist.inference import probability_columns
-
-    inputs = Schema([ColSpec("binary", "image")])
-    outputs = Schema([ColSpec("string", "label"), *[ColSpec("double", c) for c in probability_columns()]])
-    face = np.tile(np.linspace(0, 255, FACE_SIDE, dtype=np.uint8), (FACE_SIDE, 1))  # a grey ramp, 48×48
-    png = io.BytesIO()
-    Image.fromarray(face).save(png, format="PNG")
-    return ModelSignature(inputs=inputs, outputs=outputs), pd.DataFrame({"image": [png.getvalue()]})
-
-
 def _requirements() -> list[str]:
     """Pinned to this environment's versions, so the served model runs what was trained and tested."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "numpy", "pandas", "pillow", "pyyaml")]
+    packages = ("torch", "transformers", "numpy", "pandas", "pillow", "pyyaml", "opencv-python-headless")
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
 
 
 @contextmanager
@@ -107,7 +72,7 @@ def log_model(run_id: str, checkpoint_dir: Path, *, tracking_uri: str) -> str:
     with using_store(tracking_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=FerModel(),
+            python_model=str(MODEL_CODE),
             artifacts={"checkpoint": str(checkpoint_dir)},
             code_paths=[str(Path(ferdist.__file__).parent)],
             signature=signature,

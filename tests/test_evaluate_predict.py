@@ -96,23 +96,32 @@ def test_predict_keeps_going_past_a_bad_file_and_matches_the_model(
     (photos / "a.png").write_bytes(face_png(faces[0]))
     (photos / "more" / "b.jpg").write_bytes(face_png(faces[1], size=160, mode="RGB"))
     (photos / "c.png").write_bytes(b"this is not a PNG")
+    (photos / "e.png").write_bytes(face_png(np.tile(np.arange(200, dtype=np.uint8), (200, 1)), size=200))
     single = tmp_path / "d.png"
     single.write_bytes(face_png(faces[2]))
     out = tmp_path / "pred.json"
     assert job.main(["--model", str(checkpoint), str(photos), str(single), "--output", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "c.png is not an image PIL can read" in err and "3 classified, 1 skipped" in err
+    assert "c.png is not an image (17 bytes of no image format PIL knows)" in err
+    assert "3 faces in 4 images, 1 file skipped" in err
     rows = json.loads(out.read_text())
-    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg", "d.png"]  # sorted within the folder
+    assert [Path(r["file"]).name for r in rows] == ["a.png", "e.png", "b.jpg", "d.png"]  # sorted within the folder
+    # 48x48 files are crops; larger ones are searched: a gradient has no face, the 160 px drawn face is found.
+    assert (rows[1]["face"], rows[1]["label"], rows[1]["p_happy"]) == (-1, "no face", None)
+    assert rows[2]["face"] == 0 and 60 <= rows[2]["w"] <= 160 and rows[2]["x"] + rows[2]["w"] <= 160
     model, run_cfg = load_classifier(checkpoint)
-    expected = Predictor(model, image_size=run_cfg.model.image_size).probabilities(faces[[0, 2]])
-    got = np.array([[r[c] for c in ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")]
-                    for r in (rows[0], rows[2])])  # fmt: skip
-    np.testing.assert_allclose(got, expected, atol=1e-5)  # 48x48 grey files: the exact training pixels
+    expected = Predictor(model, image_size=run_cfg.model.image_size).probabilities(faces)
+    columns = [f"p_{c}" for c in ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")]
+    got = np.array([[r[c] for c in columns] for r in (rows[0], rows[3])])
+    np.testing.assert_allclose(got, expected[[0, 2]], atol=1e-5)  # 48x48 grey files: the exact training pixels
+    assert (rows[0]["x"], rows[0]["y"], rows[0]["w"], rows[0]["h"]) == (0, 0, 48, 48)
 
     csv_out = tmp_path / "pred.csv"
-    assert job.main(["--model", str(checkpoint), str(single), "--output", str(csv_out)]) == 0
-    assert csv_out.read_text().splitlines()[0] == "path,label,angry,disgust,fear,happy,sad,surprise,neutral"
+    assert job.main(["--model", str(checkpoint), str(photos / "more"), str(single), "--output", str(csv_out),
+                     "--no-detect"]) == 0  # fmt: skip
+    lines = csv_out.read_text().splitlines()
+    assert lines[0] == "file,face,x,y,w,h,label," + ",".join(columns)
+    assert lines[1].split(",")[1:6] == ["0", "0", "0", "160", "160"]  # the whole file is the face
 
     (tmp_path / "empty").mkdir()
     assert job.main(["--model", str(checkpoint), str(tmp_path / "empty")]) == 2
