@@ -44,6 +44,20 @@ def synth_shards(synth_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model checkpoint of one epoch of random:tiny at 32 px on the SYNTHETIC shards (``model_epoch_0001``)."""
+    from ferdist.config import load_config
+    from ferdist.loop import LocalSession, run_training
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = load_config(None, [f"data.manifest={synth_shards}", "data.loader_workers=0", "model.pretrained=random:tiny",
+                             "model.image_size=32", "loop.epochs=1", "loop.global_batch_size=32", "optim.lr=2e-3",
+                             "tracking.backend=none"])  # fmt: skip
+    run_training(cfg, LocalSession(root))
+    return root / "model_epoch_0001"
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A real S3 endpoint (moto's server, spoken to over HTTP) on an ephemeral loopback port."""
     from moto.server import ThreadedMotoServer

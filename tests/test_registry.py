@@ -20,7 +20,6 @@ from ferdist.constants import FER_CLASSES
 from ferdist.data import build_loader, open_dataset
 from ferdist.errors import FerdistError
 from ferdist.inference import Predictor, images_from_input, to_face
-from ferdist.loop import LocalSession, run_training
 from ferdist.registry import CHAMPION, log_model, register, using_store
 from ferdist.reports import class_report_markdown
 
@@ -32,13 +31,8 @@ def png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ckpt")
-    cfg = load_config(None, [f"data.manifest={synth_shards}", "data.loader_workers=0", "model.pretrained=random:tiny",
-                             "model.image_size=32", "loop.epochs=1", "loop.global_batch_size=32", "optim.lr=2e-3",
-                             "tracking.backend=none"])  # fmt: skip
-    run_training(cfg, LocalSession(root))
-    return root / "model_epoch_0001"
+def checkpoint(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
