@@ -18,7 +18,7 @@ import torch
 
 from ferdist.constants import FACE_SIDE, FER_CLASSES
 from ferdist.errors import FerdistError
-from ferdist.faces import Box, DetectMode
+from ferdist.faces import HAAR, Box, DetectMode, Detector
 from ferdist.images import array_to_uint8, grey_pixels
 from ferdist.model import FerClassifier
 from ferdist.transforms import eval_transform
@@ -142,16 +142,21 @@ COLUMNS = ["image", "face", "x", "y", "w", "h", "label", *probability_columns(),
 
 
 def classify(
-    predictor: Predictor, images: Sequence[Any], *, detect: DetectMode = "auto", names: Sequence[str] | None = None
+    predictor: Predictor,
+    images: Sequence[Any],
+    *,
+    detect: DetectMode = "auto",
+    names: Sequence[str] | None = None,
+    detector: Detector = HAAR,
 ) -> Any:
     """A DataFrame with a row per face found (`COLUMNS`): ``image`` (the input's index), ``face`` (0, 1, … largest
     first), its box ``x, y, w, h`` in the image's pixels, ``label`` and one probability per class. An image with no
     face gets one row labelled `NO_FACE`; one that cannot be read gets a row whose ``error`` says why, and the others
-    are still classified. ``detect`` is a `ferdist.faces.DetectMode`.
+    are still classified. ``detect`` is a `ferdist.faces.DetectMode`; ``detector`` finds the faces.
     """
     import pandas as pd
 
-    from ferdist.faces import crop, find_faces, is_crop
+    from ferdist.faces import crop, is_crop
 
     is_crop(np.zeros((1, 1), np.uint8), detect)  # an unknown mode fails before any work
     rows: list[dict[str, Any]] = []
@@ -168,7 +173,7 @@ def classify(
         if is_crop(grey, detect):
             found = [(Box(0, 0, width, height), resize_face(grey))]
         else:
-            found = [(box, crop(grey, box)) for box in find_faces(grey)]
+            found = [(box, crop(grey, box)) for box in detector.find(grey)]
         if not found:
             rows.append({**row, "label": NO_FACE})
         for number, (box, face) in enumerate(found):

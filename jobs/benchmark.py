@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--gpu", action="store_true", help="measure on the local GPU (bf16) instead of the CPU")
     infer.add_argument("--batch", type=int, default=256)
     infer.add_argument("--images", type=int, default=2048)
+    infer.add_argument("--photos", type=int, default=40, help="640×480 photos per end-to-end measurement")
+    infer.add_argument("--source", default=str(REAL_FER2013), help="FER2013 CSV for the detectors' recall")
     infer.add_argument("--json", type=Path, help="also write the results here")
     recipe = sub.add_parser("recipe", help="real FER2013: train a config, score it and the peers on PrivateTest")
     recipe.add_argument("--source", default=str(REAL_FER2013), help="FER2013 CSV, sharded when --manifest is absent")

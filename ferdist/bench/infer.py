@@ -85,4 +85,8 @@ def bench_infer(args: argparse.Namespace, console: Console) -> dict:
     results["png_decode_to_face_img_s"] = decode
     console.print(table)
     console.print(f"decoding a 48×48 PNG file into a face (jobs/predict.py's reading): {decode:,.0f} img/s")
+    if not args.gpu:
+        from ferdist.bench.photos import bench_photos
+
+        results["photos"] = bench_photos(console, photos=args.photos, source=Path(args.source))
     return results
