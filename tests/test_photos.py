@@ -267,3 +267,27 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_ones_with_the_senten
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_model_registered_before_models_from_code_still_loads(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Models logged until now hold a cloud-pickled ``ferdist.registry.FerModel`` (these exact 141 bytes) and an
+    input schema of one binary ``image`` column; loaded beside today's ferdist they answer with today's rows."""
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from ferdist.registry import FerModel
+
+    old_pickle = (b"\x80\x05\x95\x82\x00\x00\x00\x00\x00\x00\x00\x8c\x10ferdist.registry\x94\x8c\x08FerModel\x94\x93"
+                  b"\x94)\x81\x94}\x94\x8c\x13_predict_type_hints\x94\x8c\x17mlflow.models.signature\x94\x8c\n_TypeHints"
+                  b"\x94\x93\x94)\x81\x94}\x94(\x8c\x05input\x94N\x8c\x06output\x94Nubsb.")  # fmt: skip
+    folder = tmp_path / "old-model"
+    mlflow.pyfunc.save_model(str(folder), python_model=FerModel(), artifacts={"checkpoint": str(tiny_checkpoint)},
+                             signature=ModelSignature(inputs=Schema([ColSpec("binary", "image")])))  # fmt: skip
+    (folder / "python_model.pkl").write_bytes(old_pickle)
+    faces = np.random.default_rng(5).integers(0, 256, (2, 48, 48), dtype=np.uint8)
+    table = mlflow.pyfunc.load_model(str(folder)).predict(pd.DataFrame({"image": [png(f) for f in faces]}))
+    model, cfg = load_classifier(tiny_checkpoint)
+    expected = Predictor(model, image_size=cfg.model.image_size).probabilities(faces)
+    np.testing.assert_allclose(table[probability_columns()].to_numpy(), expected, atol=1e-6)
+    assert list(table["face"]) == [0, 0]
