@@ -1,6 +1,8 @@
 """``infer`` measures images/s through `ferdist.inference.Predictor` (the code path of jobs/predict.py, jobs/evaluate.py
 and the MLflow model): batched and one image per call, for the quick-start geometry (random:tiny at 32 px) and the
-ViT-B/16 base geometry at 224 (bf16 on a GPU), plus the cost of decoding a PNG file into a 48×48 face.
+ViT-B/16 base geometry at 224 (bf16 on a GPU), plus the cost of decoding a PNG file into a 48×48 face; on a CPU
+also the exported ONNX file against PyTorch (`ferdist.bench.onnx`) and photos end to end per face detector
+(`ferdist.bench.photos`).
 """
 
 from __future__ import annotations
@@ -86,7 +88,9 @@ def bench_infer(args: argparse.Namespace, console: Console) -> dict:
     console.print(table)
     console.print(f"decoding a 48×48 PNG file into a face (jobs/predict.py's reading): {decode:,.0f} img/s")
     if not args.gpu:
+        from ferdist.bench.onnx import bench_onnx
         from ferdist.bench.photos import bench_photos
 
+        results["onnx"] = bench_onnx(images=args.images, batch=args.batch, console=console)
         results["photos"] = bench_photos(console, photos=args.photos, source=Path(args.source))
     return results
