@@ -63,6 +63,10 @@ class ExportResult:
     opset: int
 
 
+MAX_BATCH = 65_536
+"""Largest batch the exported graph declares. An unbounded batch dimension fails torch.export on torch 2.6 (a guard
+against the largest int64), and no caller sends more faces than this in one call."""
+
 def require_packages() -> None:
     """Fails with the install command when the optional export packages are missing (they are an extra, not core)."""
     missing = []
@@ -117,7 +121,7 @@ def export_onnx(model: FerClassifier, out: Path, *, image_size: int, metadata: d
     example = torch.zeros(2, FACE_SIDE, FACE_SIDE, dtype=torch.uint8)
     program = torch.onnx.export(
         wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}}, verbose=False,
+        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", max=MAX_BATCH)}}, verbose=False,
     )  # fmt: skip
     if program is None:  # only the TorchScript exporter returns None
         raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")

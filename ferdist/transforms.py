@@ -40,7 +40,7 @@ def crop_params(batch: int, cfg: AugmentConfig, *, generator: torch.Generator) -
 def to_model_input(images: torch.Tensor, *, image_size: int, theta: torch.Tensor | None = None) -> torch.Tensor:
     """Resamples uint8 ``images`` through ``theta`` (identity if None) to ``image_size``, 3 channels, normalised."""
     batch = images.shape[0]
-    x = images.float().div_(255.0)
+    x = images.float() / 255.0  # not in place: torch 2.6's export (ONNX) refuses to mutate its input's copy
     if theta is None:
         theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(batch, 2, 3)
     grid = F.affine_grid(theta.to(x.device), [batch, 1, image_size, image_size], align_corners=False)
