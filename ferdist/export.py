@@ -38,6 +38,9 @@ MAX_ABS_DIFF = 1e-4
 CHECK_FACES = 256
 INPUT_NAME, OUTPUT_NAME = "faces", "probabilities"
 PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+MAX_BATCH = 65_536
+"""Largest batch the exported graph declares. An unbounded batch dimension fails torch.export on torch 2.6 (a guard
+against the largest int64), and no caller sends more faces than this in one call."""
 
 
 class FaceClassifier(nn.Module):
@@ -62,10 +65,6 @@ class ExportResult:
     """Largest |p_onnxruntime − p_pytorch| over the check faces."""
     opset: int
 
-
-MAX_BATCH = 65_536
-"""Largest batch the exported graph declares. An unbounded batch dimension fails torch.export on torch 2.6 (a guard
-against the largest int64), and no caller sends more faces than this in one call."""
 
 def require_packages() -> None:
     """Fails with the install command when the optional export packages are missing (they are an extra, not core)."""
