@@ -16,14 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow.artifacts
 import mlflow.pyfunc
 
 from ferdist.errors import FerdistError
-from ferdist.serving import MODEL_CODE, FerModel, signature_and_example
-
-__all__ = ["FerModel"]  # models logged before models-from-code pickled ferdist.registry.FerModel: it must resolve
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +34,16 @@ SCORE_TAGS = {"val/acc": ACC_TAG, "val/macro_f1": F1_TAG}
 """Version tag holding each selection metric's value (checkpoint.select_by → tag)."""
 SYNTHETIC_TAG = "synthetic"
 """Version tag: "true" for a model trained on the SYNTHETIC set (its @champion rule differs)."""
+
+
+def __getattr__(name: str) -> Any:
+    """``ferdist.registry.FerModel``, which models logged before models-from-code pickled, resolves to today's class;
+    imported on that demand only, because defining a PythonModel makes MLflow print a warning in every job."""
+    if name == "FerModel":
+        from ferdist.serving import FerModel
+
+        return FerModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _requirements() -> list[str]:
@@ -67,6 +75,7 @@ def using_store(tracking_uri: str) -> Iterator[None]:
 def log_model(run_id: str, checkpoint_dir: Path, *, tracking_uri: str) -> str:
     """Logs the checkpoint as a pyfunc model under ``run_id``; returns the model URI."""
     import ferdist
+    from ferdist.serving import MODEL_CODE, signature_and_example
 
     signature, example = signature_and_example()
     with using_store(tracking_uri), mlflow.start_run(run_id=run_id):

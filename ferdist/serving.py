@@ -14,7 +14,6 @@ with ferdist's sentence (`RequestError`, HTTP 400 through ``mlflow models serve`
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,6 @@ class RequestError(MlflowException):
     @message.setter
     def message(self, value: str) -> None:
         pass  # the scoring server's rewrite (see the class docstring) is dropped
-
-
-# MLflow asks every PythonModel for type hints on predict; they would declare the input schema this model must not
-# have (see the module docstring), so the reminder is silenced rather than printed by every job that imports this.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class FerModel(mlflow.pyfunc.PythonModel):

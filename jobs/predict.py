@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     kept = [{k: v for k, v in row.items() if k != "error"} for row in rows if not row["error"]]
     if args.output:
         write_output(args.output, kept)
-        console.print(f"wrote {len(kept)} rows to {args.output}")
+        console.print(f"wrote {plural(len(kept), 'row')} to {args.output}")
     else:
         print_rows(kept)
     if args.annotate:
         from ferdist.annotate import annotate_files
 
         written = annotate_files(kept, args.annotate)
-        console.print(f"wrote {len(written)} annotated photos to {args.annotate}/")
+        console.print(f"wrote {plural(len(written), 'annotated photo')} to {args.annotate}/")
     faces, images = sum(1 for row in kept if row["face"] >= 0), len({row["file"] for row in kept})
     console.print(f"{plural(faces, 'face')} in {plural(images, 'image')}"
                   + (f", {plural(len(skipped), 'file')} skipped" if skipped else ""))  # fmt: skip
