@@ -81,7 +81,7 @@ def require_packages() -> None:
 
 def check_destination(out: Path, *, force: bool) -> None:
     """Refuses an ``out`` that would be misread (no .onnx suffix) or would silently replace a file."""
-    if out.suffix != ".onnx":
+    if out.suffix.lower() != ".onnx":
         raise FerdistError(f"--out {out} does not end in .onnx; name the file model.onnx or similar")
     if out.is_dir():
         raise FerdistError(f"--out {out} is a folder; give a file name ending in .onnx")
@@ -118,12 +118,18 @@ def export_onnx(model: FerClassifier, out: Path, *, image_size: int, metadata: d
     wrapper = FaceClassifier(model.eval(), image_size=image_size).eval()
     # Two example faces, not one: torch.export specialises a dimension of size 1, which would fix the batch.
     example = torch.zeros(2, FACE_SIDE, FACE_SIDE, dtype=torch.uint8)
-    program = torch.onnx.export(
-        wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", max=MAX_BATCH)}}, verbose=False,
-    )  # fmt: skip
+    try:
+        program = torch.onnx.export(
+            wrapper, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", max=MAX_BATCH)}},
+            verbose=False,
+        )  # fmt: skip
+    except Exception as exn:  # torch.export and onnxscript raise many types; the first line says which step failed
+        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        raise FerdistError(f"torch {torch.__version__} could not export this model to ONNX opset {opset} ({first}); "
+                           "try another --opset, or report it with the model's backbone.json") from None  # fmt: skip
     if program is None:  # only the TorchScript exporter returns None
-        raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNX program")
+        raise FerdistError("torch.onnx.export(dynamo=True) returned no ONNX program; upgrade torch (>= 2.6)")
     program.model.metadata_props.update(metadata)
     program.model.doc_string = f"ferdist FER2013 classifier: {metadata['input']} -> {metadata['output']}"
     # One self-contained file; the protobuf limit (2 GB) is far above ViT-MAE large.
@@ -131,8 +137,14 @@ def export_onnx(model: FerClassifier, out: Path, *, image_size: int, metadata: d
 
 
 def check_faces(n: int, *, seed: int = 0) -> np.ndarray:
-    """``n`` deterministic random uint8 faces (every pixel value occurs, unlike in a drawn face)."""
-    return np.random.default_rng(seed).integers(0, 256, size=(n, FACE_SIDE, FACE_SIDE), dtype=np.uint8)
+    """``n`` deterministic uint8 faces: SYNTHETIC faces of every class (`ferdist.synth`), every fourth one replaced
+    by random pixels so every value 0-255 goes through the graph too."""
+    from ferdist.synth import draw_face
+
+    rng = np.random.default_rng(seed)
+    faces = np.stack([draw_face(i % len(FER_CLASSES), rng) for i in range(n)])
+    faces[::4] = rng.integers(0, 256, size=faces[::4].shape, dtype=np.uint8)
+    return faces
 
 
 def check_onnx(path: Path, model: FerClassifier, *, image_size: int, faces: int = CHECK_FACES) -> float:
@@ -170,7 +182,10 @@ def export_checked(
     Raises:
         FerdistError: the file does not reproduce PyTorch's probabilities within `MAX_ABS_DIFF`, or cannot be run.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exn:
+        raise FerdistError(f"cannot create the folder of --out {out} ({exn.strerror}); choose another --out") from None
     partial = out.with_name(f".{out.name}.partial")  # same folder: os.replace is then a rename
     try:
         export_onnx(model, partial, image_size=image_size, metadata=metadata, opset=opset)

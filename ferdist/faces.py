@@ -76,11 +76,18 @@ class Detector:
     """Overlapping hits a box needs: fewer finds more faces and more things that are not faces."""
 
     def find(self, grey: np.ndarray) -> list[Box]:
-        """The faces in uint8 grey pixels ``[H, W]``, largest first, as boxes in those pixels."""
+        """The faces in ``grey`` (uint8 ``[H, W]``; any other image goes through `ferdist.inference.to_pixels`),
+        largest first, as boxes in its pixels."""
         import cv2
 
+        if grey.ndim != 2 or grey.dtype != np.uint8:
+            from ferdist.inference import to_pixels
+
+            grey = to_pixels(grey, name="the image searched for faces")
         height, width = grey.shape
         scale = min(1.0, SEARCH_SIDE / max(height, width))
+        if min(height, width) * scale < 30:  # thinner than the smallest face searched for (a 1×4000 strip)
+            return []
         small = grey if scale == 1.0 else cv2.resize(grey, (round(width * scale), round(height * scale)),
                                                      interpolation=cv2.INTER_AREA)  # fmt: skip
         # No histogram equalisation: it cost 20 points of recall on FER2013's faces (README, "Use the model on
@@ -123,9 +130,10 @@ def crop(grey: np.ndarray, box: Box, *, margin: float = MARGIN) -> np.ndarray:
     left = box.x + box.w // 2 - side // 2
     top = box.y + box.h // 2 - side // 2
     height, width = grey.shape
-    pad = max(0, -left, -top, left + side - width, top + side - height)
-    source = np.pad(grey, pad, mode="edge") if pad else grey
-    square = source[top + pad : top + pad + side, left + pad : left + pad + side]
+    window = grey[max(0, top) : min(height, top + side), max(0, left) : min(width, left + side)]
+    # Only the window is padded (never the whole photo), by what lies outside the photo on each side.
+    square = np.pad(window, ((max(0, -top), max(0, top + side - height)), (max(0, -left), max(0, left + side - width))),
+                    mode="edge")  # fmt: skip
     image = Image.fromarray(np.ascontiguousarray(square))
     if image.size != (FACE_SIDE, FACE_SIDE):
         image = image.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)

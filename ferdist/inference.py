@@ -9,9 +9,10 @@ bit-identical to the same face read from a shard.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from ferdist.faces import HAAR, Box, DetectMode, Detector
 from ferdist.images import array_to_uint8, grey_pixels
 from ferdist.model import FerClassifier
 from ferdist.transforms import eval_transform
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MAX_PIXELS = 50_000_000
 """Largest image read, in pixels (a 50-megapixel photo; ~150 MB decoded). Checked from the file's header before it is
@@ -39,7 +43,9 @@ def to_pixels(image: Any, *, name: str = "image") -> np.ndarray:
 
     if isinstance(image, (bytes, bytearray, memoryview)):
         try:
-            image = Image.open(io.BytesIO(bytes(image)))  # reads the header only
+            with warnings.catch_warnings():  # PIL warns above 89 MP; _check_size below says it in ferdist's words
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(bytes(image)))  # reads the header only
         except Image.DecompressionBombError:
             raise FerdistError(f"{name} is over {Image.MAX_IMAGE_PIXELS * 2 / 1e6:.0f} megapixels; downscale it "
                                "first") from None  # fmt: skip
@@ -148,7 +154,7 @@ def classify(
     detect: DetectMode = "auto",
     names: Sequence[str] | None = None,
     detector: Detector = HAAR,
-) -> Any:
+) -> pd.DataFrame:
     """A DataFrame with a row per face found (`COLUMNS`): ``image`` (the input's index), ``face`` (0, 1, … largest
     first), its box ``x, y, w, h`` in the image's pixels, ``label`` and one probability per class. An image with no
     face gets one row labelled `NO_FACE`; one that cannot be read gets a row whose ``error`` says why, and the others
@@ -213,8 +219,8 @@ def images_from_input(model_input: Any) -> list[Any]:
             raise FerdistError(f"the input table has the columns {list(model_input.columns)}; put the images in "
                                "one column named 'image'")  # fmt: skip
     elif isinstance(model_input, np.ndarray) and model_input.dtype.kind in "uifb":
-        # [H, W] or [H, W, 3|4] is one image; [N, H, W] or [N, H, W, C] a batch.
-        one = model_input.ndim == 2 or (model_input.ndim == 3 and model_input.shape[-1] in (3, 4))
+        # Channels last: [H, W] or [H, W, 1|3|4] is one image; [N, H, W] or [N, H, W, C] a batch.
+        one = model_input.ndim == 2 or (model_input.ndim == 3 and model_input.shape[-1] in (1, 3, 4))
         items = [model_input] if one else list(model_input)
     elif isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
         items = list(model_input)

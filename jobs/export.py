@@ -6,7 +6,7 @@
 
 --model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder or an s3://
 checkpoint. The class names and the input contract are stored in the file's metadata. Before --out is written,
-ONNX Runtime (CPU) must reproduce PyTorch's probabilities within 1e-4 on 256 random faces and on a batch of one.
+ONNX Runtime (CPU) must reproduce PyTorch's probabilities within 1e-4 on 256 faces and on a batch of one.
 Needs the export extra: pip install -e ".[export]".
 """
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset})", highlight=False)
     console.print(f"input '{export.INPUT_NAME}' uint8 [N, 48, 48] → output '{export.OUTPUT_NAME}' float32 [N, 7] "
                   f"({', '.join(export.FER_CLASSES)})", highlight=False)  # fmt: skip
-    console.print(f"ONNX Runtime (CPU) vs PyTorch on {export.CHECK_FACES} random faces and a batch of 1: max "
+    console.print(f"ONNX Runtime (CPU) vs PyTorch on {export.CHECK_FACES} faces and a batch of 1: max "
                   f"|Δp| {result.max_abs_diff:.2e} (limit {export.MAX_ABS_DIFF:g})", highlight=False)  # fmt: skip
     if cfg.model.pretrained.startswith("random:"):
         console.print(f"(backbone {cfg.model.pretrained}: randomly initialised, not pretrained)")

@@ -32,7 +32,7 @@ def test_the_onnx_file_matches_the_predictor_at_any_batch_size(
     assert [p.name for p in tmp_path.iterdir()] == ["fer.onnx"]  # no partial file left
 
     model, cfg = load_classifier(tiny_checkpoint)
-    faces = np.random.default_rng(7).integers(0, 256, size=(256, 48, 48), dtype=np.uint8)  # not the job's faces
+    faces = export.check_faces(256, seed=7)  # drawn faces of every class (and some noise), not the job's own
     expected = Predictor(model, image_size=cfg.model.image_size).probabilities(faces)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     got = session.run(["probabilities"], {"faces": faces})[0]

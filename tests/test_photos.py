@@ -127,6 +127,40 @@ def test_predict_gives_a_row_per_face_equal_to_the_predictor_on_the_same_crops(
     assert "2 faces in 1 image" in capsys.readouterr().err
 
 
+def test_predict_names_each_file_once_prints_names_as_they_are_and_overwrites_no_photo(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import predict as job
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo, _ = two_face_photo()
+    Image.fromarray(photo).save(photos / "party [final].JPG", quality=95)  # markup-like name, upper-case suffix
+    Image.fromarray(astronaut()).save(photos / "astronaut.png")
+    (photos / "strip.png").write_bytes(png(np.full((1, 4000), 128, np.uint8)))  # thinner than any face
+    out = tmp_path / "rows.csv"
+    model = ["--model", str(tiny_checkpoint)]
+    assert job.main([*model, str(photos), str(photos / "astronaut.png"), "--output", str(out),
+                     "--annotate", str(photos)]) == 0  # fmt: skip
+    lines = out.read_text().splitlines()
+    assert [line.split(",")[:2] for line in lines[1:]] == [
+        [str(photos / "astronaut.png"), "0"], [str(photos / "party [final].JPG"), "0"],
+        [str(photos / "party [final].JPG"), "1"], [str(photos / "strip.png"), "-1"]]  # fmt: skip
+    assert lines[-1].endswith(",no face,,,,,,,")  # no face: empty probabilities in CSV
+    err = capsys.readouterr().err
+    assert "3 faces in 3 images" in err and "wrote 3 annotated photos" in err
+    assert Image.open(photos / "astronaut.png").size == (512, 512)  # the input, not overwritten
+    assert Image.open(photos / "astronaut-1.png").size == (512, 512)  # its annotated copy beside it
+    assert {p.name for p in photos.iterdir()} >= {"party [final].png", "strip-1.png"}
+
+    monkeypatch.chdir(photos)  # a short name: the screen table does not wrap it
+    assert job.main([*model, "party [final].JPG"]) == 0
+    assert "party [final].JPG" in capsys.readouterr().out  # printed as named, not read as markup
+    (tmp_path / "taken.csv").mkdir()
+    assert job.main([*model, str(photos), "--output", str(tmp_path / "taken.csv")]) == 2
+    assert "--output " + str(tmp_path / "taken.csv") + " is a folder; name a file" in capsys.readouterr().err
+
+
 def huge_png(width: int, height: int) -> bytes:
     """A valid grey PNG of ``width`` × ``height`` zeros, built row by row so the test never holds its pixels."""
 
@@ -172,6 +206,9 @@ def test_the_mlflow_model_takes_arrays_as_it_takes_files_and_refuses_bad_images_
     assert list(from_arrays["face"]) == [0] * 5 and (from_arrays["error"] == "").all()
     colour = model.predict(np.stack([faces] * 3, axis=-1))  # N×H×W×3
     np.testing.assert_allclose(colour[probability_columns()].to_numpy(), from_arrays[probability_columns()].to_numpy())
+    one = model.predict(faces[0][..., None])  # one [H, W, 1] face is one image, not 48 strips
+    assert list(one["face"]) == [0] and np.allclose(one[probability_columns()], from_arrays[probability_columns()][:1])
+    assert list(model.predict(np.full((1, 4000), 9, np.uint8), params={"detect": "on"})["label"]) == ["no face"]
     photo, _ = two_face_photo()
     assert list(model.predict(photo[None])["face"]) == [0, 1]  # one photo as a batch of one: detected
     assert list(model.predict(photo[None], params={"detect": "off"})["face"]) == [0]
@@ -192,6 +229,16 @@ def test_the_mlflow_model_takes_arrays_as_it_takes_files_and_refuses_bad_images_
     assert refused.value.message.startswith("image 0 is not an image") and "\n" not in refused.value.message
     with pytest.raises(MlflowException, match="detect='sometimes' is not a detection mode"):
         model.predict(faces, params={"detect": "sometimes"})
+    # What `mlflow models serve` runs for a request (without the server): the 400 body is the sentence alone.
+    from mlflow.pyfunc.scoring_server import invocations
+
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b"BM junk").decode()]]}})
+    with pytest.raises(MlflowException) as served_error:
+        invocations(body, "application/json", model, None)
+    assert served_error.value.get_http_status_code() == 400
+    reply = json.loads(served_error.value.serialize_as_json())
+    assert reply["message"] == ("image 0 is not an image (7 bytes of no image format PIL knows); send PNG, JPEG, BMP, "
+                                "WebP or TIFF bytes") and "stack_trace" not in reply  # fmt: skip
     with pytest.raises(FerdistError, match=r"image is 10000×10000"):
         to_pixels(np.broadcast_to(np.uint8(0), (10_000, 10_000)))  # an array is refused before it is copied
 
@@ -247,7 +294,8 @@ def test_mlflow_models_serve_answers_images_and_refuses_bad_ones_with_the_senten
                                    atol=1e-6)  # fmt: skip
         as_inputs = post({"inputs": {"image": encoded}, "params": {"detect": "off"}})
         arrays = post({"inputs": faces.tolist()})
-        for response in (as_inputs, arrays):
+        records = post({"dataframe_records": [{"image": e} for e in encoded]})
+        for response in (as_inputs, arrays, records):
             assert response.status_code == 200
             assert pd.DataFrame(response.json()["predictions"])["label"].tolist() == got["label"].tolist()
         no_face = post({"inputs": [np.full((200, 200), 90).tolist()]})
