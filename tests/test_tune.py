@@ -95,8 +95,10 @@ def test_asha_stops_the_laggard_one_run_per_trial_and_champion_serves_the_checkp
     good, stopped = by_status["completed"], by_status["early-stopped"]
     assert float(good.data.params["optim.lr"]) == 3e-3 and float(stopped.data.params["optim.lr"]) == 1e-7
     assert steps(client, good) == [1, 2, 3, 4]
-    # Stopped at the epoch-2 rung; its workers may finish one more epoch before Tune's stop reaches them.
-    assert steps(client, stopped)[:2] == [1, 2] and len(steps(client, stopped)) < 4
+    # Stopped at the epoch-2 rung: Tune saw 2 epochs of it (the summary line above). Its workers keep training until
+    # Tune's stop reaches them, 3-4 s after the decision on this machine: one or two of this run's 1.4 s epochs
+    # (under one on a GPU epoch of 6.5 s), so MLflow has epochs 1-2 and possibly the ones in flight.
+    assert steps(client, stopped)[:2] == [1, 2]
     for run in runs:
         assert {m for m in run.data.metrics} >= {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc",
                                                  "val/macro_f1", "perf/samples_per_s"}  # fmt: skip
