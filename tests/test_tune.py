@@ -118,6 +118,7 @@ def test_asha_stops_the_laggard_one_run_per_trial_and_champion_serves_the_checkp
 
     from ferdist import runs as stored
     from ferdist.checkpoint import load_classifier
+    from ferdist.constants import FER_CLASSES
     from ferdist.data import build_loader, open_dataset
     from ferdist.inference import Predictor
     from ferdist.registry import using_store
@@ -132,8 +133,10 @@ def test_asha_stops_the_laggard_one_run_per_trial_and_champion_serves_the_checkp
                           training=False)  # fmt: skip
     faces = torch.cat([b["image"] for b in loader])[:, 0].numpy()
     table = served.predict(pd.DataFrame({"image": [png(f) for f in faces]}))
-    np.testing.assert_allclose(table.iloc[:, 1:].to_numpy(), Predictor(model, image_size=32).probabilities(faces),
+    columns = [f"p_{c.lower()}" for c in FER_CLASSES]
+    np.testing.assert_allclose(table[columns].to_numpy(), Predictor(model, image_size=32).probabilities(faces),
                                atol=1e-6)  # fmt: skip
+    assert list(table["face"]) == [0] * len(faces)  # 48×48 faces are crops: one row each
 
 
 @pytest.mark.slow
