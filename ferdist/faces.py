@@ -57,10 +57,15 @@ class Box:
         return inter / float(self.w * self.h + other.w * other.h - inter) if inter else 0.0
 
 
-def is_crop(grey: np.ndarray, mode: DetectMode) -> bool:
-    """Whether ``grey`` is taken as one face as it is (``off``, or ``auto`` and small) rather than searched."""
+def check_mode(mode: str) -> None:
+    """Raises `FerdistError` for a ``detect`` value that is not one of `DETECT_MODES`."""
     if mode not in DETECT_MODES:
         raise FerdistError(f"detect={mode!r} is not a detection mode; use one of {', '.join(DETECT_MODES)}")
+
+
+def is_crop(grey: np.ndarray, mode: DetectMode) -> bool:
+    """Whether ``grey`` is taken as one face as it is (``off``, or ``auto`` and small) rather than searched."""
+    check_mode(mode)
     return mode == "off" or (mode == "auto" and max(grey.shape[:2]) <= CROP_SIDE)
 
 
@@ -124,8 +129,6 @@ def crop(grey: np.ndarray, box: Box, *, margin: float = MARGIN) -> np.ndarray:
     padded with the photo's edge pixels where it leaves the photo, and resized as `ferdist.inference.to_face`
     resizes (bilinear with antialiasing), so a crop reaches the model as a whole-image face of the same pixels would.
     """
-    from PIL import Image
-
     side = round(max(box.w, box.h) * (1 + 2 * margin))
     left = box.x + box.w // 2 - side // 2
     top = box.y + box.h // 2 - side // 2
@@ -134,7 +137,14 @@ def crop(grey: np.ndarray, box: Box, *, margin: float = MARGIN) -> np.ndarray:
     # Only the window is padded (never the whole photo), by what lies outside the photo on each side.
     square = np.pad(window, ((max(0, -top), max(0, top + side - height)), (max(0, -left), max(0, left + side - width))),
                     mode="edge")  # fmt: skip
-    image = Image.fromarray(np.ascontiguousarray(square))
-    if image.size != (FACE_SIDE, FACE_SIDE):
-        image = image.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(image, dtype=np.uint8)
+    return resize_face(np.ascontiguousarray(square))
+
+
+def resize_face(grey: np.ndarray) -> np.ndarray:
+    """uint8 grey pixels as the 48×48 face the model reads: bilinear with antialiasing (a 48×48 image unchanged)."""
+    from PIL import Image
+
+    if grey.shape == (FACE_SIDE, FACE_SIDE):
+        return grey
+    face = Image.fromarray(grey).resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(face, dtype=np.uint8)

@@ -19,7 +19,7 @@ import torch
 
 from ferdist.constants import FACE_SIDE, FER_CLASSES
 from ferdist.errors import FerdistError
-from ferdist.faces import HAAR, Box, DetectMode, Detector
+from ferdist.faces import HAAR, Box, DetectMode, Detector, resize_face
 from ferdist.images import array_to_uint8, grey_pixels
 from ferdist.model import FerClassifier
 from ferdist.transforms import eval_transform
@@ -88,15 +88,6 @@ def to_face(image: Any, *, name: str = "image") -> np.ndarray:
     return resize_face(to_pixels(image, name=name))
 
 
-def resize_face(grey: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    if grey.shape == (FACE_SIDE, FACE_SIDE):
-        return grey
-    face = Image.fromarray(grey).resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(face, dtype=np.uint8)
-
-
 def read_image(path: Path) -> np.ndarray:
     """The pixels of image file ``path`` (see `to_pixels`)."""
     try:
@@ -162,9 +153,9 @@ def classify(
     """
     import pandas as pd
 
-    from ferdist.faces import crop, is_crop
+    from ferdist.faces import check_mode, crop, is_crop
 
-    is_crop(np.zeros((1, 1), np.uint8), detect)  # an unknown mode fails before any work
+    check_mode(detect)  # an unknown mode fails before any work
     rows: list[dict[str, Any]] = []
     crops: list[np.ndarray] = []
     for index, item in enumerate(images):
