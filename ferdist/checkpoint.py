@@ -88,14 +88,14 @@ class Snapshot:
     """Optimizer, scheduler, progress and the frozen weights' sha256: resume state only."""
 
 
-def _to_cpu(value: Any) -> Any:
+def to_cpu(value: Any) -> Any:
     """A deep copy of tensors (in dicts and lists) on the CPU, so later in-place updates cannot reach it."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
+        return {k: to_cpu(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
+        return type(value)(to_cpu(v) for v in value)
     return value
 
 
@@ -125,7 +125,7 @@ def take_snapshot(
     if reuse is not None and reuse.epoch == state.epochs_done and trained <= set(reuse.weights):
         trained_now = {k: reuse.weights[k] for k in trained}
     else:
-        trained_now = _to_cpu({k: v for k, v in raw_model.state_dict().items() if k in trained})
+        trained_now = to_cpu({k: v for k, v in raw_model.state_dict().items() if k in trained})
     # Copies: the loop adds timings to the latest metrics while the writer thread serialises these.
     summary = {"epoch": state.epochs_done, "metrics": dict(state.history[-1]), "confusion": confusion,
                "history": [dict(h) for h in state.history]}  # fmt: skip
@@ -138,7 +138,7 @@ def take_snapshot(
                    for k, v in everything.items()}  # fmt: skip
         return Snapshot(weights=weights, **common)
     optimizer, scheduler, frozen_digest = resume
-    train_state = {"optimizer": _to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+    train_state = {"optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
                    "epochs_done": state.epochs_done, "history": summary["history"],
                    "resumed_at": list(state.resumed_at), "frozen_sha256": frozen_digest,
                    "pretrained": cfg.model.pretrained}  # fmt: skip

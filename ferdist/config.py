@@ -271,10 +271,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ValueError(f"name must be letters, digits, '_', '.' or '-' (it names a folder), got {self.name!r}")
-        # Fail at submission, not on the cluster, when the batch cannot be split evenly.
-        self.loop.batch_per_worker(self.workers.num_workers)
+        _check_name_and_batch(self.name, self.loop, self.workers)
 
     @property
     def checkpoint_endpoint(self) -> str | None:
@@ -282,10 +279,103 @@ class RunConfig:
         return self.checkpoint.endpoint_url or self.data.endpoint_url
 
 
+def _check_name_and_batch(name: str, loop: LoopConfig, workers: WorkersConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"name must be letters, digits, '_', '.' or '-' (it names a folder), got {name!r}")
+    # Fail at submission, not on the cluster, when the batch cannot be split evenly.
+    loop.batch_per_worker(workers.num_workers)
+
+
+# --- MAE pretraining (jobs/pretrain.py) ------------------------------------------------------------------------
+# The same tree as a fine-tuning run where the parts are the same (augment, optim, loop, workers, checkpoint,
+# tracking); its own data and model sections, so a fine-tuning key (model.freeze_blocks) is refused, not ignored.
+
+PRETRAIN_SPLIT = "train"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainDataConfig(DataConfig):
+    split: str = PRETRAIN_SPLIT
+    """The manifest split pretraining reads. Only train: val and test are held out for the fine-tuned model."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.split != PRETRAIN_SPLIT:
+            held_out = self.split in ("val", "test")
+            raise ValueError(
+                f"data.split={self.split}: pretraining reads only the train split"
+                + (f"; {self.split} is held out to choose and score the fine-tuned model, and an encoder that has "
+                   "seen its faces, even without labels, would make those scores optimistic" if held_out else "")
+                + "; remove data.split or set it to train"
+            )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class MaeConfig:
+    pretrained: str = "random:small"
+    """Where pretraining starts: random:<geometry> (tiny, small, base), or a ViT-MAE checkpoint (a Hugging Face id
+    such as facebook/vit-mae-base, a save_pretrained folder, an s3:// prefix) whose encoder and decoder continue."""
+    image_size: int = 48
+    """Side of the square input; it must be a multiple of the patch size."""
+    mask_ratio: float = 0.75
+    """Fraction of each image's patches hidden from the encoder (a new random mask every step)."""
+    norm_pix_loss: bool = True
+    """Reconstruct each patch's pixels normalised by the patch's own mean and variance (MAE's better target)."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel, as model.attention of a fine-tuning run."""
+    pictures_every: int = 5
+    """Every this many epochs (and after the last) MLflow gets a picture of faces, masked inputs and their
+    reconstructions; 0 turns the pictures off."""
+
+    def __post_init__(self) -> None:
+        if not self.pretrained:
+            raise ValueError("model.pretrained must be random:<geometry> or a ViT-MAE checkpoint")
+        if self.image_size < 16:
+            raise ValueError(f"model.image_size must be >= 16, got {self.image_size}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"model.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.pictures_every < 0:
+            raise ValueError(f"model.pictures_every must be >= 0, got {self.pictures_every}")
+
+
+def _pretrain_optim() -> OptimConfig:
+    # MAE's pretraining optimiser (He et al. 2022, table 8): AdamW with beta2 0.95, weight decay 0.05, no smoothing.
+    return OptimConfig(lr=1.0e-3, beta2=0.95, weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    name: str = "pretrain-quickstart"
+    """Run name: names the run's folder under checkpoint.storage_path; re-running a name resumes it."""
+    seed: int = 0
+    """Seeds model initialisation, data order, augmentation and masks."""
+    data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
+    model: MaeConfig = field(default_factory=MaeConfig)
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_scale=0.6))
+    optim: OptimConfig = field(default_factory=_pretrain_optim)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(epochs=10, global_batch_size=128))
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_epochs=1))
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="ferdist-pretrain"))
+
+    def __post_init__(self) -> None:
+        _check_name_and_batch(self.name, self.loop, self.workers)
+        if self.optim.layer_decay != 1.0:
+            raise ValueError("optim.layer_decay is a fine-tuning setting; pretraining trains every layer at optim.lr")
+
+    @property
+    def checkpoint_endpoint(self) -> str | None:
+        """The S3 endpoint of checkpoint.storage_path (its own setting, else the data's)."""
+        return self.checkpoint.endpoint_url or self.data.endpoint_url
+
+
+Config = typing.TypeVar("Config", RunConfig, PretrainConfig)
+
+
 # --- flattening, parsing, YAML ------------------------------------------------------------------------------------
 
 
-def to_flat_dict(cfg: RunConfig) -> dict[str, Any]:
+def to_flat_dict(cfg: RunConfig | PretrainConfig) -> dict[str, Any]:
     """``{"optim.lr": 3e-05, "name": "quickstart", ...}``: every leaf, dotted, with its typed value."""
     flat: dict[str, Any] = {}
 
@@ -301,13 +391,15 @@ def to_flat_dict(cfg: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def from_flat_dict(flat: dict[str, Any], *, origin: str = "config") -> RunConfig:
+def from_flat_dict(flat: dict[str, Any], *, origin: str = "config", root: type[Config] = RunConfig) -> Config:
     """The inverse of `to_flat_dict`; values may also be strings (``"3e-4"``), parsed by the field's type.
+    ``root`` is the tree's class: `RunConfig` (fine-tuning) or `PretrainConfig`.
 
     Raises:
         FerdistError: an unknown key, a value of the wrong type, or one that fails validation, naming ``origin``.
     """
-    return _build(RunConfig, flat, "", origin)
+    # Unset keys take the root's defaults, which for a PretrainConfig differ from its sections' own (optim.beta2).
+    return _build(root, {**to_flat_dict(root()), **flat}, "", origin)
 
 
 def _build(cls: type, flat: dict[str, Any], prefix: str, origin: str) -> Any:
@@ -320,7 +412,7 @@ def _build(cls: type, flat: dict[str, Any], prefix: str, origin: str) -> Any:
         elif key in flat:
             kwargs[f.name] = parse_value(flat[key], hints[f.name], key=key, origin=origin)
     if not prefix:
-        known = set(to_flat_dict(RunConfig()))
+        known = set(to_flat_dict(cls()))
         unknown = sorted(set(flat) - known)
         if unknown:
             close = difflib.get_close_matches(unknown[0], known, n=1)
@@ -398,8 +490,11 @@ def read_yaml(path: Path) -> dict[str, Any] | None:
         raise FerdistError(f"{path}:{where} is not valid YAML ({getattr(exn, 'problem', exn)})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The config in YAML file ``path`` (defaults where absent) with ``key=value`` overrides applied on top."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *, root: type[Config] = RunConfig
+) -> Config:
+    """The config in YAML file ``path`` (defaults where absent) with ``key=value`` overrides applied on top;
+    ``root``: `RunConfig` (fine-tuning) or `PretrainConfig`."""
     flat: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -416,7 +511,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # YAML parsing gives 'null', numbers and booleans their types; the field's type still decides.
         parsed = yaml.safe_load(value) if value.strip() else ""
         flat[key.strip()] = value if isinstance(parsed, (dict, list)) else parsed
-    return from_flat_dict(flat, origin=str(path) if path is not None else "command line")
+    return from_flat_dict(flat, origin=str(path) if path is not None else "command line", root=root)
 
 
 def worker_overrides(workers: int | None, gpus_per_worker: float | None, cpu: bool) -> list[str]:
@@ -439,7 +534,7 @@ def _flatten_mapping(doc: dict[str, Any], prefix: str, origin: str) -> dict[str,
     return flat
 
 
-def to_yaml(cfg: RunConfig) -> str:
+def to_yaml(cfg: RunConfig | PretrainConfig) -> str:
     """The config as nested YAML that `load_config` reads back to an equal config (secrets redacted)."""
     nested: dict[str, Any] = {}
     for key, value in redacted(to_flat_dict(cfg)).items():

@@ -1,6 +1,8 @@
-"""Ray Train at the edge: the `TorchTrainer` for a `RunConfig`, checks that fail fast on the driver, and the result.
+"""Ray Train at the edge: the `TorchTrainer` for a `RunConfig` (fine-tuning) or a `PretrainConfig` (MAE
+pretraining), checks that fail fast on the driver, and the result.
 
-``jobs/train.py`` calls this for a single run; ``jobs/tune.py`` calls `build_trainer` once per trial.
+``jobs/train.py`` calls this for a single run, ``jobs/tune.py`` calls `build_trainer` once per trial, and
+``jobs/pretrain.py`` for a pretraining run.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from ferdist import runs, storage
-from ferdist.config import RunConfig, to_flat_dict
+from ferdist.config import PretrainConfig, RunConfig, to_flat_dict
 from ferdist.errors import FerdistError
 from ferdist.tracking import prepare_tracking
 
+AnyConfig = RunConfig | PretrainConfig
 
-def prepare(cfg: RunConfig) -> tuple[RunConfig, int]:
+
+def prepare(cfg: AnyConfig) -> tuple[AnyConfig, int]:
     """On the driver, before Ray starts: ``cfg`` with absolute local paths and a prepared tracking store (see
     `ferdist.tracking.prepare_tracking`), checked by `preflight`; and the training steps per epoch."""
     cfg = with_absolute_paths(cfg)
@@ -27,7 +31,7 @@ def prepare(cfg: RunConfig) -> tuple[RunConfig, int]:
     return dataclasses.replace(cfg, tracking=prepare_tracking(cfg.tracking)), steps
 
 
-def preflight(cfg: RunConfig) -> int:
+def preflight(cfg: AnyConfig) -> int:
     """Checks on the driver what would otherwise fail on every worker, or in Ray's controller tens of seconds in;
     returns the training steps per epoch.
 
@@ -37,23 +41,30 @@ def preflight(cfg: RunConfig) -> int:
             source is unavailable.
     """
     from ferdist.data import build_loader, open_dataset, steps_per_epoch
-    from ferdist.model import check_pretrained
 
     # Short timeouts first, so an endpoint that accepts connections but never answers is named in seconds.
     storage.check_reachable(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     world = cfg.workers.num_workers
+    split = cfg.data.split if isinstance(cfg, PretrainConfig) else "train"
     # Building (not iterating) the loader runs its checks: enough samples and shards for every worker.
-    build_loader(dataset, "train", cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
+    build_loader(dataset, split, cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
                  training=True)  # fmt: skip
-    check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
+    if isinstance(cfg, PretrainConfig):
+        from ferdist.mae import check_start
+
+        check_start(cfg.model, endpoint_url=cfg.data.endpoint_url)
+    else:
+        from ferdist.model import check_pretrained
+
+        check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
     check_checkpoint_storage(cfg)
     return steps_per_epoch(
-        dataset.manifest.split("train").samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world
+        dataset.manifest.split(split).samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world
     )
 
 
-def check_checkpoint_storage(cfg: RunConfig) -> None:
+def check_checkpoint_storage(cfg: AnyConfig) -> None:
     """checkpoint.storage_path is reachable, accepts the credentials, has its bucket and can be written."""
     try:
         storage.check_writable(cfg.checkpoint.storage_path, endpoint_url=cfg.checkpoint_endpoint)
@@ -61,7 +72,7 @@ def check_checkpoint_storage(cfg: RunConfig) -> None:
         raise type(exn)(f"checkpoint.storage_path: {exn}") from None
 
 
-def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+def with_absolute_paths(cfg: AnyConfig) -> AnyConfig:
     """``cfg`` with local relative paths made absolute: Ray workers do not run in the driver's working directory."""
 
     def absolute(path: str) -> str:
@@ -80,7 +91,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
-def storage_target(cfg: RunConfig) -> tuple[str, Any]:
+def storage_target(cfg: AnyConfig) -> tuple[str, Any]:
     """Ray's ``storage_path`` and filesystem for ``cfg.checkpoint``: an absolute local folder (Ray's own filesystem),
     or an s3:// prefix on ferdist's S3 filesystem, through the run's endpoint and riding out outages of up to
     ``checkpoint.outage_s``. Ray's controller, its workers and the driver all use this one filesystem, so every S3
@@ -103,22 +114,34 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     """
     from ferdist.loop import train_fn_per_worker as train
 
+    _without_traceback(train, config)
+
+
+def pretrain_fn_per_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker of a pretraining run runs: `ferdist.pretraining.pretrain_fn_per_worker`."""
+    from ferdist.pretraining import pretrain_fn_per_worker as pretrain
+
+    _without_traceback(pretrain, config)
+
+
+def _without_traceback(fn: Any, config: dict[str, Any]) -> None:
     try:
-        train(config)
+        fn(config)
     except FerdistError as exn:
         # Ray logs the traceback of what a worker raised; for ferdist's own one-sentence errors (an outage past the
         # budget, a lost shard) the frames add ~20 lines per attempt and nothing the sentence does not say.
         raise exn.with_traceback(None) from None
 
 
-def build_trainer(cfg: RunConfig, *, callbacks: list[Any] | None = None) -> TorchTrainer:
-    """The `TorchTrainer` running `train_fn_per_worker` on ``cfg.workers.num_workers`` workers."""
+def build_trainer(cfg: AnyConfig, *, callbacks: list[Any] | None = None) -> TorchTrainer:
+    """The `TorchTrainer` running `train_fn_per_worker` (or `pretrain_fn_per_worker` for a `PretrainConfig`) on
+    ``cfg.workers.num_workers`` workers."""
     resources: dict[str, float] = {"CPU": cfg.workers.cpus_per_worker}
     if cfg.workers.use_gpu:
         resources["GPU"] = cfg.workers.gpus_per_worker
     storage_path, filesystem = storage_target(cfg)
     return TorchTrainer(
-        train_fn_per_worker,
+        pretrain_fn_per_worker if isinstance(cfg, PretrainConfig) else train_fn_per_worker,
         train_loop_config=to_flat_dict(cfg),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers.num_workers, use_gpu=cfg.workers.use_gpu, resources_per_worker=resources

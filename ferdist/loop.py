@@ -175,9 +175,14 @@ def run_training(cfg: RunConfig, session: Session) -> ckpt.TrainState:
 
     The run is tracked (rank 0 only) and marked FINISHED or FAILED in the tracker when it ends.
     """
+    return tracked(train, cfg, session)
+
+
+def tracked(loop: Any, cfg: Any, session: Session) -> ckpt.TrainState:
+    """``loop(cfg, session, tracker=…)`` with the run's tracker (rank 0 only), marked FINISHED or FAILED at the end."""
     tracker = make_tracker(cfg.tracking, rank=session.rank, run_name=cfg.name, params=redacted(to_flat_dict(cfg)))
     try:
-        state = train(cfg, session, tracker=tracker)
+        state = loop(cfg, session, tracker=tracker)
     except BaseException:
         tracker.close(status="FAILED")
         raise
@@ -226,8 +231,8 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
 
     for epoch in range(state.epochs_done, cfg.loop.epochs):
         cycle_started = time.perf_counter()
-        torch.manual_seed(_seed(cfg.seed, epoch, rank))  # dropout
-        augment_rng = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, 1))
+        torch.manual_seed(mixed_seed(cfg.seed, epoch, rank))  # dropout
+        augment_rng = torch.Generator().manual_seed(mixed_seed(cfg.seed, epoch, rank, 1))
         loader = build_loader(
             dataset, "train", cfg.data, batch_size=batch_size, rank=rank, world_size=world_size,
             epoch=epoch, seed=cfg.seed, training=True, pin_memory=device.type == "cuda",
@@ -244,7 +249,7 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
             totals += torch.stack([loss.detach().double() * seen, (logits.argmax(1) == labels).sum().double(), seen])
             if (step + 1) % cfg.loop.log_every == 0 or step + 1 == steps:
                 # Checking here rather than every step keeps the GPU from syncing on each batch.
-                _check_finite(loss, epoch=epoch, step=step)
+                check_finite(loss, epoch=epoch, step=step)
                 if rank == 0:
                     log.info("epoch %d step %d/%d loss %.4f lr %.3g", epoch + 1, step + 1, steps, loss.item(), lr)
         train_loss, train_correct, train_seen = all_reduce_sum(totals, world_size=world_size).tolist()
@@ -353,14 +358,28 @@ def train_step(
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(inputs)
     loss = classification_loss(logits.float(), labels, weights=weights, label_smoothing=cfg.optim.label_smoothing)
+    lr = optimizer_step(loss, optimizer=optimizer, scheduler=scheduler, trainable=trainable,
+                        grad_clip=cfg.optim.grad_clip)  # fmt: skip
+    return StepOutput(loss, logits, lr)
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    *,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainable: list[nn.Parameter],
+    grad_clip: float,
+) -> float:
+    """Backward, clip, step, schedule; returns the learning rate this step used."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if cfg.optim.grad_clip:
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.grad_clip)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
     optimizer.step()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    return StepOutput(loss, logits, lr)
+    return lr
 
 
 @torch.no_grad()
@@ -432,7 +451,7 @@ def class_weights(counts: list[int], mode: str, *, device: torch.device) -> torc
     return weights.to(device)
 
 
-def _check_finite(loss: torch.Tensor, *, epoch: int, step: int) -> None:
+def check_finite(loss: torch.Tensor, *, epoch: int, step: int) -> None:
     if not math.isfinite(loss.item()):
         raise FerdistError(
             f"the training loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; lower optim.lr, keep "
@@ -440,7 +459,7 @@ def _check_finite(loss: torch.Tensor, *, epoch: int, step: int) -> None:
         )
 
 
-def _seed(*parts: int) -> int:
+def mixed_seed(*parts: int) -> int:
     """A 63-bit seed mixed from ``parts`` (so epochs and ranks get unrelated streams)."""
     # Shifted as a Python int: numpy 1.26 has no uint64 >> int.
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0]) >> 1

@@ -33,10 +33,12 @@ from ferdist.errors import FerdistError
 
 log = logging.getLogger(__name__)
 
-# Randomly initialised geometries: `tiny` is for tests and the CPU quick start, `base` is ViT-B/16 as in
-# facebook/vit-mae-base (for benchmarks without the weights).
+# Randomly initialised geometries: `tiny` is for tests and the CPU quick start; `small` is the one a CPU can
+# MAE-pretrain on 48 px faces (jobs/pretrain.py; 6 px patches: an 8 x 8 grid, 16 patches visible at mask 0.75);
+# `base` is ViT-B/16 as in facebook/vit-mae-base (for benchmarks without the weights).
 RANDOM_GEOMETRIES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=96, num_hidden_layers=6, num_attention_heads=4, intermediate_size=192, patch_size=8),
+    "small": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512, patch_size=6),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16),
 }
 
@@ -118,11 +120,14 @@ def classifier_on(backbone: ViTMAEModel, cfg: ModelConfig) -> FerClassifier:
 def random_backbone_config(name: str, *, image_size: int) -> ViTMAEConfig:
     """The ViTMAEConfig of ``random:<name>`` at ``image_size``."""
     if name not in RANDOM_GEOMETRIES:
-        raise FerdistError(f"model.pretrained=random:{name} is unknown; use random:tiny or random:base")
+        raise FerdistError(
+            f"model.pretrained=random:{name} is unknown; use " + ", ".join(f"random:{g}" for g in RANDOM_GEOMETRIES)
+        )
     geometry = RANDOM_GEOMETRIES[name]
     if image_size % geometry["patch_size"]:
         raise FerdistError(
-            f"model.image_size={image_size} is not a multiple of random:{name}'s patch size {geometry['patch_size']}"
+            f"model.image_size={image_size} is not a multiple of random:{name}'s patch size {geometry['patch_size']}; "
+            f"use a multiple of {geometry['patch_size']}"
         )
     return ViTMAEConfig(**geometry, image_size=image_size, mask_ratio=0.0)
 
@@ -139,30 +144,12 @@ def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMA
         config._attn_implementation = cfg.attention
         return ViTMAEModel(config)
     if source.startswith("s3://"):
-        folder = _s3_cache_dir(source)
-        storage.download_prefix(source, folder, endpoint_url=endpoint_url)
-        source = str(folder)
+        source = str(cached_s3_folder(source, endpoint_url=endpoint_url))
     config = load_backbone_config(source, display=cfg.pretrained)
-    verbosity = transformers_logging.get_verbosity()
-    # The published checkpoints are ViTMAEForPreTraining: their decoder weights are expected to go unused, and the
-    # library's table of them would bury real problems, which the missing-key check below reports instead.
-    transformers_logging.set_verbosity_error()
-    try:
-        backbone, info = ViTMAEModel.from_pretrained(source, config=config, output_loading_info=True,
-                                                     attn_implementation=cfg.attention)  # fmt: skip
-    except OSError as exn:
-        raise FerdistError(
-            f"cannot load the weights of model.pretrained={cfg.pretrained!r} ({str(exn).splitlines()[0]}); "
-            "re-download or re-save the checkpoint"
-        ) from None
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    if info["missing_keys"]:
-        missing = sorted(info["missing_keys"])
-        raise FerdistError(
-            f"model.pretrained={cfg.pretrained!r} has no weights for {len(missing)} encoder parameters (e.g. "
-            f"{missing[0]}); point it at a ViT-MAE checkpoint (ViTMAEModel or ViTMAEForPreTraining)"
-        )
+    backbone, missing = load_weights(ViTMAEModel, source, config=config, display=cfg.pretrained,
+                                     attention=cfg.attention)  # fmt: skip
+    if missing:
+        raise_missing_encoder(cfg.pretrained, missing)
     # The weights were learnt at this size; other sizes run through interpolated position embeddings.
     if backbone.config.image_size != cfg.image_size:
         log.info(
@@ -173,9 +160,45 @@ def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMA
     return backbone
 
 
-def _s3_cache_dir(uri: str) -> Path:
+def load_weights(
+    cls: type, source: str, *, config: ViTMAEConfig, display: str, attention: str
+) -> tuple[Any, list[str]]:
+    """``cls.from_pretrained`` (ViTMAEModel or ViTMAEForPreTraining) of the local folder or Hugging Face id
+    ``source``; returns the model and the names of the weights the checkpoint lacked, sorted.
+
+    Raises:
+        FerdistError: the weights cannot be read.
+    """
+    verbosity = transformers_logging.get_verbosity()
+    # The published checkpoints are ViTMAEForPreTraining: their decoder weights are expected to go unused by an
+    # encoder, and the library's table of them would bury real problems, which the callers' checks report instead.
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(source, config=config, output_loading_info=True,
+                                          attn_implementation=attention)  # fmt: skip
+    except OSError as exn:
+        raise FerdistError(
+            f"cannot load the weights of model.pretrained={display!r} ({str(exn).splitlines()[0]}); "
+            "re-download or re-save the checkpoint"
+        ) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return model, sorted(info["missing_keys"])
+
+
+def raise_missing_encoder(display: str, missing: list[str]) -> None:
+    raise FerdistError(
+        f"model.pretrained={display!r} has no weights for {len(missing)} encoder parameters (e.g. "
+        f"{missing[0]}); point it at a ViT-MAE checkpoint (ViTMAEModel or ViTMAEForPreTraining)"
+    )
+
+
+def cached_s3_folder(uri: str, *, endpoint_url: str | None = None) -> Path:
+    """The s3:// checkpoint prefix ``uri`` downloaded into ferdist's cache ($FERDIST_CACHE or ~/.cache/ferdist)."""
     root = Path(os.environ.get("FERDIST_CACHE", Path.home() / ".cache" / "ferdist"))
-    return root / "pretrained" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    folder = root / "pretrained" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    storage.download_prefix(uri, folder, endpoint_url=endpoint_url)
+    return folder
 
 
 def check_pretrained(cfg: ModelConfig, *, endpoint_url: str | None = None) -> None:

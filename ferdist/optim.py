@@ -61,7 +61,10 @@ def layer_id(name: str, *, depth: int) -> int:
 
 
 def lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
-    """The LR multiplier of every trainable parameter: ``layer_decay ** (depth + 1 - layer_id)``."""
+    """The LR multiplier of every trainable parameter: ``layer_decay ** (depth + 1 - layer_id)`` (1 for all when
+    ``layer_decay`` is 1, for models without a ``backbone``: MAE pretraining's)."""
+    if layer_decay == 1.0:
+        return {name: 1.0 for name, p in model.named_parameters() if p.requires_grad}
     depth = model.backbone.config.num_hidden_layers
     return {
         name: layer_decay ** (depth + 1 - layer_id(name, depth=depth))

@@ -294,6 +294,23 @@ def _head_bucket(client: Any, loc: Location) -> None:
         raise
 
 
+def list_prefix(uri: str, *, endpoint_url: str | None = None, limit: int = 1000) -> list[str]:
+    """Names (relative to ``uri``) of up to ``limit`` files in a local folder or objects under an S3 prefix; [] when
+    there is nothing there."""
+    loc = parse_uri(uri)
+    if not loc.is_s3:
+        assert loc.path is not None
+        root = loc.path.expanduser()
+        if not root.is_dir():
+            return [root.name] if root.exists() else []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())[:limit]
+    client = s3_client(endpoint_url, quick=True)
+    prefix = loc.key.rstrip("/") + "/" if loc.key.strip("/") else ""
+    with explained_s3_errors(loc, endpoint_url):
+        listed = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=limit)
+    return [obj["Key"][len(prefix) :] for obj in listed.get("Contents", [])]
+
+
 def download_prefix(uri: str, dest: Path, *, endpoint_url: str | None = None) -> int:
     """Copies every object under the S3 prefix ``uri`` into folder ``dest`` (keeping relative names); returns the count.
 

@@ -35,6 +35,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None: ...
+    def log_image(self, image: Any, path: str) -> None: ...
     def close(self, *, status: str) -> None: ...
 
 
@@ -42,6 +43,9 @@ class NullTracker:
     """Tracks nothing (other ranks, or tracking.backend=none)."""
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        pass
+
+    def log_image(self, image: Any, path: str) -> None:
         pass
 
     def close(self, *, status: str) -> None:
@@ -127,6 +131,10 @@ class MlflowTracker:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_image(self, image: Any, path: str) -> None:
+        """``image`` (a uint8 array) as the PNG artefact ``path`` of the run."""
+        self.client.log_image(self.run_id, image, artifact_file=path)
+
     def close(self, *, status: str) -> None:
         self.client.set_tag(self.run_id, STATUS_TAG, COMPLETED if status == "FINISHED" else FAILED)
         self.client.set_terminated(self.run_id, status=status)
@@ -163,6 +171,15 @@ def run_id_of(cfg: TrackingConfig, run_name: str) -> str | None:
     """The MLflow run id of ferdist run ``run_name`` in the configured experiment, or None."""
     found = find_run(_client(tracking_uri(cfg)), cfg.experiment, RUN_TAG, run_name)
     return found.info.run_id if found else None
+
+
+def tag_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> None:
+    """Sets ``tags`` on ferdist run ``run_name``'s MLflow run (nothing when tracking is off or the run is absent)."""
+    if cfg.backend == "none" or (run_id := run_id_of(cfg, run_name)) is None:
+        return
+    client = _client(tracking_uri(cfg))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
 
 
 # --- the driver's side: the sweep's parent run, reports and status at the end, the published model -----------------

@@ -49,6 +49,20 @@ def local_pretrained() -> str | None:
     return None
 
 
+def ensure_shards(args: argparse.Namespace, results: dict, console: Console) -> dict:
+    """``results`` after sharding ``args.source`` to ``args.manifest`` if needed, or marked skipped (no data)."""
+    manifest = Path(args.manifest)
+    if not (manifest / "manifest.json").exists():
+        source = Path(args.source)
+        if not source.exists():
+            console.print(f"skipped: no shards at {manifest} and no FER2013 at {source}; put fer2013.csv(.xz) there "
+                          "or pass --source (the Kaggle CSV) or --manifest (a sharded set)")  # fmt: skip
+            return results | {"skipped": f"no data at {manifest} or {source}"}
+        results = results | {"sharding": time_sharding(source, manifest, synthetic_rows=0)}
+        console.print(f"sharded {source} → {manifest} in {results['sharding']['seconds']} s")
+    return results
+
+
 def split_scores(evaluation, seconds: float) -> dict:
     """An evaluation's numbers for the JSON: accuracy, macro-F1, per-class recall, confusion and images/s."""
     from ferdist.constants import FER_CLASSES
@@ -83,14 +97,8 @@ def bench_recipe(args: argparse.Namespace, console: Console) -> dict:
 
     manifest = Path(args.manifest)
     results: dict = {"benchmark": "recipe", "manifest": str(manifest)}
-    if not (manifest / "manifest.json").exists():
-        source = Path(args.source)
-        if not source.exists():
-            console.print(f"skipped: no shards at {manifest} and no FER2013 at {source}; put fer2013.csv(.xz) there "
-                          "or pass --source (the Kaggle CSV) or --manifest (a sharded set)")  # fmt: skip
-            return results | {"skipped": f"no data at {manifest} or {source}"}
-        results["sharding"] = time_sharding(source, manifest, synthetic_rows=0)
-        console.print(f"sharded {source} → {manifest} in {results['sharding']['seconds']} s")
+    if "skipped" in (results := ensure_shards(args, results, console)):
+        return results
 
     device = "cuda" if args.gpu else "cpu"
     config = args.config or ROOT / "jobs" / "configs" / ("fer2013-gpu.yaml" if args.gpu else "fer2013-cpu.yaml")

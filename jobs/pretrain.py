@@ -1,0 +1,90 @@
+"""MAE-pretrain the ViT-MAE backbone on the train split's faces with Ray Train (data-parallel DDP), then write it as a
+save_pretrained folder that fine-tuning loads with --set model.pretrained=THAT_FOLDER.
+
+Locally:        python jobs/pretrain.py --config jobs/configs/pretrain-quickstart.yaml
+On a cluster:   ray job submit --working-dir . -- python jobs/pretrain.py \
+                    --config jobs/configs/pretrain-fer2013-gpu.yaml --output s3://BUCKET/backbones/fer2013-mae
+Overrides:      --set loop.epochs=100 --set model.mask_ratio=0.6   --workers 2   --gpus-per-worker 1   --cpu
+
+Re-running with the same name (and storage path) resumes the run from its latest checkpoint and rewrites its own
+output; an --output that holds anything else is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.syntax import Syntax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ferdist.config import PretrainConfig, load_config, to_yaml, worker_overrides  # noqa: E402
+from ferdist.console import setup_logging  # noqa: E402
+from ferdist.errors import FerdistError  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=None, help="YAML pretraining config (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
+    p.add_argument("--output", default=None, metavar="DIR_OR_S3",
+                   help="where the pretrained model goes (default: pretrained/<name>)")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (workers.num_workers)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (turns workers.use_gpu on)")
+    p.add_argument("--cpu", action="store_true", help="train on CPUs only (workers.use_gpu=false)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    console = Console(stderr=True, soft_wrap=True)
+    setup_logging()
+    try:
+        args = parse_args(argv)
+        overrides = [*args.set, *worker_overrides(args.workers, args.gpus_per_worker, args.cpu)]
+        cfg = load_config(args.config, overrides, root=PretrainConfig)
+        console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
+        from ferdist import backbone_output, launch
+
+        output = args.output or str(Path("pretrained") / cfg.name)
+        cfg = launch.with_absolute_paths(cfg)
+        mine = backbone_output.owner(cfg.name, cfg.checkpoint.storage_path)
+        # First: an hour of pretraining must not end on "that folder holds something else".
+        backbone_output.check_output(output, mine=mine, endpoint_url=cfg.checkpoint_endpoint)
+        cfg, steps = launch.prepare(cfg)
+        console.print(f"{cfg.name}: {steps} steps/epoch × {cfg.loop.epochs} epochs on {cfg.workers.num_workers} "
+                      f"{'GPU' if cfg.workers.use_gpu else 'CPU'} worker(s), masking {cfg.model.mask_ratio:.0%} of "
+                      f"each face from {cfg.model.pretrained}")  # fmt: skip
+        import ray
+
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+        result = launch.fit(launch.build_trainer(cfg))
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise FerdistError(f"run {cfg.name} finished without a checkpoint in {result.path}; re-submit it")
+        with result.checkpoint.as_directory() as folder:  # [ray] the last epoch's state, from storage_path
+            written = backbone_output.publish(Path(folder), output, mine=mine, endpoint_url=cfg.checkpoint_endpoint)
+        from ferdist import tracking
+
+        tracking.tag_run(cfg.tracking, cfg.name, {"ferdist.output": written})
+    except FerdistError as exn:
+        console.print(f"[bold red]error:[/] {exn}", highlight=False)
+        return 2
+    last = result.metrics or {}
+    console.print(f"\n[bold]{cfg.name}[/]: {last.get('epoch', cfg.loop.epochs)} epochs, reconstruction loss "
+                  f"{last.get('train/loss', float('nan')):.4f}", highlight=False)  # fmt: skip
+    console.print(
+        f"fine-tune from it: python jobs/train.py --config CONFIG --set model.pretrained={written} "
+        f"--set model.image_size={cfg.model.image_size}",
+        highlight=False,
+    )
+    print(written)  # the last stdout line: scripts capture the path with `| tail -1`
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
