@@ -28,6 +28,7 @@ from ferdist.model import (
     load_weights,
     raise_missing_encoder,
     random_backbone_config,
+    with_position_embeddings,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def build_pretraining_model(cfg: MaeConfig, *, seed: int, endpoint_url: str | No
     from the checkpoint (an encoder-only ViTMAEModel) initialised from ``seed``."""
     torch.manual_seed(seed)
     if cfg.pretrained.startswith("random:"):
-        return ViTMAEForPreTraining(pretraining_config(cfg))
+        return with_position_embeddings(ViTMAEForPreTraining(pretraining_config(cfg)))
     source = cfg
     if cfg.pretrained.startswith("s3://"):
         folder = cached_s3_folder(cfg.pretrained, endpoint_url=endpoint_url)
@@ -97,6 +98,7 @@ def build_pretraining_model(cfg: MaeConfig, *, seed: int, endpoint_url: str | No
         raise_missing_encoder(cfg.pretrained, missing)
     if absent:
         log.info("%s has no decoder: pretraining starts with a new one", cfg.pretrained)
+        with_position_embeddings(model.decoder)
     return model
 
 

@@ -117,6 +117,29 @@ def classifier_on(backbone: ViTMAEModel, cfg: ModelConfig) -> FerClassifier:
     )
 
 
+def with_position_embeddings(model: nn.Module) -> nn.Module:
+    """``model`` (a randomly initialised ViTMAEModel, ViTMAEForPreTraining or its decoder) with MAE's fixed 2-D
+    sin-cos position embeddings, and its CLS and mask tokens drawn as MAE draws them (normal, std 0.02).
+
+    transformers 5 (5.9 to 5.24 at least) leaves all four at zero when it builds a ViT-MAE from a config: the
+    encoder's ``initialize_weights`` returns early once the patch projection is marked initialised, and the decoder's
+    are zeroed. The position embeddings are frozen, so they stay zero: every patch looks the same wherever it is,
+    and the model is a bag of patches. A masked autoencoder then cannot learn which patch to reconstruct (its loss
+    stalls at about 0.77 on FER2013), and a classifier loses the face's layout. Checkpoints carry their own values;
+    this is for random starts only.
+    """
+    from transformers.models.vit_mae import modeling_vit_mae as hf
+
+    for module in model.modules():
+        if isinstance(module, hf.ViTMAEEmbeddings):
+            # The guard is meant for weights about to be loaded; here nothing will be.
+            module.patch_embeddings.projection._is_hf_initialized = False
+            module.initialize_weights()
+        elif isinstance(module, hf.ViTMAEDecoder):
+            module.initialize_weights(module.decoder_pos_embed.shape[1] - 1)
+    return model
+
+
 def random_backbone_config(name: str, *, image_size: int) -> ViTMAEConfig:
     """The ViTMAEConfig of ``random:<name>`` at ``image_size``."""
     if name not in RANDOM_GEOMETRIES:
@@ -142,7 +165,7 @@ def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMA
     if source.startswith("random:"):
         config = random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size)
         config._attn_implementation = cfg.attention
-        return ViTMAEModel(config)
+        return with_position_embeddings(ViTMAEModel(config))
     if source.startswith("s3://"):
         source = str(cached_s3_folder(source, endpoint_url=endpoint_url))
     config = load_backbone_config(source, display=cfg.pretrained)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ferdist.config import RunConfig, from_flat_dict, load_config, redacted, to_flat_dict, to_yaml
+from ferdist.config import PretrainConfig, RunConfig, from_flat_dict, load_config, redacted, to_flat_dict, to_yaml
 from ferdist.errors import FerdistError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -37,6 +37,33 @@ def test_shipped_configs_load(name: str) -> None:
         # The defaults: AdamW at 3e-5, 80 epochs, blocks 0-3 frozen, ViT-MAE base at 224.
         assert (cfg.optim.lr, cfg.loop.epochs, cfg.model.freeze_blocks) == (3e-5, 80, 4)
         assert (cfg.model.pretrained, cfg.model.image_size) == ("facebook/vit-mae-base", 224)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_as_what_its_job_reads(path: Path) -> None:
+    from ferdist.sweep import load_sweep
+
+    if path.stem.startswith("pretrain-"):
+        cfg = load_config(path, root=PretrainConfig)
+        assert cfg.data.split == "train" and 0 < cfg.model.mask_ratio < 1
+    elif "sweep" in path.stem:
+        cfg = load_sweep(path).base
+    else:
+        cfg = load_config(path)
+    assert cfg.name == path.stem
+
+
+def test_pretrain_config_defaults_round_trip_and_differ_where_mae_does() -> None:
+    cfg = load_config(None, ["model.mask_ratio=0.6", "loop.epochs=3"], root=PretrainConfig)
+    # MAE's optimiser, not the fine-tuning defaults its sections would otherwise give.
+    assert (cfg.optim.beta2, cfg.optim.label_smoothing, cfg.model.pretrained) == (0.95, 0.0, "random:small")
+    flat = to_flat_dict(cfg)
+    assert from_flat_dict(flat, root=PretrainConfig) == cfg
+    assert from_flat_dict({k: str(v) for k, v in flat.items()}, root=PretrainConfig) == cfg
+    with pytest.raises(FerdistError, match="optim.layer_decay is a fine-tuning setting"):
+        load_config(None, ["optim.layer_decay=0.75"], root=PretrainConfig)
+    with pytest.raises(FerdistError, match="data.split=holdout: pretraining reads only the train split; remove"):
+        load_config(None, ["data.split=holdout"], root=PretrainConfig)
 
 
 def test_overrides_apply_on_top_of_the_file() -> None:

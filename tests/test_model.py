@@ -169,3 +169,26 @@ def test_a_compiled_model_gives_the_eager_logits_and_gradients() -> None:
     model.zero_grad()
     model(x).square().mean().backward()
     assert grads and all(torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-5) for n, g in grads.items())
+
+
+@pytest.mark.parametrize("geometry", ["tiny", "small"])
+def test_a_random_backbone_knows_where_each_patch_is(geometry: str) -> None:
+    # transformers 5 builds a ViT-MAE from a config with zero (frozen) position embeddings: swapping two patches of
+    # the input then changes nothing, and neither training nor fine-tuning can ever learn the face's layout.
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    cfg = ModelConfig(pretrained=f"random:{geometry}", image_size=48, freeze_blocks=0)
+    model = build_model(cfg, seed=0).eval()
+    embeddings = model.backbone.embeddings
+    grid = 48 // embeddings.patch_size
+    width = embeddings.position_embeddings.shape[-1]
+    expected = build_2d_sinusoidal_position_embedding(height=grid, width=grid, embed_dim=width, cls_token=True)
+    half = expected.shape[-1] // 2  # MAE's published layout: the width half first
+    assert torch.equal(embeddings.position_embeddings[0], torch.cat([expected[..., half:], expected[..., :half]], -1))
+    assert embeddings.cls_token.abs().sum() > 0
+    x = torch.randn(1, 3, 48, 48)
+    p = embeddings.patch_size
+    swapped = x.clone()
+    swapped[..., :p, :p], swapped[..., -p:, -p:] = x[..., -p:, -p:], x[..., :p, :p]
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model(swapped), atol=1e-4)

@@ -51,6 +51,8 @@ def test_masking_is_on_in_pretraining_and_off_in_fine_tuning_and_the_encoder_is_
     patches = (32 // 8) ** 2
     assert out.mask.shape == (5, patches) and out.mask.sum(1).tolist() == [0.75 * patches] * 5
     assert mae.config.norm_pix_loss and mae.config.mask_ratio == 0.75
+    # The decoder must know where each hidden patch goes (transformers leaves these at zero; see model.py).
+    assert mae.decoder.decoder_pos_embed.abs().sum() > 0 and mae.decoder.mask_token.abs().sum() > 0
 
     folder = tmp_path / "backbone"
     write_pretrained(mae.state_dict(), mae.config.to_dict(), folder, marker={"run": "t", "storage_path": "x"})
