@@ -99,6 +99,11 @@ def test_the_output_is_what_fine_tuning_loads(synth_shards: Path, tmp_path: Path
     # Pretraining can continue from its own output: encoder and decoder both come back.
     again = build_pretraining_model(tiny_pretrain(synth_shards, f"model.pretrained={out}").model, seed=5)
     assert all(torch.equal(v, trained[k]) for k, v in again.state_dict().items())
+    # The same run writing again (re-submitted) replaces its own output, leaving no staging folders behind.
+    (out / "model.safetensors").write_bytes(b"stale")
+    saved_output(tmp_path, cfg, tmp_path / "run" / "checkpoint_epoch_0001")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "run"]
+    assert (out / "model.safetensors").read_bytes() != b"stale"
 
 
 def test_the_output_goes_to_s3_and_fine_tuning_loads_it_from_there(
