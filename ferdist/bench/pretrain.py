@@ -13,7 +13,6 @@ and pretraining never reads val or test.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import subprocess
@@ -58,10 +57,12 @@ def score_run(run_path: Path, manifest: Path) -> dict:
     predictor = Predictor(model.to(torch.device("cpu")), image_size=cfg.model.image_size)
     test = timed_evaluation(predictor, dataset, "test")
     rates = [h["perf/samples_per_s"] for h in history if "perf/samples_per_s" in h]
+    cycles = [h["perf/cycle_s"] for h in history if "perf/cycle_s" in h]
     return {
         "epochs": len(history), "best_epoch": int(best.summary["epoch"]),
         "val_acc": best.summary["metrics"]["val/acc"], "test_acc": test["accuracy"], "test_macro_f1": test["macro_f1"],
         "test_recall": test["recall"], "train_img_s": statistics.median(rates) if rates else None,
+        "median_cycle_s": statistics.median(cycles) if cycles else None,
         "curve": [{"epoch": h["epoch"], "train_loss": h["train/loss"], "val_acc": h.get("val/acc")} for h in history],
     }  # fmt: skip
 
@@ -116,9 +117,10 @@ def bench_pretrain(args: argparse.Namespace, console: Console) -> dict:
     results["mae"] = finetune("mae", str(output), epochs)
     results["scratch"] = finetune("scratch", args.scratch_init, epochs)
     results["finetune_s"] = results["mae"]["wall_s"]
-    # Equal total time: the scratch run's epochs are worth its wall time per epoch; pretraining buys that many more.
-    per_epoch = results["scratch"]["wall_s"] / epochs
-    equal_epochs = epochs + max(1, math.floor(results["pretrain_s"] / per_epoch))
+    # Equal total time: pretraining's wall time buys the scratch run that many more of its epochs (an epoch being
+    # its median train + evaluate + checkpoint cycle; start-up is paid once either way).
+    per_epoch = results["scratch"]["median_cycle_s"] or results["scratch"]["wall_s"] / epochs
+    equal_epochs = epochs + max(1, round(results["pretrain_s"] / per_epoch))
     if args.equal_time:
         results["scratch_equal_time"] = finetune("scratch-equal-time", args.scratch_init, equal_epochs)
     results["gain_points"] = 100 * (results["mae"]["test_acc"] - results["scratch"]["test_acc"])
