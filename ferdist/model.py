@@ -192,10 +192,12 @@ def load_weights(
     Raises:
         FerdistError: the weights cannot be read.
     """
-    verbosity = transformers_logging.get_verbosity()
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     # The published checkpoints are ViTMAEForPreTraining: their decoder weights are expected to go unused by an
     # encoder, and the library's table of them would bury real problems, which the callers' checks report instead.
+    # Its "Loading weights" bar is a line of noise in every worker's log.
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(source, config=config, output_loading_info=True,
                                           attn_implementation=attention)  # fmt: skip
@@ -206,6 +208,8 @@ def load_weights(
         ) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
     return model, sorted(info["missing_keys"])
 
 
