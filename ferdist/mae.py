@@ -9,6 +9,7 @@ resumed run draws the same masks as one never stopped. Pure torch and transforme
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -103,8 +104,6 @@ def build_pretraining_model(cfg: MaeConfig, *, seed: int, endpoint_url: str | No
 
 
 def _local(cfg: MaeConfig, folder: Path) -> MaeConfig:
-    import dataclasses
-
     return dataclasses.replace(cfg, pretrained=str(folder))
 
 
