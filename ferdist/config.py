@@ -296,10 +296,25 @@ PRETRAIN_SPLIT = "train"
 @dataclass(frozen=True, kw_only=True)
 class PretrainDataConfig(DataConfig):
     split: str = PRETRAIN_SPLIT
-    """The manifest split pretraining reads. Only train: val and test are held out for the fine-tuned model."""
+    """The manifest split pretraining reads. Only train: val and test are held out for the fine-tuned model. A
+    manifest's unlabeled split (``jobs/shard.py --unlabeled``) is read as well."""
+    extra: tuple[str, ...] = ()
+    """More datasets whose faces pretraining reads beside data.manifest's: their train and unlabeled splits, never
+    val or test. Shard a folder of face crops with ``python jobs/shard.py --source DIR --unlabeled --dest ...``.
+    In YAML a list; on the command line ``--set 'data.extra=[shards/a, s3://bucket/b]'``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for i, uri in enumerate(self.extra):
+            if not uri.strip():
+                raise ValueError(f"data.extra[{i}] is empty; name a dataset folder, s3:// prefix or manifest.json")
+        same = [u for u in self.extra if u.rstrip("/") == self.manifest.rstrip("/")]
+        if same or len({u.rstrip("/") for u in self.extra}) < len(self.extra):
+            raise ValueError(
+                f"data.extra names {same[0] if same else 'a dataset'} twice"
+                + (" (it is data.manifest)" if same else "")
+                + "; each dataset is read once an epoch, so list it once"
+            )
         if self.split != PRETRAIN_SPLIT:
             held_out = self.split in ("val", "test")
             raise ValueError(
@@ -434,6 +449,19 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
         return FerdistError(f"{origin}: {key} must be {expected}, got {value!r}")
 
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple:  # tuple[str, ...]: a YAML list, "[a, b]" from --set, or one item
+        items = value
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("(") and text.endswith(")"):  # str() of a tuple, as MLflow params hold it
+                text = f"[{text[1:-1]}]"
+            try:
+                items = [] if not text else yaml.safe_load(text) if text.startswith("[") else [text]
+            except yaml.YAMLError:
+                raise wrong("a list such as [shards/a, s3://bucket/b]") from None
+        if not isinstance(items, (list, tuple)):
+            raise wrong("a list")
+        return tuple(parse_value(item, args[0], key=f"{key}[{i}]", origin=origin) for i, item in enumerate(items))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
@@ -509,7 +537,10 @@ def load_config(
         if not sep or not key.strip():
             raise FerdistError(f"--set {item!r}: write overrides as key=value, e.g. --set optim.lr=3e-4")
         # YAML parsing gives 'null', numbers and booleans their types; the field's type still decides.
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
+            parsed = value
         flat[key.strip()] = value if isinstance(parsed, (dict, list)) else parsed
     return from_flat_dict(flat, origin=str(path) if path is not None else "command line", root=root)
 
@@ -542,7 +573,7 @@ def to_yaml(cfg: RunConfig | PretrainConfig) -> str:
         node = nested
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = value
+        node[leaf] = list(value) if isinstance(value, tuple) else value
     return yaml.safe_dump(nested, sort_keys=False)
 
 
@@ -556,4 +587,9 @@ def redact_uri(text: str) -> str:
 
 def redacted(flat: dict[str, Any]) -> dict[str, Any]:
     """``flat`` with `redact_uri` applied to every string value."""
-    return {k: redact_uri(v) if isinstance(v, str) else v for k, v in flat.items()}
+    def one(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(one(v) for v in value)
+        return redact_uri(value) if isinstance(value, str) else value
+
+    return {k: one(v) for k, v in flat.items()}

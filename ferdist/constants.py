@@ -12,6 +12,11 @@ FACE_SIDE = 48
 FACE_PIXELS = FACE_SIDE * FACE_SIDE
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+UNLABELED_SPLIT = "unlabeled"
+"""The split of faces without labels (``jobs/shard.py --unlabeled``): only MAE pretraining reads it. Its class
+counts are all zero and its shards' ``.cls`` entries are placeholders that no labelled reader ever serves."""
+PRETRAIN_SPLITS: tuple[str, ...] = ("train", UNLABELED_SPLIT)
+"""What pretraining reads of every manifest it is given; val and test are held out for the fine-tuned model."""
 KAGGLE_USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -29,11 +29,38 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ferdist import storage
 from ferdist.config import DataConfig
-from ferdist.constants import MANIFEST_NAME
+from ferdist.constants import MANIFEST_NAME, PRETRAIN_SPLITS
 from ferdist.errors import CorruptDataError, FerdistError, MissingError
 from ferdist.shards import DecodedShard, Manifest, decode_shard, manifest_from_json
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard a loader reads: where it is, its sample count and sha256 from its manifest, and its dataset."""
+
+    uri: str
+    samples: int
+    sha256: str
+    dataset: str
+    """The dataset folder or prefix it belongs to (named when the shard is missing)."""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The shards a loader reads: one split of one dataset, or (pretraining) several splits of several datasets."""
+
+    name: str
+    """What it is, for messages: ``split 'train'``, or a list of splits and datasets."""
+    shards: tuple[ShardRef, ...]
+    class_counts: tuple[int, ...]
+    endpoint_url: str | None = None
+    outage_s: float = 0.0
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
 
 
 @dataclass(frozen=True)
@@ -48,8 +75,25 @@ class ShardedDataset:
 
     def shards(self, split: str) -> list[tuple[str, int]]:
         """(URI, sample count) of each shard of ``split``."""
-        info = self.manifest.split(split)
-        return list(zip(self.manifest.shard_uris(self.base_uri, split), (s.samples for s in info.shards), strict=True))
+        return [(ref.uri, ref.samples) for ref in self.select(split).shards]
+
+    def select(self, split: str, *, labelled: bool = True) -> Selection:
+        """The shards of ``split``; ``labelled`` refuses the unlabeled split (see `Manifest.split`)."""
+        info = self.manifest.split(split, labelled=labelled)
+        uris = self.manifest.shard_uris(self.base_uri, split)
+        pairs = zip(uris, info.shards, strict=True)
+        refs = tuple(ShardRef(uri, s.samples, s.sha256, self.base_uri) for uri, s in pairs)
+        return Selection(name=f"split '{split}'", shards=refs, class_counts=tuple(info.class_counts),
+                         endpoint_url=self.endpoint_url, outage_s=self.outage_s)  # fmt: skip
+
+
+def union(parts: Sequence[Selection], *, name: str) -> Selection:
+    """Several selections read as one (their shards shuffled together each epoch); the first's store settings."""
+    if not parts:
+        raise ValueError("union of no selections")
+    counts = np.sum([p.class_counts for p in parts], axis=0).tolist()
+    return Selection(name=name, shards=tuple(ref for p in parts for ref in p.shards), class_counts=tuple(counts),
+                     endpoint_url=parts[0].endpoint_url, outage_s=parts[0].outage_s)  # fmt: skip
 
 
 def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float = 0.0) -> ShardedDataset:
@@ -69,6 +113,58 @@ def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float =
         ) from None
     return ShardedDataset(manifest=manifest_from_json(data, uri=manifest_uri), base_uri=base, endpoint_url=endpoint_url,
                           outage_s=outage_s)  # fmt: skip
+
+
+def open_pretraining_data(
+    manifest: str, extra: Sequence[str] = (), *, endpoint_url: str | None = None, outage_s: float = 0.0
+) -> Selection:
+    """What MAE pretraining reads: the train and unlabeled splits of ``manifest`` and of every ``extra`` dataset,
+    as one set of shards. Never val or test: they are held out to choose and score the fine-tuned model.
+
+    Raises:
+        FerdistError: a dataset cannot be opened, has neither split, or is the same source as another one listed
+            (read twice an epoch, its faces would count double).
+    """
+    parts: list[Selection] = []
+    sources: dict[str, str] = {}
+    for i, uri in enumerate((manifest, *extra)):
+        where = "data.manifest" if i == 0 else f"data.extra[{i - 1}]"
+        try:
+            dataset = open_dataset(uri, endpoint_url=endpoint_url, outage_s=outage_s)
+        except FerdistError as exn:
+            if _is_image_folder(uri):
+                name = uri.rstrip("/").rsplit("/", 1)[-1]
+                raise FerdistError(
+                    f"{where}: {uri} is a folder of images, not a sharded dataset; shard it first with python "
+                    f"jobs/shard.py --source {uri} --unlabeled --dest shards/{name}-unlabeled and list that"
+                ) from None
+            raise type(exn)(f"{where}: {exn}") from None
+        source = dataset.manifest.source
+        if source.sha256 in sources:
+            raise FerdistError(
+                f"{where} ({uri}) holds the same faces as {sources[source.sha256]} (source {source.name}, sha256 "
+                f"{source.sha256[:12]}…); pretraining would read them twice an epoch, so list that dataset once"
+            )
+        sources[source.sha256] = f"{where} ({uri})"
+        splits = [s for s in PRETRAIN_SPLITS if s in dataset.manifest.splits]
+        if not splits:
+            raise FerdistError(
+                f"{where} ({uri}) has no train or unlabeled split (it has: {', '.join(dataset.manifest.splits)}); "
+                "pretraining never reads val or test, which are held out for the fine-tuned model"
+            )
+        parts += [dataset.select(s, labelled=False) for s in splits]
+    name = "the pretraining data (" + ", ".join(f"{p.name} of {p.shards[0].dataset}" for p in parts if p.shards) + ")"
+    return union(parts, name=name)
+
+
+def _is_image_folder(uri: str) -> bool:
+    """``uri`` is a local folder holding image files (and no manifest)."""
+    from ferdist.sources import IMAGE_SUFFIXES
+
+    path = storage.parse_uri(uri).path
+    if path is None or not path.is_dir():
+        return False
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in itertools.islice(path.rglob("*"), 10_000))
 
 
 def shards_for(urls: Sequence[str], *, rank: int, world_size: int, epoch: int, seed: int, shuffle: bool) -> list[str]:
@@ -105,8 +201,7 @@ class _ShardStream(IterableDataset):
 
     def __init__(
         self,
-        dataset: ShardedDataset,
-        split: str,
+        selection: Selection,
         cfg: DataConfig,
         *,
         rank: int,
@@ -117,7 +212,8 @@ class _ShardStream(IterableDataset):
         batch_size: int,
     ) -> None:
         super().__init__()
-        self.dataset, self.split, self.cfg = dataset, split, cfg
+        self.selection, self.cfg = selection, cfg
+        self.counts = {ref.uri: ref.samples for ref in selection.shards}
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, seed
         self.training, self.batch_size = training, batch_size
 
@@ -126,7 +222,7 @@ class _ShardStream(IterableDataset):
         return (0, 1) if info is None else (info.id, info.num_workers)
 
     def _my_shards(self) -> Iterator[tuple[str, int]]:
-        counts = dict(self.dataset.shards(self.split))
+        counts = self.counts
         mine = shards_for(
             list(counts),
             rank=self.rank,
@@ -144,20 +240,20 @@ class _ShardStream(IterableDataset):
 
     def _decoded_shards(self) -> Iterator[DecodedShard]:
         guard = _BadSampleGuard(self.cfg.max_bad_samples)
-        manifest = self.dataset.manifest
-        uris = manifest.shard_uris(self.dataset.base_uri, self.split)
-        sha = {uri: info.sha256 for uri, info in zip(uris, manifest.split(self.split).shards, strict=True)}
+        refs = {ref.uri: ref for ref in self.selection.shards}
         damaged: set[str] = set()
         for url, expected in self._my_shards():
             reasons: list[str] = []
             try:
-                data = storage.read_bytes(url, endpoint_url=self.dataset.endpoint_url, outage_s=self.dataset.outage_s)
+                data = storage.read_bytes(url, endpoint_url=self.selection.endpoint_url,
+                                          outage_s=self.selection.outage_s)  # fmt: skip
             except MissingError:
                 raise FerdistError(
                     f"shard '{url}' is listed in the manifest but missing; re-create the dataset with "
-                    f"python jobs/shard.py --dest {self.dataset.base_uri} (it re-writes only what is missing)"
+                    f"python jobs/shard.py --dest {refs[url].dataset} (it re-writes only what is missing)"
                 ) from None
-            shard = decode_shard(data, shard=url, sha256=sha[url], on_bad=lambda _s, why, r=reasons: r.append(why))
+            shard = decode_shard(data, shard=url, sha256=refs[url].sha256,
+                                 on_bad=lambda _s, why, r=reasons: r.append(why))  # fmt: skip
             # A training worker cycles its shards: a damaged one is counted (and logged) the first time only.
             if (len(shard) < expected or reasons) and url not in damaged:
                 damaged.add(url)
@@ -168,10 +264,8 @@ class _ShardStream(IterableDataset):
         """Samples this loader worker yields in a training epoch (None in evaluation: all of its shards)."""
         if not self.training:
             return None
-        steps = steps_per_epoch(
-            self.dataset.manifest.split(self.split).samples, batch_size=self.batch_size, world_size=self.world_size
-        )
-        counts = dict(self.dataset.shards(self.split))
+        steps = steps_per_epoch(self.selection.samples, batch_size=self.batch_size, world_size=self.world_size)
+        counts = self.counts
         mine = shards_for(
             list(counts), rank=self.rank, world_size=self.world_size, epoch=self.epoch, seed=self.seed, shuffle=True
         )
@@ -183,7 +277,7 @@ class _ShardStream(IterableDataset):
         """Per-class draw weights for class-balanced training (inverse class frequency), else None."""
         if not self.training or self.cfg.sampling != "class_balanced":
             return None
-        counts = np.asarray(self.dataset.manifest.split(self.split).class_counts, dtype=np.float64)
+        counts = np.asarray(self.selection.class_counts, dtype=np.float64)
         return np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -324,8 +418,8 @@ def as_batch(block: DecodedShard) -> dict[str, torch.Tensor]:
 
 
 def build_loader(
-    dataset: ShardedDataset,
-    split: str,
+    dataset: ShardedDataset | Selection,
+    split: str | None,
     cfg: DataConfig,
     *,
     batch_size: int,
@@ -336,26 +430,31 @@ def build_loader(
     training: bool,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader over one rank's share of ``split`` for ``epoch`` (see the module docstring for the contract)."""
-    split_info = dataset.manifest.split(split)
-    num_shards = len(split_info.shards)
+    """A DataLoader over one rank's share of ``split`` of ``dataset`` (or of a `Selection`; ``split`` is then
+    None) for ``epoch`` (see the module docstring for the contract)."""
+    if isinstance(dataset, Selection):
+        selection = dataset
+    elif split is None:
+        raise ValueError("build_loader needs a split of a ShardedDataset")
+    else:
+        selection = dataset.select(split)
+    num_shards = len(selection.shards)
     if training:
-        if steps_per_epoch(split_info.samples, batch_size=batch_size, world_size=world_size) < 1:
+        if steps_per_epoch(selection.samples, batch_size=batch_size, world_size=world_size) < 1:
             raise FerdistError(
-                f"split '{split}' has {split_info.samples} samples, fewer than one global batch "
+                f"{selection.name} has {selection.samples} samples, fewer than one global batch "
                 f"({batch_size} x {world_size} workers); lower the batch size"
             )
         if num_shards < world_size:
             raise FerdistError(
-                f"split '{split}' has {num_shards} shards for {world_size} workers; re-shard with a smaller "
+                f"{selection.name} has {num_shards} shards for {world_size} workers; re-shard with a smaller "
                 "--samples-per-shard so every worker reads its own shards"
             )
     rank_shards = len(range(rank, num_shards, world_size))
     # More loader workers than shards would leave some idle (evaluation) or re-read shards (training).
     workers = min(cfg.loader_workers, rank_shards)
     stream = _ShardStream(
-        dataset,
-        split,
+        selection,
         cfg,
         rank=rank,
         world_size=world_size,

@@ -16,7 +16,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from ferdist import runs, storage
-from ferdist.config import PretrainConfig, RunConfig, to_flat_dict
+from ferdist.config import PretrainConfig, PretrainDataConfig, RunConfig, to_flat_dict
 from ferdist.errors import FerdistError
 from ferdist.tracking import prepare_tracking
 
@@ -40,15 +40,19 @@ def preflight(cfg: AnyConfig) -> int:
             checkpoint store) cannot be written; the dataset is missing or too small for the batch; the pretrained
             source is unavailable.
     """
-    from ferdist.data import build_loader, open_dataset, steps_per_epoch
+    from ferdist.data import build_loader, open_dataset, open_pretraining_data, steps_per_epoch
 
     # Short timeouts first, so an endpoint that accepts connections but never answers is named in seconds.
     storage.check_reachable(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
-    dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
     world = cfg.workers.num_workers
-    split = cfg.data.split if isinstance(cfg, PretrainConfig) else "train"
+    if isinstance(cfg, PretrainConfig):
+        for uri in cfg.data.extra:
+            storage.check_reachable(uri, endpoint_url=cfg.data.endpoint_url)
+        data = open_pretraining_data(cfg.data.manifest, cfg.data.extra, endpoint_url=cfg.data.endpoint_url)
+    else:
+        data = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url).select("train")
     # Building (not iterating) the loader runs its checks: enough samples and shards for every worker.
-    build_loader(dataset, split, cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
+    build_loader(data, None, cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
                  training=True)  # fmt: skip
     if isinstance(cfg, PretrainConfig):
         from ferdist.mae import check_start
@@ -59,9 +63,7 @@ def preflight(cfg: AnyConfig) -> int:
 
         check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
     check_checkpoint_storage(cfg)
-    return steps_per_epoch(
-        dataset.manifest.split(split).samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world
-    )
+    return steps_per_epoch(data.samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world)
 
 
 def check_checkpoint_storage(cfg: AnyConfig) -> None:
@@ -83,9 +85,12 @@ def with_absolute_paths(cfg: AnyConfig) -> AnyConfig:
     storage_path = cfg.checkpoint.storage_path
     if (loc := storage.parse_uri(storage_path)).path is not None:  # Ray creates it: resolve it even if absent
         storage_path = str(loc.path.expanduser().resolve())
+    data = dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest))
+    if isinstance(cfg.data, PretrainDataConfig):
+        data = dataclasses.replace(data, extra=tuple(absolute(uri) for uri in cfg.data.extra))
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest)),
+        data=data,
         model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
         checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage_path),
     )

@@ -23,7 +23,7 @@ from transformers import ViTMAEForPreTraining
 
 from ferdist import checkpoint as ckpt
 from ferdist.config import PretrainConfig, from_flat_dict, to_yaml
-from ferdist.data import build_loader, open_dataset, steps_per_epoch
+from ferdist.data import Selection, build_loader, open_pretraining_data, steps_per_epoch
 from ferdist.dist import all_reduce_sum
 from ferdist.loop import RaySession, Session, check_finite, mixed_seed, on_device, optimizer_step, tracked
 from ferdist.mae import build_pretraining_model, interpolates, mask_noise, num_patches, reconstruction_picture
@@ -53,10 +53,11 @@ def run_pretraining(cfg: PretrainConfig, session: Session) -> ckpt.TrainState:
 def pretrain(cfg: PretrainConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainState:
     """The pretraining loop: build → restore → per epoch: train steps, picture, resume state, report."""
     rank, world_size, device = session.rank, session.world_size, session.device
-    dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url, outage_s=cfg.checkpoint.outage_s)
-    split, size = cfg.data.split, cfg.model.image_size
+    data = open_pretraining_data(cfg.data.manifest, cfg.data.extra, endpoint_url=cfg.data.endpoint_url,
+                                 outage_s=cfg.checkpoint.outage_s)  # fmt: skip
+    size = cfg.model.image_size
     batch_size = cfg.loop.batch_per_worker(world_size)
-    steps = steps_per_epoch(dataset.manifest.split(split).samples, batch_size=batch_size, world_size=world_size)
+    steps = steps_per_epoch(data.samples, batch_size=batch_size, world_size=world_size)
     schedule = make_schedule(cfg.optim, steps_per_epoch=steps, epochs=cfg.loop.epochs)
     bf16 = cfg.loop.autocast_bf16(device.type)
 
@@ -72,7 +73,7 @@ def pretrain(cfg: PretrainConfig, session: Session, *, tracker: Tracker) -> ckpt
         model = torch.compile(model, mode=cfg.loop.compile)
     interpolate, patches = interpolates(raw_model, size), num_patches(raw_model, size)
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
-    faces = picture_faces(dataset, cfg) if rank == 0 and cfg.model.pictures_every else None
+    faces = picture_faces(data, cfg) if rank == 0 and cfg.model.pictures_every else None
     if rank == 0:
         encoder = sum(p.numel() for p in raw_model.vit.parameters()) / 1e6
         log.info(
@@ -87,7 +88,7 @@ def pretrain(cfg: PretrainConfig, session: Session, *, tracker: Tracker) -> ckpt
         augment_rng = torch.Generator().manual_seed(mixed_seed(cfg.seed, epoch, rank, 1))
         mask_rng = torch.Generator().manual_seed(mixed_seed(cfg.seed, epoch, rank, 2))
         loader = build_loader(
-            dataset, split, cfg.data, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch,
+            data, None, cfg.data, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch,
             seed=cfg.seed, training=True, pin_memory=device.type == "cuda",
         )  # fmt: skip  # [ray] each rank reads its own shards
         model.train()
@@ -135,10 +136,10 @@ def pretrain(cfg: PretrainConfig, session: Session, *, tracker: Tracker) -> ckpt
     return state
 
 
-def picture_faces(dataset: Any, cfg: PretrainConfig) -> torch.Tensor:
-    """The first `PICTURE_FACES` faces of the split as model input (no augmentation): the same faces in every
-    picture of the run, so the pictures show the model learning, not new faces."""
-    loader = build_loader(dataset, cfg.data.split, cfg.data, batch_size=PICTURE_FACES, training=False)
+def picture_faces(data: Selection, cfg: PretrainConfig) -> torch.Tensor:
+    """The first `PICTURE_FACES` faces of the pretraining data as model input (no augmentation): the same faces in
+    every picture of the run, so the pictures show the model learning, not new faces."""
+    loader = build_loader(data, None, cfg.data, batch_size=PICTURE_FACES, training=False)
     first = next(iter(loader))["image"][:PICTURE_FACES]
     return to_model_input(first, image_size=cfg.model.image_size)
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ferdist import storage
-from ferdist.constants import MANIFEST_NAME, NUM_CLASSES, SPLITS
+from ferdist.constants import MANIFEST_NAME, NUM_CLASSES, SPLITS, UNLABELED_SPLIT
 from ferdist.errors import Interrupted, MissingError
 from ferdist.shards import Manifest, ShardInfo, build_shard, encode_pngs, sha256_hex, shard_name, split_info
 from ferdist.sources import Source
@@ -68,7 +68,7 @@ class ShardingResult:
 def plan_shards(source: Source, samples_per_shard: int) -> list[tuple[str, int, np.ndarray]]:
     """(split, shard index, source rows) for every shard, in a fixed order."""
     tasks = []
-    for split in SPLITS:
+    for split in (*SPLITS, UNLABELED_SPLIT):
         rows = source.splits.get(split)
         if rows is None:
             continue
@@ -87,7 +87,8 @@ def _encode_task(task: tuple[str, int, np.ndarray]) -> EncodedShard:
     assert _SOURCE is not None
     batch = _SOURCE.load(rows)
     data = build_shard(batch.rows.tolist(), batch.labels.tolist(), encode_pngs(batch.images))
-    counts = np.bincount(batch.labels, minlength=NUM_CLASSES)
+    # Unlabeled faces carry placeholder labels in their shards; the manifest counts none of them as a class.
+    counts = np.bincount(batch.labels, minlength=NUM_CLASSES) * (split != UNLABELED_SPLIT)
     return EncodedShard(split=split, index=index, data=data, samples=len(rows), class_counts=counts)
 
 
@@ -167,7 +168,7 @@ def write_shards(
 
     infos = [s.info for s in shards]
     splits = {}
-    for split in SPLITS:
+    for split in (*SPLITS, UNLABELED_SPLIT):
         members = [(s, i) for s, i in zip(shards, infos, strict=True) if s.split == split]
         if members:
             counts = np.sum([s.class_counts for s, _ in members], axis=0)

@@ -27,7 +27,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ferdist.constants import FACE_SIDE, FER_CLASSES, NUM_CLASSES, SHARD_FORMAT, SHARD_FORMAT_VERSION
+from ferdist.constants import (
+    FACE_SIDE,
+    FER_CLASSES,
+    NUM_CLASSES,
+    SHARD_FORMAT,
+    SHARD_FORMAT_VERSION,
+    UNLABELED_SPLIT,
+)
 from ferdist.errors import FerdistError
 from ferdist.images import grey_pixels
 
@@ -384,11 +391,23 @@ class Manifest:
     def shard_uris(self, base_uri: str, split: str) -> list[str]:
         """The URIs of a split's shards, resolved against the folder or prefix that holds the manifest."""
         base = base_uri.rstrip("/")
-        return [f"{base}/{s.name}" for s in self.split(split).shards]
+        return [f"{base}/{s.name}" for s in self.split(split, labelled=False).shards]
 
-    def split(self, name: str) -> SplitInfo:
+    def split(self, name: str, *, labelled: bool = True) -> SplitInfo:
+        """The split called ``name``; ``labelled`` (every reader but pretraining) refuses the unlabeled split, whose
+        shards carry placeholder labels that must never reach a loss or an accuracy."""
+        if name == UNLABELED_SPLIT and labelled:
+            raise FerdistError(
+                f"split '{name}' holds faces without labels, which only MAE pretraining reads (jobs/pretrain.py); "
+                "fine-tune and evaluate on train, val or test"
+            )
         if name not in self.splits:
-            raise FerdistError(f"the dataset has no '{name}' split (it has: {', '.join(self.splits) or 'none'})")
+            only_unlabeled = list(self.splits) == [UNLABELED_SPLIT]
+            raise FerdistError(
+                f"the dataset has no '{name}' split (it has: {', '.join(self.splits) or 'none'})"
+                + ("; it holds only unlabeled faces, for jobs/pretrain.py (data.manifest or data.extra)"
+                   if only_unlabeled and labelled else "")
+            )  # fmt: skip
         return self.splits[name]
 
 
@@ -452,7 +471,10 @@ def _manifest_problem(m: Manifest) -> str | None:
             return f"split {name}: samples is {split.samples!r}"
         if len(split.class_counts) != NUM_CLASSES or not all(_count(c) for c in split.class_counts):
             return f"split {name}: class_counts {split.class_counts!r} are not {NUM_CLASSES} counts"
-        if sum(split.class_counts) != split.samples:
+        if name == UNLABELED_SPLIT:
+            if any(split.class_counts):
+                return f"split {name}: class_counts {split.class_counts!r} are not all zero (its faces have no labels)"
+        elif sum(split.class_counts) != split.samples:
             return f"split {name}: class_counts add up to {sum(split.class_counts)}, samples says {split.samples}"
         for shard in split.shards:
             if not isinstance(shard.name, str) or not _SHARD_NAME.fullmatch(shard.name):

@@ -4,6 +4,8 @@
   ``fer2013.tar.gz`` holding ``fer2013/fer2013.csv``. Usage maps Training→train, PublicTest→val, PrivateTest→test.
 * Image folders (``train/<class>/*.png|jpg``, ``test/<class>/…``, class names case-insensitive, e.g. the Kaggle
   "msambare/fer2013" version). ``val/`` is used when present; otherwise a seeded, stratified slice of train.
+* Unlabeled image folders (``--unlabeled``): every image under the folder, in any sub-folders, as face crops for MAE
+  pretraining, centre-cropped to a square and resized to 48x48 grey; they form the ``unlabeled`` split only.
 
 A reader does the cheap structural checks up front (header, Usage, folder names) and returns a `Source`; the
 per-row work (parsing 2,304 pixels, decoding a file) happens in `Source.load`, which the shard writer runs in
@@ -21,10 +23,11 @@ import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ferdist.constants import FACE_PIXELS, FACE_SIDE, FER_CLASSES, KAGGLE_USAGE_TO_SPLIT, NUM_CLASSES
+from ferdist.constants import FACE_PIXELS, FACE_SIDE, FER_CLASSES, KAGGLE_USAGE_TO_SPLIT, NUM_CLASSES, UNLABELED_SPLIT
 from ferdist.errors import FerdistError
 from ferdist.images import grey_pixels
 from ferdist.shards import SourceInfo
@@ -268,13 +271,7 @@ class ImageFolder(Source):
             raise FerdistError(f"{folders['test']}: no images under its class folders; put the test faces there")
         self.paths = [p for _, p, _ in files]
         self.labels = np.asarray([lab for _, _, lab in files], dtype=np.int64)
-        digest = hashlib.sha256()
-        for path in self.paths:
-            try:
-                data = path.read_bytes()
-            except OSError as exn:
-                raise FerdistError(f"{path}: cannot be read ({exn.strerror}); fix or remove it") from None
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + data)
+        digest = files_digest(root, self.paths)
         if test_fraction and "test" not in folders:
             # Part of the source's identity: the same folder split another way is another dataset.
             digest.update(f"test_fraction={test_fraction}".encode())
@@ -315,21 +312,72 @@ class ImageFolder(Source):
         return folders
 
     def load(self, rows: Sequence[int]) -> Batch:
-        from PIL import Image, UnidentifiedImageError
-
-        images = np.empty((len(rows), FACE_SIDE, FACE_SIDE), dtype=np.uint8)
-        for i, row in enumerate(rows):
-            path = self.paths[row]
-            try:
-                with Image.open(path) as img:
-                    gray = Image.fromarray(grey_pixels(img, name=str(path)))
-                    if gray.size != (FACE_SIDE, FACE_SIDE):
-                        gray = gray.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR)
-                    images[i] = np.asarray(gray)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exn:
-                raise FerdistError(f"{path}: not a readable image ({exn}); remove or replace it and re-run") from None
         rows_arr = np.asarray(rows, dtype=np.int64)
+        images = load_faces([self.paths[r] for r in rows], centre_crop=False)
         return Batch(rows=rows_arr, images=images, labels=self.labels[rows_arr])
+
+
+def files_digest(root: Path, paths: Sequence[Path], *, kind: bytes = b"") -> Any:
+    """sha256 over each file's path under ``root`` and its bytes: the identity of a folder source."""
+    digest = hashlib.sha256(kind)
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as exn:
+            raise FerdistError(f"{path}: cannot be read ({exn.strerror}); fix or remove it") from None
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + data)
+    return digest
+
+
+def load_faces(paths: Sequence[Path], *, centre_crop: bool) -> np.ndarray:
+    """uint8 [n, 48, 48] grey faces from image files: resized to 48x48 as they are (a FER folder's are square
+    already), or first centre-cropped to a square (faces from elsewhere, which a resize would squash)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    images = np.empty((len(paths), FACE_SIDE, FACE_SIDE), dtype=np.uint8)
+    size, bilinear = (FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                gray = Image.fromarray(grey_pixels(img, name=str(path)))
+                if centre_crop:
+                    gray = ImageOps.fit(gray, size, method=bilinear)
+                elif gray.size != size:
+                    gray = gray.resize(size, bilinear)
+                images[i] = np.asarray(gray)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exn:
+            raise FerdistError(f"{path}: not a readable image ({exn}); remove or replace it and re-run") from None
+    return images
+
+
+class UnlabeledFolder(Source):
+    """Every image under ``root`` (sub-folders included, hidden files skipped) as the ``unlabeled`` split.
+
+    Faces from elsewhere come in any size and shape: each is centre-cropped to a square (a face is not squashed into
+    one) and resized to 48x48. Their labels are placeholders (0) that the manifest counts as no class.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.paths = []
+        for path in sorted(root.rglob("*")):
+            if path.is_dir() or any(part.startswith(".") for part in path.relative_to(root).parts):
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise FerdistError(
+                    f"{path}: not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); remove it or move it out of "
+                    f"{root}"
+                )
+            self.paths.append(path)
+        if not self.paths:
+            raise FerdistError(f"{root}: no image files under it; put the face crops (PNG, JPEG, …) there")
+        digest = files_digest(root, self.paths, kind=b"unlabeled\0")
+        self.info = SourceInfo(name=root.name, kind="unlabeled-folder", sha256=digest.hexdigest())
+        self.splits = {UNLABELED_SPLIT: np.arange(len(self.paths))}
+
+    def load(self, rows: Sequence[int]) -> Batch:
+        images = load_faces([self.paths[r] for r in rows], centre_crop=True)
+        return Batch(rows=np.asarray(rows, dtype=np.int64), images=images, labels=np.zeros(len(rows), dtype=np.int64))
 
 
 def _child_ci(folder: Path, name: str) -> Path | None:
@@ -368,12 +416,26 @@ def stratified_split(rows: np.ndarray, labels: np.ndarray, fraction: float, seed
 
 
 def open_source(
-    source: str | Path, *, val_fraction: float = 0.1, seed: int = 0, test_fraction: float | None = None
+    source: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    test_fraction: float | None = None,
+    unlabeled: bool = False,
 ) -> Source:
-    """Opens a FER2013 source: a Kaggle CSV (plain/.gz/.xz/.tar.gz) or an image folder root.
+    """Opens a FER2013 source: a Kaggle CSV (plain/.gz/.xz/.tar.gz) or an image folder root; with ``unlabeled``, a
+    folder of unlabeled face images (`UnlabeledFolder`).
 
     ``val_fraction`` and ``test_fraction`` only apply to image folders without ``val/`` or ``test/``.
     """
+    if unlabeled:
+        path = Path(source)
+        if not path.is_dir():
+            raise FerdistError(
+                f"{path}: --unlabeled takes a folder of face images"
+                + (", and this is a file" if path.exists() else ", and there is no such folder")
+            )
+        return UnlabeledFolder(path)
     for flag, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if value is not None and not 0 <= value < 1:  # NaN fails this too
             raise FerdistError(f"{flag} {value:g} is not a fraction from 0 up to 1 (e.g. 0.1)")

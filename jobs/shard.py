@@ -3,6 +3,7 @@
 python jobs/shard.py --source ../shared/data/fer2013/fer2013.csv.xz --dest shards/fer2013
 python jobs/shard.py --source synthetic --dest shards/synthetic
 python jobs/shard.py --source fer2013.csv --dest s3://my-bucket/fer2013 --endpoint-url http://127.0.0.1:9000
+python jobs/shard.py --source my-face-crops/ --unlabeled --dest shards/my-faces   # for pretrain's data.extra
 """
 
 from __future__ import annotations
@@ -91,6 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--seed", type=whole_number(0), default=0, help="seed for the val/test slices and the synthetic set"
     )
+    p.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="--source is a folder of face images without labels (any sub-folders, any sizes): they become the "
+        "'unlabeled' split, which only MAE pretraining reads (jobs/pretrain.py, data.extra)",
+    )
     p.add_argument("--synthetic-rows", type=positive_int, default=3000, help="size of the SYNTHETIC set (default 3000)")
     return p.parse_args(argv)
 
@@ -123,13 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the terminal width
     try:
+        if args.source == "synthetic" and args.unlabeled:
+            raise FerdistError("--unlabeled takes a folder of face images, not the SYNTHETIC set")
         if args.source == "synthetic":
             source = synthetic_source(args.synthetic_rows, seed=args.seed)
         else:
             with console.status(f"reading {args.source}"):
                 source = open_source(
-                    args.source, val_fraction=args.val_fraction, seed=args.seed, test_fraction=args.test_fraction
-                )
+                    args.source, val_fraction=args.val_fraction, seed=args.seed, test_fraction=args.test_fraction,
+                    unlabeled=args.unlabeled,
+                )  # fmt: skip
         total = sum(rows.size for rows in source.splits.values())
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress:
