@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.utils import logging as transformers_logging
 
+from ferdist import storage
 from ferdist.config import MaeConfig
 from ferdist.constants import IMAGENET_MEAN, IMAGENET_STD
 from ferdist.errors import FerdistError
@@ -49,9 +51,9 @@ MARKER_FILE = "ferdist_pretrain.json"
 """Written beside config.json in a pretraining output: which run wrote it, so a re-run may replace only its own."""
 
 
-def pretraining_config(cfg: MaeConfig) -> ViTMAEConfig:
+def pretraining_config(cfg: MaeConfig, *, display: str | None = None) -> ViTMAEConfig:
     """The ViTMAEConfig pretraining builds (random start) or loads (checkpoint start, config only), with
-    ``cfg``'s masking and loss.
+    ``cfg``'s masking and loss; ``display`` names the source in messages (an s3:// URI, not its local copy).
 
     Raises:
         FerdistError: an unknown geometry, an image size the patch size does not divide, an unreadable checkpoint.
@@ -62,10 +64,11 @@ def pretraining_config(cfg: MaeConfig) -> ViTMAEConfig:
         config = random_backbone_config(name, image_size=cfg.image_size)
         config.update(DECODERS[name])
     else:
-        config = load_backbone_config(source, display=source)
+        name = display or source
+        config = load_backbone_config(source, display=name)
         if cfg.image_size % config.patch_size:
             raise FerdistError(
-                f"model.image_size={cfg.image_size} is not a multiple of {source}'s patch size {config.patch_size}; "
+                f"model.image_size={cfg.image_size} is not a multiple of {name}'s patch size {config.patch_size}; "
                 f"use a multiple of {config.patch_size}"
             )
     config.update({"mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss})
@@ -74,10 +77,13 @@ def pretraining_config(cfg: MaeConfig) -> ViTMAEConfig:
 
 
 def check_start(cfg: MaeConfig, *, endpoint_url: str | None = None) -> None:
-    """Fails fast (on the driver) when pretraining cannot start from ``cfg.pretrained``; reads configs only."""
+    """Fails fast (on the driver) when pretraining cannot start from ``cfg.pretrained``; reads configs only (from
+    S3 just config.json: the driver may be on a node no worker runs on, and ViT-B's weights are 450 MB)."""
     if cfg.pretrained.startswith("s3://"):
-        folder = cached_s3_folder(cfg.pretrained, endpoint_url=endpoint_url)
-        pretraining_config(_local(cfg, folder))
+        data = storage.read_bytes(storage.parse_uri(cfg.pretrained).join("config.json").uri, endpoint_url=endpoint_url)
+        with tempfile.TemporaryDirectory(prefix="ferdist-config-") as tmp:
+            (Path(tmp) / "config.json").write_bytes(data)
+            pretraining_config(_local(cfg, Path(tmp)), display=cfg.pretrained)
         return
     pretraining_config(cfg)
 
@@ -92,7 +98,7 @@ def build_pretraining_model(cfg: MaeConfig, *, seed: int, endpoint_url: str | No
     if cfg.pretrained.startswith("s3://"):
         folder = cached_s3_folder(cfg.pretrained, endpoint_url=endpoint_url)
         source = _local(cfg, folder)
-    config = pretraining_config(source)
+    config = pretraining_config(source, display=cfg.pretrained)
     model, absent = load_weights(ViTMAEForPreTraining, source.pretrained, config=config, display=cfg.pretrained,
                                  attention=cfg.attention)  # fmt: skip
     if missing := [k for k in absent if not k.startswith("decoder.")]:

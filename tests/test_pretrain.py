@@ -4,6 +4,7 @@ resume, the save_pretrained output a fine-tuning run loads as it is (local and S
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from ferdist import backbone_output
 from ferdist.config import ModelConfig, PretrainConfig, load_config
 from ferdist.errors import FerdistError
 from ferdist.loop import LocalSession
-from ferdist.mae import MARKER_FILE, build_pretraining_model, write_pretrained
+from ferdist.mae import MARKER_FILE, build_pretraining_model, check_start, write_pretrained
 from ferdist.model import build_model
 from ferdist.pretraining import run_pretraining, take_resume
 
@@ -120,6 +121,12 @@ def test_the_output_goes_to_s3_and_fine_tuning_loads_it_from_there(
     trained = torch.load(tmp_path / "run" / "checkpoint_epoch_0001" / "trained.pt", weights_only=True)
     backbone = build_model(ModelConfig(pretrained=uri, image_size=32), seed=0, endpoint_url=endpoint).backbone
     assert all(torch.equal(v, trained[f"vit.{k}"]) for k, v in backbone.state_dict().items())
+    # The driver's check before a run reads config.json only, and names the S3 source, not a local copy.
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(FerdistError, match=f"model.image_size=36 is not a multiple of {uri}'s patch size 8"):
+        check_start(tiny_pretrain(synth_shards, f"model.pretrained={uri}", "model.image_size=36").model,
+                    endpoint_url=endpoint)  # fmt: skip
+    assert not (tmp_path / "cache").exists()
     # The same run may write again; another run may not.
     backbone_output.check_output(uri, mine=mine, endpoint_url=endpoint)
     with pytest.raises(FerdistError, match="already holds the backbone of pretraining run 'pretrain-quickstart'"):
