@@ -95,3 +95,36 @@ def test_the_cycle_benchmark_measures_both_policies_and_the_slim_sizes(tmp_path:
     for key in ("overhead_s_per_epoch", "max_blocking_s"):
         assert r["before"][key] > 0 and r["after"][key] > 0
     assert all(len(row["blocked_s"]) == 2 for row in r["runs"])
+
+
+def test_pretrain_resume_keeps_finished_stages_and_refuses_another_benchmarks_file(
+    synth_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import benchmark
+
+    from ferdist.bench.pretrain import settings_of
+
+    out, storage = tmp_path / "pretrain.json", tmp_path / "runs"
+    argv = ["pretrain", "--manifest", str(synth_shards), "--storage", str(storage), "--json", str(out), "--resume"]
+    assert benchmark.main(argv) == 2
+    assert "--resume continues the results file of an earlier run: pass its --json FILE" in capsys.readouterr().out
+
+    stage = {"epochs": 2, "best_epoch": 1, "val_acc": 0.5, "test_acc": 0.25, "test_macro_f1": 0.2, "test_recall": [],
+             "train_img_s": 10.0, "median_cycle_s": 3.0, "curve": [], "wall_s": 7.0, "command": "train.py"}
+    saved = {"benchmark": "pretrain", "name": "earlier", "pretrain_s": 30.0, "pretrain_command": "pretrain.py",
+             "pretrain": {"epochs": 2, "img_s": 5.0, "loss": [0.9, 0.8], "output": str(tmp_path / "backbone")},
+             "settings": settings_of(benchmark.build_parser().parse_args(argv[:-1])),
+             "mae": stage, "scratch": stage | {"test_acc": 0.2}, "scratch_equal_time": stage}  # fmt: skip
+    out.write_text(json.dumps(saved))
+    assert benchmark.main(argv) == 0  # every stage is in the file: nothing runs again
+    printed = capsys.readouterr().out
+    assert "pretraining: kept from" in printed and "scratch-equal-time: kept from" in printed
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["name"] == "earlier" and not storage.exists()
+    assert {k: result[k] for k in ("pretrain_s", "mae", "scratch")} == {k: saved[k] for k in ("pretrain_s", "mae",
+                                                                                                "scratch")}
+    assert result["gain_points"] == pytest.approx(5.0)
+
+    # The file of a benchmark with other settings is not continued with these.
+    assert benchmark.main([*argv, "--finetune-epochs", "3"]) == 2
+    assert "was run with other settings" in capsys.readouterr().out

@@ -8,12 +8,19 @@ shards/fer2013 first if needed; skipped with a message where absent), with the j
 Each fine-tune keeps every epoch's checkpoint; PublicTest (val) picks the epoch, PrivateTest (test) only reports it:
 accuracy, macro-F1 and per-class recall, plus training images/s and wall time. PrivateTest never picks anything,
 and pretraining never reads val or test.
+
+The whole comparison takes hours on a CPU, so with ``--json`` the results file is written after every stage, and
+``--resume`` (with the same ``--json``) runs only the stages it does not hold yet, with the same run names and
+settings. A stage that was interrupted starts over (its run folder is removed first), so every wall time in the file
+is one uninterrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,6 +33,7 @@ from rich.table import Table
 
 from ferdist.bench.recipe import ensure_shards, timed_evaluation
 from ferdist.data import open_dataset
+from ferdist.errors import FerdistError
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_CONFIG = ROOT / "jobs" / "configs" / "pretrain-fer2013-cpu.yaml"
@@ -67,35 +75,80 @@ def score_run(run_path: Path, manifest: Path) -> dict:
     }  # fmt: skip
 
 
+def settings_of(args: argparse.Namespace) -> dict:
+    """What a resumed benchmark must share with the one it continues."""
+    return {"manifest": str(Path(args.manifest).resolve()), "pretrain_config": str(args.pretrain_config),
+            "finetune_config": str(args.finetune_config), "pretrain_epochs": args.pretrain_epochs,
+            "finetune_epochs": args.finetune_epochs, "scratch_init": args.scratch_init, "set": list(args.set),
+            "pretrain_set": list(args.pretrain_set), "finetune_set": list(args.finetune_set),
+            "storage": str(Path(args.storage).resolve())}  # fmt: skip
+
+
+def resumed_results(args: argparse.Namespace) -> dict:
+    """With --resume, the stages the --json file already holds (checked to be this benchmark's), else nothing."""
+    if not args.resume:
+        return {}
+    if args.json is None or not args.json.is_file():
+        raise FerdistError("--resume continues the results file of an earlier run: pass its --json FILE")
+    try:
+        saved = json.loads(args.json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+        raise FerdistError(f"{args.json} is not a results file ({exn}); run without --resume") from None
+    if not isinstance(saved, dict) or saved.get("benchmark") != "pretrain" or "name" not in saved:
+        raise FerdistError(f"{args.json} holds no pretrain benchmark to resume; run without --resume")
+    if saved.get("settings") != settings_of(args):
+        raise FerdistError(
+            f"{args.json} was run with other settings ({saved.get('settings')}); resume it with the same options, "
+            "or run without --resume"
+        )
+    return saved
+
+
 def bench_pretrain(args: argparse.Namespace, console: Console) -> dict:
     manifest = Path(args.manifest)
+    saved = resumed_results(args)
     results: dict = {"benchmark": "pretrain", "manifest": str(manifest), "device": f"CPU, {os.cpu_count()} cores"}
     if "skipped" in (results := ensure_shards(args, results, console)):
         return results
-    stamp = args.name or time.strftime("%Y%m%d-%H%M%S")
+    stamp = saved.get("name") or args.name or time.strftime("%Y%m%d-%H%M%S")
+    results |= {"name": stamp, "settings": settings_of(args), "complete": False}
     storage = Path(args.storage).resolve()
     output = storage / f"pretrained-{stamp}"
     common = [f"data.manifest={manifest.resolve()}", f"checkpoint.storage_path={storage}", *args.set]
     sets = lambda overrides: [part for o in overrides for part in ("--set", o)]  # noqa: E731
 
-    # 1. Pretraining, as a user runs it.
-    pretrain_sets = [*common, f"name=pretrain-{stamp}", *args.pretrain_set]
-    if args.pretrain_epochs:
-        pretrain_sets.append(f"loop.epochs={args.pretrain_epochs}")
-    command = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(args.pretrain_config),
-               *sets(pretrain_sets), "--output", str(output)]  # fmt: skip
-    results["pretrain_s"] = run_job(command, console)
-    results["pretrain_command"] = " ".join(command[1:])
-    pretrain_run = storage / f"pretrain-{stamp}"
-    from ferdist.runs import checkpoints
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
 
-    pretrain_history = checkpoints(str(pretrain_run))[-1].summary["history"]
-    results["pretrain"] = {
-        "epochs": len(pretrain_history),
-        "img_s": statistics.median(h["perf/samples_per_s"] for h in pretrain_history),
-        "loss": [round(h["train/loss"], 5) for h in pretrain_history],
-        "output": str(output),
-    }
+    def fresh(*folders: Path) -> None:
+        """An interrupted stage starts over: its timing must be one uninterrupted run."""
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # 1. Pretraining, as a user runs it.
+    if "pretrain" in saved:
+        results |= {k: saved[k] for k in ("pretrain_s", "pretrain_command", "pretrain")}
+        console.print(f"pretraining: kept from {args.json} ({saved['pretrain']['output']})", highlight=False)
+    else:
+        pretrain_sets = [*common, f"name=pretrain-{stamp}", *args.pretrain_set]
+        if args.pretrain_epochs:
+            pretrain_sets.append(f"loop.epochs={args.pretrain_epochs}")
+        command = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(args.pretrain_config),
+                   *sets(pretrain_sets), "--output", str(output)]  # fmt: skip
+        fresh(storage / f"pretrain-{stamp}", output)
+        results["pretrain_s"] = run_job(command, console)
+        results["pretrain_command"] = " ".join(command[1:])
+        from ferdist.runs import checkpoints
+
+        pretrain_history = checkpoints(str(storage / f"pretrain-{stamp}"))[-1].summary["history"]
+        results["pretrain"] = {
+            "epochs": len(pretrain_history),
+            "img_s": statistics.median(h["perf/samples_per_s"] for h in pretrain_history),
+            "loss": [round(h["train/loss"], 5) for h in pretrain_history],
+            "output": str(output),
+        }
+        save()
 
     # 2. Fine-tunes: from the pretrained backbone, and from random weights (same epochs; same total time).
     finetune_sets = [*common, "checkpoint.every_epochs=1", *args.finetune_set]
@@ -105,25 +158,34 @@ def bench_pretrain(args: argparse.Namespace, console: Console) -> dict:
 
     epochs = load_config(args.finetune_config, finetune_sets).loop.epochs
 
-    def finetune(label: str, pretrained: str, run_epochs: int) -> dict:
+    def finetune(key: str, label: str, pretrained: str, run_epochs: int) -> None:
+        if key in saved:
+            results[key] = saved[key]
+            console.print(f"{label}: kept from {args.json}", highlight=False)
+            return
         name = f"{label}-{stamp}"
         overrides = [*finetune_sets, f"name={name}", f"model.pretrained={pretrained}", f"loop.epochs={run_epochs}",
                      f"checkpoint.keep_resume={run_epochs}", "tracking.registered_model=fer-vitmae-bench-pretrain"]
         command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(args.finetune_config),
                    *sets(overrides)]  # fmt: skip
+        fresh(storage / name)
         wall = run_job(command, console)
-        return score_run(storage / name, manifest) | {"wall_s": wall, "command": " ".join(command[1:])}
+        results[key] = score_run(storage / name, manifest) | {"wall_s": wall, "command": " ".join(command[1:])}
+        save()
 
-    results["mae"] = finetune("mae", str(output), epochs)
-    results["scratch"] = finetune("scratch", args.scratch_init, epochs)
+    finetune("mae", "mae", results["pretrain"]["output"], epochs)
+    finetune("scratch", "scratch", args.scratch_init, epochs)
     results["finetune_s"] = results["mae"]["wall_s"]
+    results["gain_points"] = 100 * (results["mae"]["test_acc"] - results["scratch"]["test_acc"])
+    save()
     # Equal total time: pretraining's wall time buys the scratch run that many more of its epochs (an epoch being
     # its median train + evaluate + checkpoint cycle; start-up is paid once either way).
     per_epoch = results["scratch"]["median_cycle_s"] or results["scratch"]["wall_s"] / epochs
     equal_epochs = epochs + max(1, round(results["pretrain_s"] / per_epoch))
     if args.equal_time:
-        results["scratch_equal_time"] = finetune("scratch-equal-time", args.scratch_init, equal_epochs)
-    results["gain_points"] = 100 * (results["mae"]["test_acc"] - results["scratch"]["test_acc"])
+        finetune("scratch_equal_time", "scratch-equal-time", args.scratch_init, equal_epochs)
+    results["complete"] = args.equal_time
+    save()
     print_pretrain(results, console)
     return results
 
@@ -164,4 +226,6 @@ def add_arguments(parser: argparse.ArgumentParser, real_fer2013: Path) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every job")
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=Path, help="also write the results here (after every stage)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the --json file of an interrupted run: only its missing stages run")  # fmt: skip
