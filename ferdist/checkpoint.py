@@ -126,9 +126,7 @@ def take_snapshot(
         trained_now = {k: reuse.weights[k] for k in trained}
     else:
         trained_now = to_cpu({k: v for k, v in raw_model.state_dict().items() if k in trained})
-    # Copies: the loop adds timings to the latest metrics while the writer thread serialises these.
-    summary = {"epoch": state.epochs_done, "metrics": dict(state.history[-1]), "confusion": confusion,
-               "history": [dict(h) for h in state.history]}  # fmt: skip
+    summary = epoch_summary(state, confusion=confusion)
     common = dict(epoch=state.epochs_done, summary=summary, backbone=raw_model.backbone.config.to_dict(),
                   config_yaml=to_yaml(cfg))  # fmt: skip
     if resume is None:
@@ -138,11 +136,43 @@ def take_snapshot(
                    for k, v in everything.items()}  # fmt: skip
         return Snapshot(weights=weights, **common)
     optimizer, scheduler, frozen_digest = resume
-    train_state = {"optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-                   "epochs_done": state.epochs_done, "history": summary["history"],
-                   "resumed_at": list(state.resumed_at), "frozen_sha256": frozen_digest,
-                   "pretrained": cfg.model.pretrained}  # fmt: skip
+    train_state = optimizer_state(state, optimizer, scheduler, summary=summary, pretrained=cfg.model.pretrained,
+                                  frozen_sha256=frozen_digest)  # fmt: skip
     return Snapshot(weights=trained_now, train_state=train_state, **common)
+
+
+def epoch_summary(state: TrainState, **extra: Any) -> dict[str, Any]:
+    """``summary.json`` of the epoch just finished: its metrics, ``extra`` and the history so far.
+
+    Copies: the loop adds timings to the latest metrics while the writer thread serialises these.
+    """
+    return {"epoch": state.epochs_done, "metrics": dict(state.history[-1]), **extra,
+            "history": [dict(h) for h in state.history]}  # fmt: skip
+
+
+def optimizer_state(
+    state: TrainState,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    summary: dict[str, Any],
+    pretrained: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What resume state holds beside the weights: optimizer and scheduler (on the CPU), progress (the history of
+    ``summary``, from `epoch_summary`), the start ``pretrained`` and ``extra``. `restore_progress` reads it back."""
+    return {"optimizer": to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+            "epochs_done": state.epochs_done, "history": summary["history"], "resumed_at": list(state.resumed_at),
+            "pretrained": pretrained, **extra}  # fmt: skip
+
+
+def restore_progress(
+    saved: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> TrainState:
+    """Loads the optimizer and scheduler of `optimizer_state`'s ``saved`` dict; returns the progress."""
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return _progress(saved)
 
 
 def write_snapshot(snapshot: Snapshot, directory: Path) -> None:
@@ -175,9 +205,7 @@ def restore(
         raw_model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     else:
         _load_trained(raw_model, directory, expected=saved["frozen_sha256"], source=pretrained)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return _progress(saved)
+    return restore_progress(saved, optimizer, scheduler)
 
 
 def _load_trained(raw_model: FerClassifier, directory: Path, *, expected: str, source: str) -> None:

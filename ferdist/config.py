@@ -255,8 +255,20 @@ class TrackingConfig:
             raise ValueError("tracking.experiment must not be empty")
 
 
+class _Stored:
+    """What both roots (fine-tuning and pretraining) derive from their data and checkpoint sections."""
+
+    data: DataConfig
+    checkpoint: CheckpointConfig
+
+    @property
+    def checkpoint_endpoint(self) -> str | None:
+        """The S3 endpoint of checkpoint.storage_path (its own setting, else the data's)."""
+        return self.checkpoint.endpoint_url or self.data.endpoint_url
+
+
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
+class RunConfig(_Stored):
     name: str = "quickstart"
     """Run name: names the run's folder under checkpoint.storage_path; re-running a name resumes it."""
     seed: int = 0
@@ -273,11 +285,6 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_name_and_batch(self.name, self.loop, self.workers)
 
-    @property
-    def checkpoint_endpoint(self) -> str | None:
-        """The S3 endpoint of checkpoint.storage_path (its own setting, else the data's)."""
-        return self.checkpoint.endpoint_url or self.data.endpoint_url
-
 
 def _check_name_and_batch(name: str, loop: LoopConfig, workers: WorkersConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -288,7 +295,8 @@ def _check_name_and_batch(name: str, loop: LoopConfig, workers: WorkersConfig) -
 
 # --- MAE pretraining (jobs/pretrain.py) ------------------------------------------------------------------------
 # The same tree as a fine-tuning run where the parts are the same (augment, optim, loop, workers, checkpoint,
-# tracking); its own data and model sections, so a fine-tuning key (model.freeze_blocks) is refused, not ignored.
+# tracking); its own data and model sections, so a fine-tuning key (model.freeze_blocks) is refused, not ignored,
+# as is a shared section's key that pretraining has no use for (`_FINE_TUNING_ONLY`).
 
 PRETRAIN_SPLIT = "train"
 
@@ -359,7 +367,7 @@ def _pretrain_optim() -> OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PretrainConfig:
+class PretrainConfig(_Stored):
     name: str = "pretrain-quickstart"
     """Run name: names the run's folder under checkpoint.storage_path; re-running a name resumes it."""
     seed: int = 0
@@ -377,11 +385,23 @@ class PretrainConfig:
         _check_name_and_batch(self.name, self.loop, self.workers)
         if self.optim.layer_decay != 1.0:
             raise ValueError("optim.layer_decay is a fine-tuning setting; pretraining trains every layer at optim.lr")
+        sections = {f.name: f.default_factory for f in dataclasses.fields(self)}
+        for key, why in _FINE_TUNING_ONLY.items():
+            section, attr = key.split(".")
+            if getattr(getattr(self, section), attr) != getattr(sections[section](), attr):  # type: ignore[misc]
+                raise ValueError(f"{key} is a fine-tuning setting that pretraining would ignore ({why}); remove it")
 
-    @property
-    def checkpoint_endpoint(self) -> str | None:
-        """The S3 endpoint of checkpoint.storage_path (its own setting, else the data's)."""
-        return self.checkpoint.endpoint_url or self.data.endpoint_url
+
+_FINE_TUNING_ONLY = {
+    "optim.label_smoothing": "the loss is pixel error, not a class",
+    "optim.class_weights": "pretraining reads no labels",
+    "loop.eval_every": "pretraining scores no split but train",
+    "checkpoint.keep": "pretraining keeps no best models, only resume state and its --output",
+    "checkpoint.select_by": "pretraining has no val metric",
+    "tracking.registered_model": "the backbone goes to --output, not the registry",
+    "tracking.parent_run_id": "pretraining runs are not sweep trials",
+}
+"""Shared sections' keys that mean nothing in pretraining: a value other than the default is refused, not ignored."""
 
 
 Config = typing.TypeVar("Config", RunConfig, PretrainConfig)

@@ -73,10 +73,6 @@ class ShardedDataset:
     outage_s: float = 0.0
     """How long a shard read waits out an unreachable store (inside a run; 0 fails at once)."""
 
-    def shards(self, split: str) -> list[tuple[str, int]]:
-        """(URI, sample count) of each shard of ``split``."""
-        return [(ref.uri, ref.samples) for ref in self.select(split).shards]
-
     def select(self, split: str, *, labelled: bool = True) -> Selection:
         """The shards of ``split``; ``labelled`` refuses the unlabeled split (see `Manifest.split`)."""
         info = self.manifest.split(split, labelled=labelled)

@@ -162,14 +162,11 @@ def take_resume(
 ) -> ckpt.Snapshot:
     """Every weight (encoder and decoder), optimizer, scheduler and progress after the epoch just finished, copied
     to the CPU; written by the session while the next epoch trains."""
-    history = [dict(h) for h in state.history]
-    train_state = {"optimizer": ckpt.to_cpu(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-                   "epochs_done": state.epochs_done, "history": history, "resumed_at": list(state.resumed_at),
-                   "pretrained": cfg.model.pretrained}  # fmt: skip
+    summary = ckpt.epoch_summary(state)
     return ckpt.Snapshot(
-        epoch=state.epochs_done, weights=ckpt.to_cpu(raw_model.state_dict()),
-        summary={"epoch": state.epochs_done, "metrics": dict(state.history[-1]), "history": history},
-        backbone=raw_model.config.to_dict(), config_yaml=to_yaml(cfg), train_state=train_state,
+        epoch=state.epochs_done, weights=ckpt.to_cpu(raw_model.state_dict()), summary=summary,
+        backbone=raw_model.config.to_dict(), config_yaml=to_yaml(cfg),
+        train_state=ckpt.optimizer_state(state, optimizer, scheduler, summary=summary, pretrained=cfg.model.pretrained),
     )  # fmt: skip
 
 
@@ -183,6 +180,4 @@ def restore(
     """Loads the weights, optimizer and scheduler of resume state ``directory``; returns the progress."""
     saved = torch.load(directory / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
     raw_model.load_state_dict(torch.load(directory / ckpt.TRAINED_FILE, map_location="cpu", weights_only=True))
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return ckpt.read_history(directory)
+    return ckpt.restore_progress(saved, optimizer, scheduler)

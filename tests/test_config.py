@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from ferdist.config import PretrainConfig, RunConfig, from_flat_dict, load_config, redacted, to_flat_dict, to_yaml
+from ferdist.config import (
+    CheckpointConfig,
+    PretrainConfig,
+    RunConfig,
+    from_flat_dict,
+    load_config,
+    redacted,
+    to_flat_dict,
+    to_yaml,
+)
 from ferdist.errors import FerdistError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -64,6 +74,19 @@ def test_pretrain_config_defaults_round_trip_and_differ_where_mae_does() -> None
         load_config(None, ["optim.layer_decay=0.75"], root=PretrainConfig)
     with pytest.raises(FerdistError, match="data.split=holdout: pretraining reads only the train split; remove"):
         load_config(None, ["data.split=holdout"], root=PretrainConfig)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.label_smoothing=0.1", "optim.class_weights=inverse_frequency", "loop.eval_every=2", "checkpoint.keep=3",
+     "checkpoint.select_by=val/macro_f1", "tracking.registered_model=backbone", "tracking.parent_run_id=abc"],
+)  # fmt: skip
+def test_pretraining_refuses_fine_tuning_settings_it_would_ignore(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(FerdistError, match=rf"{re.escape(key)} is a fine-tuning setting that pretraining would "):
+        load_config(None, [override], root=PretrainConfig)
+    # The defaults themselves (what a saved pretraining config holds) still load.
+    assert load_config(None, [], root=PretrainConfig).checkpoint.keep == CheckpointConfig().keep
 
 
 def test_overrides_apply_on_top_of_the_file() -> None:
