@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ def pretraining_config(cfg: MaeConfig, *, display: str | None = None) -> ViTMAEC
     ``cfg``'s masking and loss; ``display`` names the source in messages (an s3:// URI, not its local copy).
 
     Raises:
-        FerdistError: an unknown geometry, an image size the patch size does not divide, an unreadable checkpoint.
+        FerdistError: an unknown geometry, an image size the patch size does not divide, a mask ratio that hides every
+            patch, an unreadable checkpoint.
     """
     source = cfg.pretrained
     if source.startswith("random:"):
@@ -71,6 +73,13 @@ def pretraining_config(cfg: MaeConfig, *, display: str | None = None) -> ViTMAEC
                 f"model.image_size={cfg.image_size} is not a multiple of {name}'s patch size {config.patch_size}; "
                 f"use a multiple of {config.patch_size}"
             )
+    patches = (cfg.image_size // config.patch_size) ** 2
+    if int(patches * (1 - cfg.mask_ratio)) < 1:  # ViTMAE's own count of visible patches
+        raise FerdistError(
+            f"model.mask_ratio={cfg.mask_ratio:g} hides all {patches} patches of a {cfg.image_size} px face with "
+            f"{display or source}'s {config.patch_size} px patches, so the encoder would see none; use at most "
+            f"{math.floor((1 - 1 / patches) * 1e4) / 1e4:g}"
+        )
     config.update({"mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss})
     config._attn_implementation = cfg.attention
     return config

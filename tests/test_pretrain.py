@@ -145,6 +145,12 @@ def test_the_output_goes_to_s3_and_fine_tuning_loads_it_from_there(
         (["--set", "model.pretrained=random:huge"], "random:huge is unknown; use random:tiny, random:small"),
         (["--set", "model.freeze_blocks=2"], "unknown key 'model.freeze_blocks'"),
         (["--set", "model.mask_ratio=1"], "model.mask_ratio must be in (0, 1), got 1.0"),
+        # 16 patches at 32 px: 0.95 keeps int(16 × 0.05) = 0 of them, which ViTMAE would silently train on.
+        (["--set", "model.mask_ratio=0.95"], "model.mask_ratio=0.95 hides all 16 patches of a 32 px face with "
+                                             "random:tiny's 8 px patches, so the encoder would see none; use at most "
+                                             "0.9375"),
+        (["--set", "optim.label_smoothing=0.1"], "optim.label_smoothing is a fine-tuning setting that pretraining "
+                                                 "would ignore"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence_and_starts_nothing(
