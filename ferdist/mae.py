@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import math
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,12 @@ import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 from transformers.utils import logging as transformers_logging
 
-from ferdist import storage
 from ferdist.config import MaeConfig
 from ferdist.constants import IMAGENET_MEAN, IMAGENET_STD
 from ferdist.errors import FerdistError
 from ferdist.model import (
     cached_s3_folder,
+    config_folder,
     load_backbone_config,
     load_weights,
     raise_missing_encoder,
@@ -67,12 +66,7 @@ def pretraining_config(cfg: MaeConfig, *, display: str | None = None) -> ViTMAEC
         config.update(DECODERS[name])
     else:
         name = display or source
-        config = load_backbone_config(source, display=name)
-        if cfg.image_size % config.patch_size:
-            raise FerdistError(
-                f"model.image_size={cfg.image_size} is not a multiple of {name}'s patch size {config.patch_size}; "
-                f"use a multiple of {config.patch_size}"
-            )
+        config = load_backbone_config(source, display=name, image_size=cfg.image_size)
     patches = (cfg.image_size // config.patch_size) ** 2
     if int(patches * (1 - cfg.mask_ratio)) < 1:  # ViTMAE's own count of visible patches
         raise FerdistError(
@@ -86,15 +80,10 @@ def pretraining_config(cfg: MaeConfig, *, display: str | None = None) -> ViTMAEC
 
 
 def check_start(cfg: MaeConfig, *, endpoint_url: str | None = None) -> None:
-    """Fails fast (on the driver) when pretraining cannot start from ``cfg.pretrained``; reads configs only (from
-    S3 just config.json: the driver may be on a node no worker runs on, and ViT-B's weights are 450 MB)."""
-    if cfg.pretrained.startswith("s3://"):
-        data = storage.read_bytes(storage.parse_uri(cfg.pretrained).join("config.json").uri, endpoint_url=endpoint_url)
-        with tempfile.TemporaryDirectory(prefix="ferdist-config-") as tmp:
-            (Path(tmp) / "config.json").write_bytes(data)
-            pretraining_config(_local(cfg, Path(tmp)), display=cfg.pretrained)
-        return
-    pretraining_config(cfg)
+    """Fails fast (on the driver) when pretraining cannot start from ``cfg.pretrained``; reads configs only (see
+    `config_folder`)."""
+    with config_folder(cfg.pretrained, endpoint_url=endpoint_url) as local:
+        pretraining_config(dataclasses.replace(cfg, pretrained=local), display=cfg.pretrained)
 
 
 def build_pretraining_model(cfg: MaeConfig, *, seed: int, endpoint_url: str | None = None) -> ViTMAEForPreTraining:

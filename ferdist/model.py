@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from contextlib import nullcontext
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +170,7 @@ def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMA
         return with_position_embeddings(ViTMAEModel(config))
     if source.startswith("s3://"):
         source = str(cached_s3_folder(source, endpoint_url=endpoint_url))
-    config = load_backbone_config(source, display=cfg.pretrained)
+    config = load_backbone_config(source, display=cfg.pretrained, image_size=cfg.image_size)
     backbone, missing = load_weights(ViTMAEModel, source, config=config, display=cfg.pretrained,
                                      attention=cfg.attention)  # fmt: skip
     if missing:
@@ -229,31 +231,67 @@ def cached_s3_folder(uri: str, *, endpoint_url: str | None = None) -> Path:
 
 
 def check_pretrained(cfg: ModelConfig, *, endpoint_url: str | None = None) -> None:
-    """Fails fast (before any worker starts) when ``cfg.pretrained`` cannot be loaded; reads configs only."""
+    """Fails fast (before any worker starts) when ``cfg.pretrained`` cannot be loaded at ``cfg.image_size``; reads
+    configs only."""
     source = cfg.pretrained
     if source.startswith("random:"):
         random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size)
         return
-    if source.startswith("s3://"):
-        storage.read_bytes(storage.parse_uri(source).join("config.json").uri, endpoint_url=endpoint_url)
+    with config_folder(source, endpoint_url=endpoint_url) as local:
+        load_backbone_config(local, display=source, image_size=cfg.image_size)
+
+
+@contextmanager
+def config_folder(source: str, *, endpoint_url: str | None = None) -> Iterator[str]:
+    """``source`` itself, or for an ``s3://`` prefix a temporary folder holding only its config.json: a driver checks
+    the config on a node that may run no worker, without pulling ViT-B's 450 MB of weights."""
+    if not source.startswith("s3://"):
+        yield source
         return
-    load_backbone_config(source, display=source)
+    data = storage.read_bytes(storage.parse_uri(source).join("config.json").uri, endpoint_url=endpoint_url)
+    with tempfile.TemporaryDirectory(prefix="ferdist-config-") as tmp:
+        (Path(tmp) / "config.json").write_bytes(data)
+        yield tmp
 
 
-def load_backbone_config(source: str, *, display: str) -> ViTMAEConfig:
-    """The ViTMAEConfig at a local folder or Hugging Face id, with masking off."""
+def load_backbone_config(source: str, *, display: str, image_size: int | None = None) -> ViTMAEConfig:
+    """The ViTMAEConfig at a local folder or Hugging Face id, with masking off.
+
+    Raises:
+        FerdistError: no readable config there, a config of another kind of model, or (with ``image_size``) a patch
+            size that does not divide ``image_size``.
+    """
     if "://" in source:
         raise FerdistError(f"model.pretrained={display!r}: only s3:// URIs, local folders and Hugging Face ids work")
-    if Path(source).exists() and not (Path(source) / "config.json").is_file():
+    local = Path(source).exists()
+    if local and not (Path(source) / "config.json").is_file():
         raise FerdistError(
             f"model.pretrained={display!r} is a folder without config.json; write it with save_pretrained"
         )
     try:
-        return ViTMAEConfig.from_pretrained(source, mask_ratio=0.0)
+        values, _ = ViTMAEConfig.get_config_dict(source)
     except OSError as exn:
+        first = str(exn).splitlines()[0]
+        if local:
+            raise FerdistError(
+                f"cannot read model.pretrained={display!r} ({first}); re-save it with save_pretrained"
+            ) from None
         raise FerdistError(
-            f"cannot load pretrained weights {display!r} ({str(exn).splitlines()[0]}); on a machine without "
+            f"cannot load pretrained weights {display!r} ({first}); on a machine without "
             "internet download them elsewhere (huggingface-cli download facebook/vit-mae-base) and pass "
             "--set model.pretrained=PATH or s3://BUCKET/PREFIX, or use model.pretrained=random:tiny / random:base "
             "for a randomly initialised backbone"
         ) from None
+    kind = values.get("model_type", ViTMAEConfig.model_type)  # a config without one cannot be told apart
+    if kind != ViTMAEConfig.model_type:
+        raise FerdistError(
+            f"model.pretrained={display!r} is a {kind!r} model (the model_type in its config.json), not a ViT-MAE; "
+            "point it at a ViT-MAE checkpoint such as facebook/vit-mae-base or a jobs/pretrain.py output"
+        )
+    config = ViTMAEConfig.from_dict(values, mask_ratio=0.0)
+    if image_size is not None and image_size % config.patch_size:
+        raise FerdistError(
+            f"model.image_size={image_size} is not a multiple of {display}'s patch size {config.patch_size}; "
+            f"use a multiple of {config.patch_size}"
+        )
+    return config

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,36 @@ def test_unavailable_sources_get_one_sentence_naming_the_alternatives(
         check_pretrained(ModelConfig(pretrained="random:tiny", image_size=36))
     with pytest.raises(FerdistError, match="exceeds the backbone's 6 blocks"):
         build_model(tiny_cfg(freeze_blocks=7), seed=0)
+
+
+def test_checkpoints_that_are_not_usable_vit_maes_are_refused_from_their_config(
+    tmp_path: Path, s3: tuple[str, str]
+) -> None:
+    """Another model's config.json loaded as a ViTMAEConfig would silently fill in ViT-MAE defaults."""
+    import boto3
+
+    for kind in ("vit", "bert"):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "config.json").write_text(json.dumps({"model_type": kind, "hidden_size": 64}))
+        with pytest.raises(FerdistError, match=rf"is a '{kind}' model \(the model_type in its config.json\), not a "):
+            check_pretrained(ModelConfig(pretrained=str(tmp_path / kind)))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "vit_mae", ')
+    with pytest.raises(FerdistError, match="is not a valid JSON file.*re-save it with save_pretrained") as info:
+        build_model(ModelConfig(pretrained=str(tmp_path / "broken")), seed=0)
+    assert "internet" not in str(info.value)  # a local file, not a download
+    # A checkpoint's patch size (8) must divide the fine-tuning image size too, before any worker starts, read from
+    # config.json alone on S3 (the weights are not there to read).
+    save_pretraining_checkpoint(tmp_path / "mae")
+    endpoint, bucket = s3
+    boto3.client("s3", endpoint_url=endpoint).upload_file(
+        str(tmp_path / "mae" / "config.json"), bucket, "only-config/config.json"
+    )
+    for source in (str(tmp_path / "mae"), f"s3://{bucket}/only-config"):
+        with pytest.raises(FerdistError, match=f"model.image_size=36 is not a multiple of {source}'s patch size 8"):
+            check_pretrained(ModelConfig(pretrained=source, image_size=36), endpoint_url=endpoint)
+    with pytest.raises(FerdistError, match="model.image_size=36 is not a multiple"):
+        build_model(ModelConfig(pretrained=str(tmp_path / "mae"), image_size=36), seed=0)
 
 
 def _tiny(*extra: str):  # noqa: ANN202
