@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -203,5 +204,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
         time.sleep(0.2)
     yield uri
-    proc.terminate()
+    # The whole group: `mlflow server` runs uvicorn as a child, which some MLflow versions leave running when only
+    # their own process is stopped (seen after the lowest-versions run).
+    os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)
