@@ -383,8 +383,6 @@ class PretrainConfig(_Stored):
 
     def __post_init__(self) -> None:
         _check_name_and_batch(self.name, self.loop, self.workers)
-        if self.optim.layer_decay != 1.0:
-            raise ValueError("optim.layer_decay is a fine-tuning setting; pretraining trains every layer at optim.lr")
         sections = {f.name: f.default_factory for f in dataclasses.fields(self)}
         for key, why in _FINE_TUNING_ONLY.items():
             section, attr = key.split(".")
@@ -395,6 +393,7 @@ class PretrainConfig(_Stored):
 _FINE_TUNING_ONLY = {
     "optim.label_smoothing": "the loss is pixel error, not a class",
     "optim.class_weights": "pretraining reads no labels",
+    "optim.layer_decay": "pretraining trains every layer at optim.lr",
     "loop.eval_every": "pretraining scores no split but train",
     "checkpoint.keep": "pretraining keeps no best models, only resume state and its --output",
     "checkpoint.select_by": "pretraining has no val metric",

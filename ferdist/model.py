@@ -149,12 +149,17 @@ def random_backbone_config(name: str, *, image_size: int) -> ViTMAEConfig:
             f"model.pretrained=random:{name} is unknown; use " + ", ".join(f"random:{g}" for g in RANDOM_GEOMETRIES)
         )
     geometry = RANDOM_GEOMETRIES[name]
-    if image_size % geometry["patch_size"]:
-        raise FerdistError(
-            f"model.image_size={image_size} is not a multiple of random:{name}'s patch size {geometry['patch_size']}; "
-            f"use a multiple of {geometry['patch_size']}"
-        )
+    check_patch_divides(image_size, geometry["patch_size"], source=f"random:{name}")
     return ViTMAEConfig(**geometry, image_size=image_size, mask_ratio=0.0)
+
+
+def check_patch_divides(image_size: int, patch_size: int, *, source: str) -> None:
+    """A face of ``image_size`` must be whole patches: a remainder would be cut off by the patch projection."""
+    if image_size % patch_size:
+        raise FerdistError(
+            f"model.image_size={image_size} is not a multiple of {source}'s patch size {patch_size}; "
+            f"use a multiple of {patch_size}"
+        )
 
 
 def load_backbone(cfg: ModelConfig, *, endpoint_url: str | None = None) -> ViTMAEModel:
@@ -289,9 +294,6 @@ def load_backbone_config(source: str, *, display: str, image_size: int | None = 
             "point it at a ViT-MAE checkpoint such as facebook/vit-mae-base or a jobs/pretrain.py output"
         )
     config = ViTMAEConfig.from_dict(values, mask_ratio=0.0)
-    if image_size is not None and image_size % config.patch_size:
-        raise FerdistError(
-            f"model.image_size={image_size} is not a multiple of {display}'s patch size {config.patch_size}; "
-            f"use a multiple of {config.patch_size}"
-        )
+    if image_size is not None:
+        check_patch_divides(image_size, config.patch_size, source=display)
     return config
