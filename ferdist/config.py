@@ -425,37 +425,59 @@ def to_flat_dict(cfg: RunConfig | PretrainConfig) -> dict[str, Any]:
     return flat
 
 
-def from_flat_dict(flat: dict[str, Any], *, origin: str = "config", root: type[Config] = RunConfig) -> Config:
+class Origins(dict[str, str]):
+    """Where each given key was written (a YAML file, or ``--set`` on the command line), so that a sentence about a
+    key names the place to change it; ``default`` for keys given nowhere in particular."""
+
+    def __init__(self, by_key: dict[str, str], default: str) -> None:
+        super().__init__(by_key)
+        self.default = default
+
+    def of(self, key: str) -> str:
+        return self.get(key, self.default)
+
+    def blame(self, text: str, prefix: str) -> str:
+        """The place(s) of the given keys that ``text``, a validation error of section ``prefix``, names."""
+        named = {where for key, where in self.items() if key.startswith(prefix)
+                 and re.search(rf"(?<![\w.])({re.escape(key)}|{re.escape(key[len(prefix):])})\b", text)}  # fmt: skip
+        return " and ".join(sorted(named)) or self.default
+
+
+def from_flat_dict(
+    flat: dict[str, Any], *, origin: str | Origins = "config", root: type[Config] = RunConfig
+) -> Config:
     """The inverse of `to_flat_dict`; values may also be strings (``"3e-4"``), parsed by the field's type.
     ``root`` is the tree's class: `RunConfig` (fine-tuning) or `PretrainConfig`.
 
     Raises:
-        FerdistError: an unknown key, a value of the wrong type, or one that fails validation, naming ``origin``.
+        FerdistError: an unknown key, a value of the wrong type, or one that fails validation, naming where it was
+            written (``origin``: one place for every key, or `Origins` per key).
     """
+    origins = origin if isinstance(origin, Origins) else Origins({}, origin)
     # Unset keys take the root's defaults, which for a PretrainConfig differ from its sections' own (optim.beta2).
-    return _build(root, {**to_flat_dict(root()), **flat}, "", origin)
+    return _build(root, {**to_flat_dict(root()), **flat}, "", origins)
 
 
-def _build(cls: type, flat: dict[str, Any], prefix: str, origin: str) -> Any:
+def _build(cls: type, flat: dict[str, Any], prefix: str, origins: Origins) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         if dataclasses.is_dataclass(hints[f.name]):
-            kwargs[f.name] = _build(hints[f.name], flat, key + ".", origin)
+            kwargs[f.name] = _build(hints[f.name], flat, key + ".", origins)
         elif key in flat:
-            kwargs[f.name] = parse_value(flat[key], hints[f.name], key=key, origin=origin)
+            kwargs[f.name] = parse_value(flat[key], hints[f.name], key=key, origin=origins.of(key))
     if not prefix:
         known = set(to_flat_dict(cls()))
         unknown = sorted(set(flat) - known)
         if unknown:
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
-            raise FerdistError(f"{origin}: unknown key '{unknown[0]}'{hint}")
+            raise FerdistError(f"{origins.of(unknown[0])}: unknown key '{unknown[0]}'{hint}")
     try:
         return cls(**kwargs)
     except (ValueError, FerdistError) as exn:
-        raise FerdistError(f"{origin}: {exn}") from None
+        raise FerdistError(f"{origins.blame(str(exn), prefix)}: {exn}") from None
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -543,14 +565,16 @@ def load_config(
     """The config in YAML file ``path`` (defaults where absent) with ``key=value`` overrides applied on top;
     ``root``: `RunConfig` (fine-tuning) or `PretrainConfig`."""
     flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         doc = read_yaml(path)
         if doc is not None and not isinstance(doc, dict):
             raise FerdistError(f"{path}: the top level must be a mapping of sections (data:, model:, optim:, ...)")
-        # A sweep file is a run config plus these two sections (read by ferdist.sweep); a run uses its base config.
+        # A sweep file is a run config plus these two sections (read by ferdist.tune.sweep); a run uses its base config.
         doc = {k: v for k, v in (doc or {}).items() if k not in SWEEP_SECTIONS}
         flat.update(_flatten_mapping(doc, "", str(path)))
+        where.update(dict.fromkeys(flat, str(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -561,7 +585,9 @@ def load_config(
         except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
             parsed = value
         flat[key.strip()] = value if isinstance(parsed, (dict, list)) else parsed
-    return from_flat_dict(flat, origin=str(path) if path is not None else "command line", root=root)
+        where[key.strip()] = "command line"
+    origins = Origins(where, str(path) if path is not None else "command line")
+    return from_flat_dict(flat, origin=origins, root=root)
 
 
 def worker_overrides(workers: int | None, gpus_per_worker: float | None, cpu: bool) -> list[str]:

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs
@@ -65,14 +66,20 @@ def transient(exn: BaseException) -> bool:
     return isinstance(exn, OSError) and bool(_PYARROW_TRANSIENT.search(str(exn)))
 
 
+def endpoint_base(url: str | None) -> str:
+    """``scheme://host:port`` of an endpoint or request URL (botocore reports the whole request URL)."""
+    if not url:
+        return "the default AWS endpoint"
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    return f"{parsed.scheme}://{parsed.netloc}" if parsed.netloc else url
+
+
 def reason(exn: BaseException) -> str:
     """A short cause for messages: pyarrow's long S3 errors cut to the AWS error and operation."""
     text = str(exn)
     if match := re.search(r"AWS Error (\S+) during (\S+) operation", text):
         return f"{match[1]} during {match[2]}"
     if url := getattr(exn, "kwargs", {}).get("endpoint_url"):  # botocore names the request URL: keep the endpoint
-        from ferdist.storage import endpoint_base  # here: ferdist.storage imports this module
-
         return f"{type(exn).__name__} at {endpoint_base(url)}"
     return f"{type(exn).__name__}: {text}"[:200]
 

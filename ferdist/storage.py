@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ferdist.errors import FerdistError, MissingError
-from ferdist.outage import retried
+from ferdist.outage import endpoint_base, retried
 
 # Objects above this size go up in parts, so a lost connection costs one part, not the object.
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
@@ -71,14 +71,6 @@ def parse_uri(uri: str) -> Location:
 def resolve_endpoint(endpoint_url: str | None) -> str | None:
     """The S3 endpoint a client will use: ``endpoint_url``, else boto3's AWS_ENDPOINT_URL(_S3), else None (AWS)."""
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
-def endpoint_base(url: str | None) -> str:
-    """``scheme://host:port`` of an endpoint or request URL (botocore reports the whole request URL)."""
-    if not url:
-        return "the default AWS endpoint"
-    parsed = urlparse(url if "://" in url else f"https://{url}")
-    return f"{parsed.scheme}://{parsed.netloc}" if parsed.netloc else url
 
 
 @lru_cache(maxsize=8)

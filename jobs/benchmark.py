@@ -28,7 +28,8 @@ the same N runs back to back as plain TorchTrainer runs in the same Ray instance
 runs jobs/configs/quickstart-sweep.yaml with ASHA and counts the trials and trial-epochs it stopped and the
 worker-hours (GPU-hours on a GPU cluster) that saved.
 
-``infer`` measures images/s through `ferdist.inference.Predictor` (the code path of jobs/predict.py, jobs/evaluate.py
+``infer`` measures images/s through `ferdist.serve.inference.Predictor` (the code path of jobs/predict.py,
+jobs/evaluate.py
 and the MLflow model): batched and one image per call, for the quick-start geometry (random:tiny at 32 px) and the
 ViT-B/16 base geometry at 224 (bf16 on a GPU), plus the cost of decoding a PNG file into a 48×48 face.
 
@@ -52,7 +53,6 @@ torchvision ``ImageFolder`` over PNG files with Grayscale(3) + Resize(224) + ToT
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +60,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ferdist.bench import cycle, pretrain  # noqa: E402
+from ferdist.bench import results as bench_results  # noqa: E402
 from ferdist.bench.data import bench_data  # noqa: E402
 from ferdist.bench.infer import bench_infer  # noqa: E402
 from ferdist.bench.recipe import REAL_FER2013, bench_recipe  # noqa: E402
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{exn.returncode}; its output is above", highlight=False)  # fmt: skip
         return 2
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        bench_results.write(args.json, results)
         console.print(f"wrote {args.json}")
     return 0
 

@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     console = job_console(stderr=True)
     try:
         args = parse_args(argv)
-        from ferdist.checkpoint import load_classifier
-        from ferdist.data import open_dataset
-        from ferdist.evaluation import evaluate_split
-        from ferdist.inference import Predictor
-        from ferdist.registry import fetch_checkpoint
+        from ferdist.data.loader import open_dataset
+        from ferdist.serve.evaluation import evaluate_split
+        from ferdist.serve.inference import Predictor
+        from ferdist.track.registry import fetch_checkpoint
+        from ferdist.train.checkpoint import load_classifier
 
         dataset = open_dataset(args.manifest, endpoint_url=args.endpoint_url)
         dataset.manifest.split(args.split)  # an absent split fails before the model is fetched
@@ -105,7 +105,7 @@ def print_result(console: Console, result, *, title: str) -> None:  # noqa: ANN0
 
 
 def write_outputs(out: Path, result, *, title: str, model_uri: str, manifest: str) -> list[Path]:  # noqa: ANN001
-    from ferdist.reports import REPORT_MD, class_report_markdown, plot_confusion
+    from ferdist.track.reports import REPORT_MD, class_report_markdown, plot_confusion
 
     out.mkdir(parents=True, exist_ok=True)
     label = f"{title}: {result.split}" + (" (flip TTA)" if result.tta else "")
@@ -126,7 +126,7 @@ def track(result, ref, files: list[Path], *, manifest: str, synthetic: bool = Fa
 
     from ferdist.config import TrackingConfig
     from ferdist.constants import FER_CLASSES
-    from ferdist.tracking import tracking_uri
+    from ferdist.track.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(TrackingConfig()))
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -157,7 +157,7 @@ def track(result, ref, files: list[Path], *, manifest: str, synthetic: bool = Fa
 
 def update_card(client, ref, result, *, synthetic: bool = False) -> None:  # noqa: ANN001
     """Adds (or replaces) this split's results section in the version's model card."""
-    from ferdist.model_card import results_section
+    from ferdist.track.model_card import results_section
 
     data = f"{'SYNTHETIC ' if synthetic else ''}{result.split}"
     heading = f"Results on {data}" + (" (flip TTA)" if result.tta else "")

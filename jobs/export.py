@@ -2,7 +2,7 @@
 
     python jobs/export.py --out fer.onnx                                  # the @champion
     python jobs/export.py --model models:/fer-vitmae/3 --out fer.onnx --force
-    python jobs/export.py --model runs/quickstart/model_epoch_0010 --out fer.onnx --opset 20
+    python jobs/export.py --model runs/quickstart/model_epoch_0009 --out fer.onnx --opset 20
 
 --model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder or an s3://
 checkpoint. The class names and the input contract are stored in the file's metadata. Before --out is written,
@@ -27,7 +27,7 @@ from ferdist.errors import FerdistError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from ferdist.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from ferdist.serve.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models:/fer-vitmae@champion", help="model URI or checkpoint folder")
@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     console = job_console(stderr=True)
     try:
         args = parse_args(argv)
-        from ferdist import export
+        from ferdist.serve import export
 
         export.check_destination(args.out, force=args.force)
         export.check_opset(args.opset)
         export.require_packages()
-        from ferdist.checkpoint import load_classifier
-        from ferdist.registry import fetch_checkpoint
+        from ferdist.track.registry import fetch_checkpoint
+        from ferdist.train.checkpoint import load_classifier
 
         with tempfile.TemporaryDirectory(prefix="ferdist-export-") as tmp:
             folder, ref = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)

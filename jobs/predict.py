@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ferdist.console import job_console  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
-from ferdist.faces import DETECT_MODES  # noqa: E402
-from ferdist.photos import check_writable, image_files, predict_files, rows_table, write_rows  # noqa: E402
+from ferdist.serve.faces import DETECT_MODES  # noqa: E402
+from ferdist.serve.photos import check_writable, image_files, predict_files, rows_table, write_rows  # noqa: E402
 
 
 def positive(text: str) -> int:
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         files = image_files(args.paths)
         import torch
 
-        from ferdist.checkpoint import load_classifier
-        from ferdist.inference import Predictor
-        from ferdist.registry import fetch_checkpoint
+        from ferdist.serve.inference import Predictor
+        from ferdist.track.registry import fetch_checkpoint
+        from ferdist.train.checkpoint import load_classifier
 
         with tempfile.TemporaryDirectory(prefix="ferdist-predict-") as tmp:
             folder, _ = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             job_console().print(rows_table(kept))
         if args.annotate:
-            from ferdist.annotate import annotate_files
+            from ferdist.serve.annotate import annotate_files
 
             written = annotate_files(kept, args.annotate, keep=files)
             console.print(f"wrote {plural(len(written), 'annotated photo')} to {escape(str(args.annotate))}/",

@@ -47,14 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*args.set, *worker_overrides(args.workers, args.gpus_per_worker, args.cpu)]
         cfg = load_config(args.config, overrides, root=PretrainConfig)
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
-        from ferdist import backbone_output, launch
+        from ferdist.launch import preflight
+        from ferdist.launch import trainer as launch
+        from ferdist.train import backbone_output
 
         output = args.output or str(Path("pretrained") / cfg.name)
-        cfg = launch.with_absolute_paths(cfg)
+        cfg = preflight.with_absolute_paths(cfg)
         mine = backbone_output.owner(cfg.name, cfg.checkpoint.storage_path)
         # First: an hour of pretraining must not end on "that folder holds something else".
         backbone_output.check_output(output, mine=mine, endpoint_url=cfg.checkpoint_endpoint)
-        cfg, steps = launch.prepare(cfg)
+        cfg, steps = preflight.prepare(cfg)
         console.print(f"{cfg.name}: {steps} steps/epoch × {cfg.loop.epochs} epochs on {cfg.workers.num_workers} "
                       f"{'GPU' if cfg.workers.use_gpu else 'CPU'} worker(s), masking {cfg.model.mask_ratio:.0%} of "
                       f"each face from {cfg.model.pretrained}")  # fmt: skip
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FerdistError(f"run {cfg.name} finished without a checkpoint in {result.path}; re-submit it")
         with result.checkpoint.as_directory() as folder:  # [ray] the last epoch's state, from storage_path
             written = backbone_output.publish(Path(folder), output, mine=mine, endpoint_url=cfg.checkpoint_endpoint)
-        from ferdist import tracking
+        from ferdist.track import tracking
 
         tracking.tag_run(cfg.tracking, cfg.name, {"ferdist.output": written})
     except FerdistError as exn:

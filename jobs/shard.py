@@ -20,9 +20,9 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.constants import FER_CLASSES  # noqa: E402
+from ferdist.data.sharding import ShardingResult, write_shards  # noqa: E402
+from ferdist.data.sources import open_source, synthetic_source  # noqa: E402
 from ferdist.errors import FerdistError, Interrupted  # noqa: E402
-from ferdist.sharding import ShardingResult, write_shards  # noqa: E402
-from ferdist.sources import open_source, synthetic_source  # noqa: E402
 
 
 def whole_number(minimum: int):  # noqa: ANN201

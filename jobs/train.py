@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(parse_args(argv))
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
-        from ferdist import launch
+        from ferdist.launch import preflight
+        from ferdist.launch import trainer as launch
 
-        cfg, steps = launch.prepare(cfg)
+        cfg, steps = preflight.prepare(cfg)
         console.print(f"{cfg.name}: {steps} steps/epoch × {cfg.loop.epochs} epochs on {cfg.workers.num_workers} "
                       f"{'GPU' if cfg.workers.use_gpu else 'CPU'} worker(s)")  # fmt: skip
         import ray
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def track_result(cfg: RunConfig, result):  # noqa: ANN001, ANN201
     """Reports, config and status to the run's MLflow run, then its best checkpoint as a registered model."""
-    from ferdist import tracking
+    from ferdist.track import tracking
 
     run_id, best = tracking.finalize_run(cfg.tracking, run_name=cfg.name, run_path=result.path,
                                          filesystem=result.filesystem, status=tracking.COMPLETED,

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ferdist.config import worker_overrides  # noqa: E402
 from ferdist.console import job_console, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
-from ferdist.sweep import Sweep, load_sweep  # noqa: E402
+from ferdist.tune.sweep import Sweep, load_sweep  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         sweep = sweep_from_args(args)
-        from ferdist import launch, tracking, tuning
+        from ferdist.launch import preflight
+        from ferdist.track import tracking
+        from ferdist.tune import tuning
 
-        base, steps = launch.prepare(sweep.base)
+        base, steps = preflight.prepare(sweep.base)
         path, filesystem = tuning.experiment_path(base)
         import ray.tune
 

@@ -26,7 +26,7 @@ REAL_FER2013 = ROOT.parent / "shared" / "data" / "fer2013" / "fer2013.csv.xz"
 @pytest.fixture(scope="session")
 def synth_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """350 SYNTHETIC faces in the Kaggle CSV layout (280 train / 35 val / 35 test)."""
-    from ferdist.synth import make_synthetic_csv
+    from ferdist.data.synth import make_synthetic_csv
 
     path = tmp_path_factory.mktemp("synth") / "synth.csv"
     path.write_bytes(make_synthetic_csv(350, seed=1))
@@ -36,8 +36,8 @@ def synth_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synth_shards(synth_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic CSV sharded 16 samples a shard (18 train, 3 val, 3 test shards)."""
-    from ferdist.sharding import write_shards
-    from ferdist.sources import open_source
+    from ferdist.data.sharding import write_shards
+    from ferdist.data.sources import open_source
 
     dest = tmp_path_factory.mktemp("shards") / "synth"
     write_shards(open_source(synth_csv), str(dest), samples_per_shard=16, workers=2)
@@ -48,7 +48,7 @@ def synth_shards(synth_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 def tiny_checkpoint(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model checkpoint of one epoch of random:tiny at 32 px on the SYNTHETIC shards (``model_epoch_0001``)."""
     from ferdist.config import load_config
-    from ferdist.loop import LocalSession, run_training
+    from ferdist.train.loop import LocalSession, run_training
 
     root = tmp_path_factory.mktemp("tiny-run")
     cfg = load_config(None, [f"data.manifest={synth_shards}", "data.loader_workers=0", "model.pretrained=random:tiny",
@@ -199,7 +199,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         try:
             if requests.get(f"{uri}/health", timeout=2).ok:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine's slow answer
             pass
         assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
         time.sleep(0.2)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ferdist.checkpoint import Snapshot
-from ferdist.loop import LocalSession
+from ferdist.train.checkpoint import Snapshot
+from ferdist.train.loop import LocalSession
 
 
 @dataclass

@@ -7,7 +7,8 @@ parameters, blocks 0-3 frozen) at a small image size: the checkpoint is the same
 
 * **before**: the policy up to this release, a full checkpoint (every weight, AdamW moments, progress) written
   synchronously every epoch and then copied to storage, as Ray's synchronous report does;
-* **after**: `ferdist.checkpoint.CheckpointManager` with the shipped defaults: the best model whenever the selection
+* **after**: `ferdist.train.checkpoint.CheckpointManager` with the shipped defaults: the best model whenever the
+selection
   metric improves (here: every epoch, the worst case) and slim resume state every ``checkpoint.every_epochs``,
   written on background threads (the resume state by the thread that stands in for Ray's asynchronous upload).
 
@@ -30,8 +31,8 @@ from typing import Any
 import pyarrow.fs
 import torch
 
-from ferdist import checkpoint as ckpt
 from ferdist.config import CheckpointConfig, RunConfig, load_config
+from ferdist.train import checkpoint as ckpt
 
 # One H100 trains an FER2013 epoch of the ViT-B recipe (≈ 82 GFLOP per image, 28,709 images) in ≈ 6.5 s at 45 % of
 # its ≈ 800 bf16 TFLOP/s; data-parallel GPUs divide it.
@@ -48,8 +49,8 @@ class Storage:
 
 def base_model(image_size: int = 32) -> tuple[Any, RunConfig, torch.optim.Optimizer, Any]:
     """random:base with blocks 0-3 frozen and AdamW after one step (so its moments exist), on the CPU."""
-    from ferdist.model import build_model
-    from ferdist.optim import build_optimizer, make_schedule
+    from ferdist.train.model import build_model
+    from ferdist.train.optim import build_optimizer, make_schedule
 
     cfg = load_config(None, ["model.pretrained=random:base", f"model.image_size={image_size}", "model.freeze_blocks=4",
                              "tracking.backend=none"])  # fmt: skip
@@ -160,7 +161,8 @@ def checkpoint_sizes(image_size: int = 32) -> dict[str, float]:
 def s3_storage() -> Iterator[tuple[Storage, Storage]]:
     """A bucket on an S3 server (moto, its own process, on loopback), reached through pyarrow: as Ray reached
     storage_path before this release (a plain S3 filesystem), and through the filesystem a run is given now
-    (`ferdist.launch.storage_target`: writes in the calling thread, every call retried through an outage). Out of
+    (`ferdist.launch.trainer.storage_target`: writes in the calling thread, every call retried through an outage). Out
+    of
     process, as real storage is: an in-process server would compete with the loop for the GIL."""
     import os
     import socket
@@ -171,7 +173,7 @@ def s3_storage() -> Iterator[tuple[Storage, Storage]]:
     from botocore.exceptions import EndpointConnectionError
 
     from ferdist.outage import resilient
-    from ferdist.runs import s3_filesystem
+    from ferdist.train.runs import s3_filesystem
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

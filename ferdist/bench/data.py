@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ferdist.config import DataConfig
-from ferdist.data import build_loader, open_dataset
-from ferdist.sharding import write_shards
-from ferdist.sources import open_source, synthetic_source
+from ferdist.data.loader import build_loader, open_dataset
+from ferdist.data.sharding import write_shards
+from ferdist.data.sources import open_source, synthetic_source
 
 
 def time_sharding(source_path: Path | None, dest: Path, *, synthetic_rows: int) -> dict[str, float | str]:

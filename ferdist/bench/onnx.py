@@ -1,5 +1,7 @@
-"""``onnx`` measures CPU images/s of the exported ONNX file (`ferdist.export`) under ONNX Runtime against the PyTorch
-`ferdist.inference.Predictor` it was exported from, on the same uint8 faces and batches, for the quick-start geometry
+"""``onnx`` measures CPU images/s of the exported ONNX file (`ferdist.serve.export`) under ONNX Runtime against the
+PyTorch
+`ferdist.serve.inference.Predictor` it was exported from, on the same uint8 faces and batches, for the quick-start
+geometry
 (random:tiny at 32 px) and the ViT-B/16 base geometry at 224 (`BASE_IMAGES`: one of them takes about half a second
 on two cores). Both sides get the same number of threads, and both include the preprocessing.
 """
@@ -25,9 +27,9 @@ def bench_onnx(*, images: int, batch: int, console: Console | None = None) -> di
     import torch
 
     from ferdist.config import ModelConfig
-    from ferdist.export import DEFAULT_OPSET, check_faces, export_onnx, onnx_metadata
-    from ferdist.inference import Predictor
-    from ferdist.model import build_model
+    from ferdist.serve.export import DEFAULT_OPSET, check_faces, export_onnx, onnx_metadata
+    from ferdist.serve.inference import Predictor
+    from ferdist.train.model import build_model
 
     threads = torch.get_num_threads()
     options = ort.SessionOptions()
@@ -71,7 +73,7 @@ def bench_onnx(*, images: int, batch: int, console: Console | None = None) -> di
 
 def run_batches(session: Any, faces: np.ndarray, *, batch: int) -> np.ndarray:
     """Probabilities from an ONNX Runtime session over ``faces`` in chunks of ``batch``, as Predictor chunks them."""
-    from ferdist.export import INPUT_NAME, OUTPUT_NAME
+    from ferdist.serve.export import INPUT_NAME, OUTPUT_NAME
 
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: faces[i : i + batch]})[0]
                            for i in range(0, len(faces), batch)])  # fmt: skip

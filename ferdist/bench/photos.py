@@ -16,7 +16,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ferdist.faces import HAAR, Box, Detector
+from ferdist.serve.faces import HAAR, Box, Detector
 
 DETECTORS = {
     "haar alt2 1.1/4 (ferdist)": HAAR,
@@ -63,7 +63,7 @@ def fer_recall(detector: Detector, faces: np.ndarray) -> tuple[float, int]:
 def privatetest_faces(source: Path, count: int) -> np.ndarray | None:
     if not source.exists():
         return None
-    from ferdist.sources import open_source
+    from ferdist.data.sources import open_source
 
     opened = open_source(source)
     return opened.load(opened.splits["test"][:count]).images
@@ -73,8 +73,8 @@ def bench_photos(console: Console, *, photos: int, source: Path) -> dict:
     import cv2
 
     from ferdist.config import ModelConfig
-    from ferdist.inference import Predictor, classify
-    from ferdist.model import build_model
+    from ferdist.serve.inference import Predictor, classify
+    from ferdist.train.model import build_model
 
     model = build_model(ModelConfig(pretrained="random:tiny", image_size=32, freeze_blocks=0), seed=0)
     predictor = Predictor(model, image_size=32)

@@ -31,8 +31,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ferdist.bench import results as bench_results
 from ferdist.bench.recipe import ensure_shards, timed_evaluation
-from ferdist.data import open_dataset
+from ferdist.data.loader import open_dataset
 from ferdist.errors import FerdistError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,9 +53,9 @@ def score_run(run_path: Path, manifest: Path) -> dict:
     """The PublicTest-chosen epoch of a fine-tuning run, scored on PrivateTest; the run's curves and speed."""
     import torch
 
-    from ferdist.checkpoint import load_classifier
-    from ferdist.inference import Predictor
-    from ferdist.runs import checkpoints, download
+    from ferdist.serve.inference import Predictor
+    from ferdist.train.checkpoint import load_classifier
+    from ferdist.train.runs import checkpoints, download
 
     stored = checkpoints(str(run_path))
     history = stored[-1].summary["history"]
@@ -96,7 +97,7 @@ def resumed_results(args: argparse.Namespace) -> dict:
         raise FerdistError(f"{args.json} is not a results file ({exn}); run without --resume") from None
     if not isinstance(saved, dict) or saved.get("benchmark") != "pretrain" or "name" not in saved:
         raise FerdistError(f"{args.json} holds no pretrain benchmark to resume; run without --resume")
-    if saved.get("settings") != settings_of(args):
+    if bench_results.relative(saved.get("settings")) != bench_results.relative(settings_of(args)):
         raise FerdistError(
             f"{args.json} was run with other settings ({saved.get('settings')}); resume it with the same options, "
             "or run without --resume"
@@ -119,7 +120,7 @@ def bench_pretrain(args: argparse.Namespace, console: Console) -> dict:
 
     def save() -> None:
         if args.json:
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            bench_results.write(args.json, results)
 
     def fresh(*folders: Path) -> None:
         """An interrupted stage starts over: its timing must be one uninterrupted run."""
@@ -139,7 +140,7 @@ def bench_pretrain(args: argparse.Namespace, console: Console) -> dict:
         fresh(storage / f"pretrain-{stamp}", output)
         results["pretrain_s"] = run_job(command, console)
         results["pretrain_command"] = " ".join(command[1:])
-        from ferdist.runs import checkpoints
+        from ferdist.train.runs import checkpoints
 
         pretrain_history = checkpoints(str(storage / f"pretrain-{stamp}"))[-1].summary["history"]
         results["pretrain"] = {
@@ -173,7 +174,7 @@ def bench_pretrain(args: argparse.Namespace, console: Console) -> dict:
         results[key] = score_run(storage / name, manifest) | {"wall_s": wall, "command": " ".join(command[1:])}
         save()
 
-    finetune("mae", "mae", results["pretrain"]["output"], epochs)
+    finetune("mae", "mae", str(bench_results.local_path(results["pretrain"]["output"])), epochs)
     finetune("scratch", "scratch", args.scratch_init, epochs)
     results["finetune_s"] = results["mae"]["wall_s"]
     results["gain_points"] = 100 * (results["mae"]["test_acc"] - results["scratch"]["test_acc"])

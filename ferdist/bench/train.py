@@ -18,8 +18,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ferdist.sharding import write_shards
-from ferdist.sources import synthetic_source
+from ferdist.data.sharding import write_shards
+from ferdist.data.sources import synthetic_source
 
 # Peak dense bf16 tensor throughput, for model FLOP utilisation (NVIDIA datasheets, SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -49,9 +49,9 @@ def step_rate(pretrained: str, *, image_size: int, freeze_blocks: int, batch: in
     import torch
 
     from ferdist.config import load_config
-    from ferdist.loop import train_step
-    from ferdist.model import build_model
-    from ferdist.optim import build_optimizer, make_schedule
+    from ferdist.train.loop import train_step
+    from ferdist.train.model import build_model
+    from ferdist.train.optim import build_optimizer, make_schedule
 
     dev = torch.device(device)
     cfg = load_config(None, [f"model.pretrained={pretrained}", f"model.image_size={image_size}",
@@ -89,9 +89,9 @@ def epoch_cycle(cfg, *, with_ray: bool, root: Path) -> tuple[float, float]:
     A cycle is train + evaluate + checkpoint + report, as recorded in the run's last checkpoint; the first epoch and
     the last (whose cycle is not saved) are left out.
     """
-    from ferdist import launch
-    from ferdist.checkpoint import read_history
     from ferdist.config import to_yaml
+    from ferdist.launch import trainer as launch
+    from ferdist.train.checkpoint import read_history
 
     started = time.perf_counter()
     if with_ray:
@@ -101,7 +101,7 @@ def epoch_cycle(cfg, *, with_ray: bool, root: Path) -> tuple[float, float]:
         config.write_text(to_yaml(cfg))
         code = (
             "import sys; from pathlib import Path; from ferdist.config import load_config; "
-            "from ferdist.loop import LocalSession, run_training; "
+            "from ferdist.train.loop import LocalSession, run_training; "
             "run_training(load_config(sys.argv[1]), LocalSession(Path(sys.argv[2])))"
         )
         # Ray gives a worker with N CPUs OMP_NUM_THREADS=N; the baseline gets the same.
@@ -119,7 +119,7 @@ def bench_train(args: argparse.Namespace, console: Console) -> dict:
     import torch
 
     from ferdist.config import load_config
-    from ferdist.model import random_backbone_config
+    from ferdist.train.model import random_backbone_config
 
     results: dict = {"cpu_threads": torch.get_num_threads()}
     table = Table(title="training (random weights: speed only)", show_header=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ferdist.sharding import write_shards
-from ferdist.sources import synthetic_source
+from ferdist.data.sharding import write_shards
+from ferdist.data.sources import synthetic_source
 
 
 def bench_tune(args: argparse.Namespace, console: Console) -> dict:
@@ -24,9 +24,9 @@ def bench_tune(args: argparse.Namespace, console: Console) -> dict:
     import numpy as np
     import ray
 
-    from ferdist import tuning
-    from ferdist.launch import build_trainer
-    from ferdist.sweep import Dimension, load_sweep
+    from ferdist.launch.trainer import build_trainer
+    from ferdist.tune import tuning
+    from ferdist.tune.sweep import Dimension, load_sweep
 
     table = Table(title="sweeps (random weights, SYNTHETIC faces: overhead and savings only)", show_header=True)
     table.add_column("measurement")

@@ -1,0 +1,89 @@
+"""Checks on the driver before Ray starts: what would otherwise fail on every worker, after Ray's start-up and
+retries, fails here in seconds with one sentence. ``jobs/train.py``, ``jobs/tune.py`` and ``jobs/pretrain.py`` call
+`prepare` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ferdist import storage
+from ferdist.config import PretrainConfig, PretrainDataConfig, RunConfig
+from ferdist.errors import FerdistError
+from ferdist.track.tracking import prepare_tracking
+
+AnyConfig = RunConfig | PretrainConfig
+
+
+def prepare(cfg: AnyConfig) -> tuple[AnyConfig, int]:
+    """On the driver, before Ray starts: ``cfg`` with absolute local paths and a prepared tracking store (see
+    `ferdist.track.tracking.prepare_tracking`), checked by `preflight`; and the training steps per epoch."""
+    cfg = with_absolute_paths(cfg)
+    steps = preflight(cfg)
+    return dataclasses.replace(cfg, tracking=prepare_tracking(cfg.tracking)), steps
+
+
+def preflight(cfg: AnyConfig) -> int:
+    """Checks on the driver what would otherwise fail on every worker, or in Ray's controller tens of seconds in;
+    returns the training steps per epoch.
+
+    Raises:
+        FerdistError: the data or checkpoint store is unreachable, refuses the credentials, lacks its bucket or (the
+            checkpoint store) cannot be written; the dataset is missing or too small for the batch; the pretrained
+            source is unavailable.
+    """
+    from ferdist.data.loader import build_loader, open_dataset, open_pretraining_data, steps_per_epoch
+
+    # Short timeouts first, so an endpoint that accepts connections but never answers is named in seconds.
+    storage.check_reachable(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
+    world = cfg.workers.num_workers
+    if isinstance(cfg, PretrainConfig):
+        for uri in cfg.data.extra:
+            storage.check_reachable(uri, endpoint_url=cfg.data.endpoint_url)
+        data = open_pretraining_data(cfg.data.manifest, cfg.data.extra, endpoint_url=cfg.data.endpoint_url)
+    else:
+        data = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url).select("train")
+    # Building (not iterating) the loader runs its checks: enough samples and shards for every worker.
+    build_loader(data, None, cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
+                 training=True)  # fmt: skip
+    if isinstance(cfg, PretrainConfig):
+        from ferdist.train.mae import check_start
+
+        check_start(cfg.model, endpoint_url=cfg.data.endpoint_url)
+    else:
+        from ferdist.train.model import check_pretrained
+
+        check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
+    check_checkpoint_storage(cfg)
+    return steps_per_epoch(data.samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world)
+
+
+def check_checkpoint_storage(cfg: AnyConfig) -> None:
+    """checkpoint.storage_path is reachable, accepts the credentials, has its bucket and can be written."""
+    try:
+        storage.check_writable(cfg.checkpoint.storage_path, endpoint_url=cfg.checkpoint_endpoint)
+    except FerdistError as exn:
+        raise type(exn)(f"checkpoint.storage_path: {exn}") from None
+
+
+def with_absolute_paths(cfg: AnyConfig) -> AnyConfig:
+    """``cfg`` with local relative paths made absolute: Ray workers do not run in the driver's working directory."""
+
+    def absolute(path: str) -> str:
+        if ":" in path.split("/", 1)[0]:  # s3://, file://, random:tiny
+            return path
+        return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
+
+    storage_path = cfg.checkpoint.storage_path
+    if (loc := storage.parse_uri(storage_path)).path is not None:  # Ray creates it: resolve it even if absent
+        storage_path = str(loc.path.expanduser().resolve())
+    data = dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest))
+    if isinstance(cfg.data, PretrainDataConfig):
+        data = dataclasses.replace(data, extra=tuple(absolute(uri) for uri in cfg.data.extra))
+    return dataclasses.replace(
+        cfg,
+        data=data,
+        model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage_path),
+    )

@@ -1,0 +1,179 @@
+"""Classifying the faces in images people have: photos or face crops, any size, grey or colour, pixels or files.
+
+A photo's faces are found and cut out first (`ferdist.serve.faces`); a crop is one face as it is. Every face becomes
+what
+the model was trained on, a uint8 48×48 grey face (PIL's ITU-R 601 luma, then a bilinear resize with antialiasing),
+and then goes through the same `eval_transform` as validation. A 48×48 grey face therefore reaches the model
+bit-identical to the same face read from a shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ferdist.constants import FACE_SIDE, FER_CLASSES
+from ferdist.data.images import to_pixels
+from ferdist.data.transforms import eval_transform
+from ferdist.errors import FerdistError
+from ferdist.serve.faces import HAAR, Box, DetectMode, Detector, resize_face
+from ferdist.train.model import FerClassifier
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+def to_face(image: Any, *, name: str = "image") -> np.ndarray:
+    """uint8 ``[48, 48]``: the whole of ``image`` (see `to_pixels`) as one face, resized bilinearly with
+    antialiasing. A 48×48 grey image comes back bit-identical."""
+    return resize_face(to_pixels(image, name=name))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The pixels of image file ``path`` (see `to_pixels`)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exn:
+        raise FerdistError(f"cannot read {path} ({exn.strerror})") from None
+    return to_pixels(data, name=str(path))
+
+
+class Predictor:
+    """Batched class probabilities from a trained classifier, on its device (bf16 autocast on CUDA)."""
+
+    def __init__(self, model: FerClassifier, *, image_size: int, batch_size: int = 256, tta: bool = False) -> None:
+        self.model = model.eval()
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.tta = tta
+        """Also classify each face mirrored and average the two probability vectors (horizontal-flip TTA)."""
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def probabilities(self, faces: np.ndarray | Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
+        """``[N, 7]`` float32 softmax probabilities for uint8 faces ``[N, 48, 48]``."""
+        if not isinstance(faces, torch.Tensor):
+            faces = torch.from_numpy(np.asarray(faces, dtype=np.uint8).reshape(-1, FACE_SIDE, FACE_SIDE))
+        out = []
+        for start in range(0, len(faces), self.batch_size):
+            chunk = faces[start : start + self.batch_size].unsqueeze(1).to(self.device)
+            probs = self._softmax(chunk)
+            if self.tta:
+                probs = (probs + self._softmax(torch.flip(chunk, dims=[-1]))) / 2
+            out.append(probs.cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(FER_CLASSES)), dtype=np.float32)
+
+    def _softmax(self, chunk: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model(eval_transform(chunk, image_size=self.image_size))
+        return torch.softmax(logits.float(), dim=1)
+
+
+def probability_columns() -> list[str]:
+    return [f"p_{name.lower()}" for name in FER_CLASSES]
+
+
+NO_FACE = "no face"
+"""The ``label`` of an image in which no face was found (its ``face`` is -1, its probabilities NaN)."""
+
+COLUMNS = ["image", "face", "x", "y", "w", "h", "label", *probability_columns(), "error"]
+
+
+def classify(
+    predictor: Predictor,
+    images: Sequence[Any],
+    *,
+    detect: DetectMode = "auto",
+    names: Sequence[str] | None = None,
+    detector: Detector = HAAR,
+) -> pd.DataFrame:
+    """A DataFrame with a row per face found (`COLUMNS`): ``image`` (the input's index), ``face`` (0, 1, … largest
+    first), its box ``x, y, w, h`` in the image's pixels, ``label`` and one probability per class. An image with no
+    face gets one row labelled `NO_FACE`; one that cannot be read gets a row whose ``error`` says why, and the others
+    are still classified. ``detect`` is a `ferdist.serve.faces.DetectMode`; ``detector`` finds the faces.
+    """
+    import pandas as pd
+
+    from ferdist.serve.faces import check_mode, crop, is_crop
+
+    check_mode(detect)  # an unknown mode fails before any work
+    rows: list[dict[str, Any]] = []
+    crops: list[np.ndarray] = []
+    for index, item in enumerate(images):
+        name = names[index] if names is not None else f"image {index}"
+        row = {"image": index, "face": -1, "x": 0, "y": 0, "w": 0, "h": 0, "label": "", "error": ""}
+        try:
+            grey = to_pixels(item, name=name)
+        except FerdistError as exn:
+            rows.append({**row, "error": str(exn)})
+            continue
+        height, width = grey.shape
+        if is_crop(grey, detect):
+            found = [(Box(0, 0, width, height), resize_face(grey))]
+        else:
+            found = [(box, crop(grey, box)) for box in detector.find(grey)]
+        if not found:
+            rows.append({**row, "label": NO_FACE})
+        for number, (box, face) in enumerate(found):
+            rows.append({**row, "face": number, "x": box.x, "y": box.y, "w": box.w, "h": box.h})
+            crops.append(face)
+    probabilities = predictor.probabilities(np.stack(crops) if crops else np.zeros((0, FACE_SIDE, FACE_SIDE), np.uint8))
+    table = pd.DataFrame(rows, columns=[c for c in COLUMNS if not c.startswith("p_")])
+    full = np.full((len(rows), len(FER_CLASSES)), np.nan)
+    has_face = (table["face"] >= 0).to_numpy() if rows else np.zeros(0, bool)
+    full[has_face] = probabilities
+    table.loc[has_face, "label"] = [FER_CLASSES[i] for i in probabilities.argmax(axis=1)] if len(probabilities) else []
+    for k, column in enumerate(probability_columns()):
+        table[column] = full[:, k]
+    return table[COLUMNS].astype({c: "int64" for c in ("image", "face", "x", "y", "w", "h")})
+
+
+def images_from_input(model_input: Any) -> list[Any]:
+    """The images of an MLflow model input, in order: a DataFrame's ``image`` column (or its only column), a dict's
+    ``image`` entry (the ``{"inputs": {"image": …}}`` request form), a uint8 array ``[N, H, W]`` / ``[N, H, W, 3]``
+    (or one image ``[H, W]`` / ``[H, W, 3]``), or a list. Strings are base64 (how JSON carries bytes).
+
+    Raises:
+        FerdistError: the input holds no images where they are looked for.
+    """
+    import pandas as pd
+
+    if isinstance(model_input, dict):
+        if "image" not in model_input:
+            raise FerdistError(f"the input has the fields {sorted(model_input)}; send the images as 'image'")
+        model_input = model_input["image"]
+    if isinstance(model_input, pd.DataFrame):
+        if "image" in model_input.columns:
+            items: list[Any] = model_input["image"].tolist()
+        elif len(model_input.columns) == 1:
+            items = model_input.iloc[:, 0].tolist()
+        else:
+            raise FerdistError(f"the input table has the columns {list(model_input.columns)}; put the images in "
+                               "one column named 'image'")  # fmt: skip
+    elif isinstance(model_input, np.ndarray) and model_input.dtype.kind in "uifb":
+        # Channels last: [H, W] or [H, W, 1|3|4] is one image; [N, H, W] or [N, H, W, C] a batch.
+        one = model_input.ndim == 2 or (model_input.ndim == 3 and model_input.shape[-1] in (1, 3, 4))
+        items = [model_input] if one else list(model_input)
+    elif isinstance(model_input, (list, tuple, np.ndarray, pd.Series)):
+        items = list(model_input)
+    else:
+        items = [model_input]
+    return [_from_json(item) for item in items]
+
+
+def _from_json(item: Any) -> Any:
+    """Base64 text as its bytes, a nested list of pixel values as an array; anything else as it is."""
+    if isinstance(item, str):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode("".join(item.split()), validate=True)  # MIME base64 breaks lines
+        except (binascii.Error, ValueError):
+            return item  # refused by to_pixels with the row's name
+    if isinstance(item, list):
+        return np.asarray(item)
+    return item

@@ -1,0 +1,111 @@
+"""The model card registered with every `fer-vitmae` version: what it was trained on, how well it does per class
+(the weak classes named), what it is for, and the risks of facial-expression recognition.
+
+Written at registration from the run's config and its best checkpoint's validation confusion matrix;
+``jobs/evaluate.py`` appends the test results when it evaluates the version.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ferdist.config import RunConfig
+from ferdist.constants import FER_CLASSES, SPLITS
+from ferdist.data.shards import Manifest
+from ferdist.metrics import report_from_confusion
+
+
+def results_section(confusion: Any, *, heading: str) -> str:
+    """A Markdown section: accuracy, macro-F1, a per-class table and the weakest classes by F1, named."""
+    report = report_from_confusion(np.asarray(confusion))
+    rows = ["| class | precision | recall | F1 | support |", "| --- | ---: | ---: | ---: | ---: |"]
+    for i, name in enumerate(FER_CLASSES):
+        rows.append(f"| {name} | {report.precision[i]:.3f} | {report.recall[i]:.3f} | {report.f1[i]:.3f} | "
+                    f"{report.support[i]} |")  # fmt: skip
+    weakest = sorted(range(len(FER_CLASSES)), key=lambda i: report.f1[i])[:2]
+    weak = " and ".join(f"{FER_CLASSES[i]} (F1 {report.f1[i]:.3f}, recall {report.recall[i]:.3f})" for i in weakest)
+    return "\n".join([
+        f"## {heading}", "",
+        f"Accuracy {report.accuracy:.4f}, macro-F1 {report.macro_f1:.4f} on {sum(report.support)} faces.", "",
+        *rows, "",
+        f"Weakest classes: {weak}. Expect these to be confused most; do not rely on them alone.", "",
+    ])  # fmt: skip
+
+
+SYNTHETIC_WARNING = (
+    "**Trained on SYNTHETIC faces, not FER2013.** The shards hold ferdist's generated drawings (`jobs/shard.py "
+    "--source synthetic`), whose mouth, brows and eyes differ by class so the pipeline can be tested without a "
+    "download. The accuracy below says nothing about real faces: do not use this model on people."
+)
+
+
+def data_section(manifest_uri: str, manifest: Manifest | None) -> list[str]:
+    """What the model was trained and selected on, from the shards' own manifest (never assumed to be FER2013)."""
+    if manifest is None:
+        return [f"Shards `{manifest_uri}` (their manifest could not be read when this card was written).", ""]
+    source = manifest.source
+    order = sorted(manifest.splits, key=lambda name: (SPLITS.index(name) if name in SPLITS else len(SPLITS), name))
+    counts = ", ".join(f"{name} {manifest.splits[name].samples:,}" for name in order)
+    lines = [f"Shards `{manifest_uri}` from `{source.name}` ({source.kind}, sha256 {source.sha256[:16]}…): {counts}.",
+             ""]  # fmt: skip
+    if source.synthetic:
+        return lines
+    if source.kind == "kaggle-csv":
+        lines += [
+            "FER2013 (Goodfellow et al. 2013, web-scraped 48×48 grey faces): train = Training, val = PublicTest "
+            "(used to pick the epoch and the sweep's best trial), test = PrivateTest (reported by jobs/evaluate.py "
+            "only). Labels are crowd-annotated and noisy (human accuracy is about 65 %); Disgust is 1.5 % of the "
+            "training faces.", "",
+        ]  # fmt: skip
+    else:
+        lines += ["val picks the epoch and the sweep's best trial; test is reported by jobs/evaluate.py only.", ""]
+    return lines
+
+
+def model_card(
+    cfg: RunConfig, *, best: dict[str, Any], version: str | None = None, manifest: Manifest | None = None
+) -> str:
+    """The card for a model trained by ``cfg`` whose best checkpoint's summary.json is ``best``, on the shards whose
+    manifest is ``manifest``."""
+    pretrained = cfg.model.pretrained
+    init = (f"**randomly initialised** (`{pretrained}`): not pretrained, so these numbers say nothing about what "
+            "the pretrained recipe reaches" if pretrained.startswith("random:")
+            else f"fine-tuned from `{pretrained}` (ImageNet-pretrained ViT-MAE)")  # fmt: skip
+    title = f"# {cfg.tracking.registered_model}" + (f" v{version}" if version else "")
+    if manifest is not None and manifest.source.synthetic:
+        title += " (SYNTHETIC data)"
+    blocks = cfg.model.freeze_blocks
+    frozen = f"embeddings and blocks 0–{blocks - 1} frozen" if blocks else "every block trained"
+    synthetic = [SYNTHETIC_WARNING, ""] if manifest is not None and manifest.source.synthetic else []
+    return "\n".join([
+        title, "",
+        *synthetic,
+        f"A facial-expression classifier (7 classes: {', '.join(FER_CLASSES)}) for cropped, roughly frontal face "
+        f"images. Backbone: ViT-MAE, {init}; {frozen}; input resized to {cfg.model.image_size}×"
+        f"{cfg.model.image_size} from 48×48 grey.", "",
+        "## Data and splits", "",
+        *data_section(cfg.data.manifest, manifest),
+        f"Training: {cfg.loop.epochs} epochs max, AdamW lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
+        f"label smoothing {cfg.optim.label_smoothing:g}, class weights {cfg.optim.class_weights}, global batch "
+        f"{cfg.loop.global_batch_size}, seed {cfg.seed}. Best epoch: {best['epoch']}.", "",
+        results_section(best["confusion"], heading=f"Validation results (epoch {best['epoch']})"),
+        "## Intended use", "",
+        "Research and prototyping on expression recognition: aggregate statistics over many faces, human-computer "
+        "interaction studies with consenting participants, benchmarking. Input: one cropped face per image; the "
+        "model has no face detector and classifies whatever it is given.", "",
+        "## Not for", "",
+        "Decisions about individuals: hiring, admission, insurance, credit, policing, border control, lie or "
+        "threat detection, medical or psychiatric diagnosis, or monitoring people without their informed consent. "
+        "A facial expression is not an emotion: people show the same feeling differently, and posed faces differ "
+        "from spontaneous ones.", "",
+        "## Bias and risks", "",
+        "- FER2013 was collected by web image search; its demographics (age, skin tone, gender presentation, "
+        "culture) are unrecorded and unbalanced, so error rates likely differ between groups. This model has not "
+        "been evaluated per group: measure on your population before use.",
+        "- Expression norms differ across cultures; labels reflect the annotators' reading.",
+        "- Low resolution (48×48 grey) and occlusion (glasses, masks, hands) degrade accuracy.",
+        "- Misuse risk: covert emotion surveillance of employees, students or the public. The EU AI Act prohibits "
+        "emotion recognition in workplaces and schools (except for medical or safety reasons).", "",
+    ])  # fmt: skip

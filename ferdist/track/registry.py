@@ -1,0 +1,270 @@
+"""The trained classifier as an MLflow model, registered as ``fer-vitmae`` with the ``champion`` alias.
+
+The logged model carries the checkpoint folder (weights, backbone.json, config.yaml) and this package's code, and is
+logged from code (`ferdist.serve.mlflow_model`), so loading it runs that file rather than unpickling an object. Its
+``predict`` takes photos or face crops and returns a row per face (`ferdist.serve.serving`).
+
+A new version is registered for every published run; the alias moves only when the version's val accuracy beats
+the current champion's (kept as the version tag ``val_acc``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.artifacts
+import mlflow.pyfunc
+
+from ferdist.errors import FerdistError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+MODEL_NAME = "model"
+ACC_TAG = "val_acc"
+F1_TAG = "val_macro_f1"
+SELECT_TAG = "select_by"
+SCORE_TAGS = {"val/acc": ACC_TAG, "val/macro_f1": F1_TAG}
+"""Version tag holding each selection metric's value (checkpoint.select_by → tag)."""
+SYNTHETIC_TAG = "synthetic"
+"""Version tag: "true" for a model trained on the SYNTHETIC set (its @champion rule differs)."""
+
+
+def __getattr__(name: str) -> Any:
+    """``ferdist.track.registry.FerModel``, which models logged before models-from-code pickled, resolves to today's
+    class;
+    imported on that demand only, because defining a PythonModel makes MLflow print a warning in every job."""
+    if name == "FerModel":
+        from ferdist.serve.serving import FerModel
+
+        return FerModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _requirements() -> list[str]:
+    """Pinned to this environment's versions, so the served model runs what was trained and tested."""
+    from importlib.metadata import version
+
+    packages = ("torch", "transformers", "numpy", "pandas", "pillow", "pyyaml", "opencv-python-headless")
+    return [f"{pkg}=={version(pkg)}" for pkg in packages]
+
+
+@contextmanager
+def using_store(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at ``tracking_uri`` for a block.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI to this process's environment, which every later
+    subprocess (a `jobs/train.py` started from here, Ray workers) would inherit; it is put back afterwards.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def log_model(run_id: str, checkpoint_dir: Path, *, tracking_uri: str) -> str:
+    """Logs the checkpoint as a pyfunc model under ``run_id``; returns the model URI."""
+    import ferdist
+    from ferdist.serve.serving import MODEL_CODE, signature_and_example
+
+    signature, example = signature_and_example()
+    with using_store(tracking_uri), mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(MODEL_CODE),
+            artifacts={"checkpoint": str(checkpoint_dir)},
+            code_paths=[str(Path(ferdist.__file__).parent)],
+            signature=signature,
+            input_example=example,
+            # Explicit requirements: inferring them would load the model in a subprocess just to list imports.
+            pip_requirements=_requirements(),
+        )
+    return info.model_uri
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: str
+    val_acc: float
+    champion: bool
+    """Whether this version now holds the ``champion`` alias."""
+    previous_champion: tuple[str, float] | None
+    """(version, val_acc) of the champion before this registration, if there was one."""
+    synthetic: bool = False
+    """Whether this version was trained on the SYNTHETIC set."""
+    select_by: str = "val/acc"
+    """The metric ``val_acc`` holds and @champion was decided on (checkpoint.select_by)."""
+    existing: bool = False
+    """Whether this version was registered before, for the same run and epoch (a finished run re-submitted)."""
+
+    def describe(self) -> str:
+        if self.existing:
+            where = f"it is @{CHAMPION}" if self.champion else f"@{CHAMPION} is v{(self.previous_champion or '?')[0]}"
+            return (f"{self.name} v{self.version} ({self.metric} {self.val_acc:.4f}) already holds this run's best "
+                    f"checkpoint, so nothing new was registered; {where}")
+        if self.champion:
+            verdict = "now @" + CHAMPION
+        else:
+            version, acc = self.previous_champion or ("?", float("nan"))
+            verdict = f"not @{CHAMPION}: v{version} stays, with {self.metric} {acc:.4f}"
+            if self.synthetic and acc < self.val_acc:
+                verdict += " on real faces (a SYNTHETIC-trained model never replaces a real one)"
+        return f"registered {self.name} v{self.version} ({self.metric} {self.val_acc:.4f}), {verdict}"
+
+    @property
+    def metric(self) -> str:
+        return {"val/acc": "val acc", "val/macro_f1": "val macro-F1"}.get(self.select_by, self.select_by)
+
+
+def register(
+    model_uri: str,
+    *,
+    name: str,
+    val_acc: float,
+    tags: dict[str, str],
+    tracking_uri: str,
+    synthetic: bool = False,
+    val_macro_f1: float | None = None,
+    select_by: str = "val/acc",
+) -> Registration:
+    """A new version of ``name``; it becomes ``champion`` only if it beats the current champion.
+
+    A model trained on the SYNTHETIC set (``synthetic``) never takes ``champion`` from one trained on real faces,
+    whatever its val accuracy (the drawn faces are far easier), and any real-data model takes it from a SYNTHETIC one.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    with using_store(tracking_uri):
+        version_tags = {ACC_TAG: f"{val_acc:.6f}", SYNTHETIC_TAG: str(synthetic).lower(), SELECT_TAG: select_by,
+                        **({F1_TAG: f"{val_macro_f1:.6f}"} if val_macro_f1 is not None else {}), **tags}  # fmt: skip
+        version = mlflow.register_model(model_uri, name, tags=version_tags).version
+    score = val_acc if select_by == "val/acc" else float(val_macro_f1 if val_macro_f1 is not None else "nan")
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+        # The champion is compared on the new version's metric (every version is tagged with both).
+        previous = (str(current.version), float(current.tags.get(SCORE_TAGS[select_by], "-inf")))
+        # Versions from before the tag existed count as real data: a SYNTHETIC model never displaces them.
+        previous_synthetic = current.tags.get(SYNTHETIC_TAG) == "true"
+    except MlflowException:
+        previous, previous_synthetic = None, False
+    champion = previous is None or (not synthetic, score) > (not previous_synthetic, previous[1])
+    if champion:
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+    return Registration(name, str(version), score, champion, previous, synthetic, select_by)
+
+
+def find_registered(name: str, *, run_id: str, epoch: int, select_by: str, tracking_uri: str) -> Registration | None:
+    """The version of ``name`` already registered from ``run_id``'s epoch ``epoch`` (chosen by ``select_by``), if any:
+    re-submitting a finished run must not register its best checkpoint again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    same = [v for v in versions if v.tags.get("epoch") == str(epoch) and v.tags.get(SELECT_TAG, "val/acc") == select_by]
+    if not same:
+        return None
+    version = max(same, key=lambda v: int(v.version))
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        previous = (str(champion.version), float(champion.tags.get(SCORE_TAGS[select_by], "nan")))
+    except MlflowException:
+        previous = None
+    score = float(version.tags.get(SCORE_TAGS[select_by], "nan"))
+    return Registration(name, str(version.version), score, previous is not None and previous[0] == str(version.version),
+                        previous, version.tags.get(SYNTHETIC_TAG) == "true", select_by, existing=True)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model came from: the URI given and, for registry URIs, the version it resolved to."""
+
+    uri: str
+    name: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+
+
+def fetch_checkpoint(
+    uri: str, dest: Path, *, tracking_uri: str | None = None, endpoint_url: str | None = None
+) -> tuple[Path, ModelRef]:
+    """The checkpoint folder behind ``uri``, copied under ``dest`` where it is remote.
+
+    ``uri``: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), ``runs:/RUN_ID/model``, a logged
+    model folder (with ``MLmodel``), a checkpoint folder (with ``model.pt``), or an ``s3://`` checkpoint prefix.
+
+    Raises:
+        FerdistError: the URI names no model, or the folder holds neither a checkpoint nor an MLflow model.
+    """
+    from ferdist.train.checkpoint import MODEL_FILE, TRAINED_FILE
+
+    if uri.startswith(("models:/", "runs:/")):
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        from ferdist.config import TrackingConfig
+        from ferdist.track.store import tracking_uri as configured_uri
+
+        # The same rule as runs: MLFLOW_TRACKING_URI, else ./mlflow.db.
+        tracking_uri = tracking_uri or configured_uri(TrackingConfig())
+        ref = ModelRef(uri)
+        try:
+            if uri.startswith("models:/"):
+                name, _, which = uri[len("models:/") :].partition("@")
+                client = MlflowClient(tracking_uri)
+                if which:
+                    version = client.get_model_version_by_alias(name, which)
+                else:
+                    name, _, number = name.partition("/")
+                    version = client.get_model_version(name, number)
+                ref = ModelRef(uri, name=name, version=str(version.version), run_id=version.run_id)
+            with using_store(tracking_uri):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+        except MlflowException as exn:
+            first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+            raise FerdistError(f"cannot load the model {uri} from the tracking store {tracking_uri} ({first}); "
+                               "check the name, version or alias in `mlflow ui`, and MLFLOW_TRACKING_URI") from None
+        return _checkpoint_in(local, uri), ref
+    if uri.startswith("s3://"):
+        from ferdist import storage
+        from ferdist.train import runs
+
+        fs, path = runs.filesystem_for(uri, endpoint_url=endpoint_url)
+        storage.check_reachable(uri, endpoint_url=endpoint_url)
+        stored = runs.StoredCheckpoint(path, {}, fs)
+        if all(fs.get_file_info(f"{path}/{name}").type != runs.pyarrow.fs.FileType.File
+               for name in (MODEL_FILE, TRAINED_FILE)):  # fmt: skip
+            raise FerdistError(f"{uri} holds no {MODEL_FILE}; point --model at a model_epoch_* folder of a run")
+        return runs.download(stored, dest / "checkpoint"), ModelRef(uri)
+    local = Path(uri).expanduser()
+    if not local.exists():
+        raise FerdistError(f"no model at {uri}; pass models:/fer-vitmae@champion, runs:/RUN_ID/model, a "
+                           "checkpoint folder or an s3:// checkpoint")  # fmt: skip
+    return _checkpoint_in(local, uri), ModelRef(uri)
+
+
+def _checkpoint_in(folder: Path, uri: str) -> Path:
+    from ferdist.train.checkpoint import MODEL_FILE, TRAINED_FILE
+
+    for candidate in (folder, folder / "artifacts" / "checkpoint"):
+        # A model checkpoint, or resume state (its frozen weights come from model.pretrained again).
+        if (candidate / MODEL_FILE).is_file() or (candidate / TRAINED_FILE).is_file():
+            return candidate
+    raise FerdistError(f"{uri} is neither a ferdist checkpoint (no {MODEL_FILE}) nor a ferdist MLflow model")

@@ -1,0 +1,261 @@
+"""Experiment tracking: per-epoch metrics from rank 0 during training, reports and status from the driver after.
+
+During training, `MlflowTracker` exists on rank 0 only (other ranks get a `NullTracker`), so a run of N workers is
+one MLflow run. The run is found again by its ferdist run name (tag ``ferdist.run``), so a run resumed after a lost
+worker or a re-submission keeps logging into the same MLflow run instead of starting a second one.
+
+When a run ends, the driver (jobs/train.py, or the Tune callback for a trial) calls `finalize_run`: it reads the
+run's checkpoint summaries from storage, logs the reports and the config as artefacts and sets the final status,
+including "early-stopped", which no worker can record because Tune stops a trial by killing it.
+Uses ``MlflowClient`` rather than the fluent API: no process-global "active run" that a Ray worker or Tune trial could
+inherit by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+
+from ferdist.config import RunConfig, TrackingConfig, redact_uri
+from ferdist.errors import FerdistError
+from ferdist.track.store import absolute_uri, tracking_uri
+from ferdist.train.tracker import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+RUN_TAG, SWEEP_TAG, STATUS_TAG, PARENT_TAG = "ferdist.run", "ferdist.sweep", "ferdist.status", "mlflow.parentRunId"
+COMPLETED, EARLY_STOPPED, FAILED = "completed", "early-stopped", "failed"
+
+
+def prepare_tracking(cfg: TrackingConfig) -> TrackingConfig:
+    """On the driver, before Ray starts: the server answers, the URI is absolute, and the experiment exists.
+
+    Creating the experiment here (not on a worker) puts the embedded store's artefacts in the driver's working
+    directory (./mlruns), beside mlflow.db.
+    """
+    if cfg.backend == "none":
+        return cfg
+    check_tracking(cfg)
+    uri = absolute_uri(tracking_uri(cfg))
+    _experiment_id(_client(uri), cfg.experiment)
+    return dataclasses.replace(cfg, tracking_uri=uri)
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def find_run(client: Any, experiment: str, tag: str, value: str) -> Any | None:
+    """The newest run in ``experiment`` whose ``tag`` equals ``value``, or None."""
+    found = client.search_runs(
+        [_experiment_id(client, experiment)], filter_string=f"tags.`{tag}` = '{value}'", max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+    return found[0] if found else None
+
+
+class MlflowTracker:
+    """One MLflow run per ferdist run: params once, metrics with ``step=epoch``, final status as run status + tag."""
+
+    def __init__(self, cfg: TrackingConfig, *, run_name: str, params: dict[str, Any]) -> None:
+        self.client = _client(tracking_uri(cfg))
+        found = find_run(self.client, cfg.experiment, RUN_TAG, run_name)
+        self.logged_through = 0
+        """The last epoch already in the run: a resumed run re-trains the epochs after its last resume state, with
+        bit-identical results, so they are not logged twice."""
+        if found:
+            self.run_id = found.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, "epoch")),
+                                      default=0)  # fmt: skip
+        else:
+            tags = {RUN_TAG: run_name} | ({PARENT_TAG: cfg.parent_run_id} if cfg.parent_run_id else {})
+            run = self.client.create_run(_experiment_id(self.client, cfg.experiment), run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            # MLflow keeps params immutable, so they are logged once, when the run is created.
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
+    def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
+        from mlflow.entities import Metric
+
+        if step <= self.logged_through:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_image(self, image: Any, path: str) -> None:
+        """``image`` (a uint8 array) as the PNG artefact ``path`` of the run."""
+        self.client.log_image(self.run_id, image, artifact_file=path)
+
+    def close(self, *, status: str) -> None:
+        self.client.set_tag(self.run_id, STATUS_TAG, COMPLETED if status == "FINISHED" else FAILED)
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(cfg: TrackingConfig, *, rank: int, run_name: str, params: dict[str, Any]) -> Tracker:
+    """An `MlflowTracker` on rank 0 when tracking is on, a `NullTracker` everywhere else."""
+    if rank != 0 or cfg.backend == "none":
+        return NullTracker()
+    return MlflowTracker(cfg, run_name=run_name, params=params)
+
+
+def check_tracking(cfg: TrackingConfig) -> None:
+    """Fails in seconds, with one sentence, when the tracking server cannot be reached (instead of retrying)."""
+    if cfg.backend == "none":
+        return
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+    except requests.RequestException as exn:
+        raise FerdistError(
+            f"cannot reach the MLflow tracking server at {redact_uri(uri)} ({type(exn).__name__}); start it "
+            "(mlflow server --host 127.0.0.1 --port 5000), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set "
+            "tracking.backend=none"
+        ) from None
+
+
+
+def run_id_of(cfg: TrackingConfig, run_name: str) -> str | None:
+    """The MLflow run id of ferdist run ``run_name`` in the configured experiment, or None."""
+    found = find_run(_client(tracking_uri(cfg)), cfg.experiment, RUN_TAG, run_name)
+    return found.info.run_id if found else None
+
+
+def tag_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> None:
+    """Sets ``tags`` on ferdist run ``run_name``'s MLflow run (nothing when tracking is off or the run is absent)."""
+    if cfg.backend == "none" or (run_id := run_id_of(cfg, run_name)) is None:
+        return
+    client = _client(tracking_uri(cfg))
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+# --- the driver's side: the sweep's parent run, reports and status at the end, the published model -----------------
+
+
+def open_sweep_run(cfg: TrackingConfig, *, sweep_name: str, params: dict[str, Any]) -> str:
+    """The sweep's parent run (found again by tag ``ferdist.sweep`` when a sweep is resumed); returns its id."""
+    client = _client(tracking_uri(cfg))
+    found = find_run(client, cfg.experiment, SWEEP_TAG, sweep_name)
+    if found:
+        client.update_run(found.info.run_id, status="RUNNING")
+        return found.info.run_id
+    from mlflow.entities import Param
+
+    run = client.create_run(_experiment_id(client, cfg.experiment), run_name=sweep_name, tags={SWEEP_TAG: sweep_name})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
+def close_sweep_run(cfg: TrackingConfig, run_id: str, *, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    client = _client(tracking_uri(cfg))
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                     tags=[RunTag(k, v) for k, v in tags.items()])  # fmt: skip
+    client.set_tag(run_id, STATUS_TAG, COMPLETED)
+    client.set_terminated(run_id, status="FINISHED")
+
+
+def finalize_run(
+    cfg: TrackingConfig,
+    *,
+    run_name: str,
+    run_path: str,
+    filesystem: pyarrow.fs.FileSystem | None,
+    status: str,
+    config_yaml: str,
+    select_by: str = "val/acc",
+) -> tuple[str | None, Any]:
+    """Logs a finished run's reports (best epoch's confusion matrix and class report, learning curves) and config as
+    artefacts, and its final status (`COMPLETED`, `EARLY_STOPPED` or `FAILED`) as tag and run status.
+
+    Returns:
+        (MLflow run id, the best `ferdist.train.runs.StoredCheckpoint`); either is None where there is none.
+    """
+    from ferdist.track.reports import write_reports
+    from ferdist.train import runs
+
+    if cfg.backend == "none":
+        return None, None
+    client = _client(tracking_uri(cfg))
+    run_id = run_id_of(cfg, run_name)
+    if run_id is None:  # the run died before its first epoch was tracked
+        return None, None
+    best = None
+    try:
+        best, last = runs.best_and_last(run_path, filesystem, select_by=select_by)
+    except FerdistError as exn:
+        log.warning("%s: no reports (%s)", run_name, exn)
+    with tempfile.TemporaryDirectory(prefix="ferdist-reports-") as tmp:
+        folder = Path(tmp)
+        (folder / "config.yaml").write_text(config_yaml)
+        client.log_artifact(run_id, str(folder / "config.yaml"))
+        if best is not None:
+            write_reports(folder / "reports", best=best.summary, history=last.summary["history"], run_name=run_name)
+            client.log_artifacts(run_id, str(folder / "reports"), artifact_path="reports")
+    client.set_tag(run_id, STATUS_TAG, status)
+    client.set_terminated(run_id, status="FAILED" if status == FAILED else "FINISHED")
+    return run_id, best
+
+
+def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str]) -> Any:
+    """Logs ``best`` (a `ferdist.train.runs.StoredCheckpoint` of ``run``) as the run's pyfunc model, registers it, and
+    writes its model card (as the version's description and the run's ``model_card.md``).
+
+    Returns:
+        The `ferdist.track.registry.Registration`, or None when ``tracking.registered_model`` is empty.
+    """
+    from ferdist.data.loader import open_dataset
+    from ferdist.track import registry
+    from ferdist.track.model_card import model_card
+    from ferdist.train import runs
+
+    cfg = run.tracking
+    try:
+        manifest = open_dataset(run.data.manifest, endpoint_url=run.data.endpoint_url).manifest
+    except FerdistError as exn:  # the shards moved since training: still register, with a card that says so
+        log.warning("the model card cannot describe the shards: %s", exn)
+        manifest = None
+    synthetic = manifest is not None and manifest.source.synthetic
+    uri = tracking_uri(cfg)
+    if cfg.registered_model and (existing := registry.find_registered(
+            cfg.registered_model, run_id=run_id, epoch=int(best.summary["epoch"]),
+            select_by=run.checkpoint.select_by, tracking_uri=uri)) is not None:  # fmt: skip
+        return existing
+    with tempfile.TemporaryDirectory(prefix="ferdist-publish-") as tmp:
+        model_uri = registry.log_model(run_id, runs.download(best, Path(tmp) / "checkpoint"), tracking_uri=uri)
+        if not cfg.registered_model:
+            return None
+        val = best.summary["metrics"]
+        tags = {"run_id": run_id, "epoch": str(best.summary["epoch"]), **tags}
+        registration = registry.register(model_uri, name=cfg.registered_model, val_acc=float(val["val/acc"]),
+                                         val_macro_f1=float(val["val/macro_f1"]), tags=tags, tracking_uri=uri,
+                                         synthetic=synthetic, select_by=run.checkpoint.select_by)  # fmt: skip
+        card = model_card(run, best=best.summary, version=registration.version, manifest=manifest)
+        client = _client(uri)
+        client.update_model_version(registration.name, registration.version, description=card)
+        (Path(tmp) / "model_card.md").write_text(card)
+        client.log_artifact(run_id, str(Path(tmp) / "model_card.md"))
+    return registration

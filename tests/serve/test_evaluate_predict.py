@@ -1,0 +1,128 @@
+"""jobs/evaluate.py and jobs/predict.py: the numbers match the training loop's evaluation, bad input is one
+sentence, and prediction over many files keeps going past a bad one."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ferdist.config import load_config
+from ferdist.data.loader import build_loader, open_dataset
+from ferdist.train.checkpoint import load_classifier
+from ferdist.train.loop import LocalSession, evaluate, run_training
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synth_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = load_config(None, [f"data.manifest={synth_shards}", "data.loader_workers=0", "model.pretrained=random:tiny",
+                             "model.image_size=32", "loop.epochs=2", "loop.global_batch_size=32", "optim.lr=2e-3",
+                             "tracking.backend=none"])  # fmt: skip
+    run_training(cfg, LocalSession(root))
+    return max(root.glob("model_epoch_*"))  # the best model
+
+
+def test_evaluate_matches_the_training_loops_evaluation(
+    checkpoint: Path, synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import evaluate as job
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert job.main(["--model", str(checkpoint), "--manifest", str(synth_shards), "--out", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "evaluation.json").read_text())
+    model, cfg = load_classifier(checkpoint)
+    expected = evaluate(model, open_dataset(str(synth_shards)), cfg, split="test", rank=0, world_size=1,
+                        device=torch.device("cpu"))  # fmt: skip
+    assert result["accuracy"] == expected["acc"] and result["macro_f1"] == expected["macro_f1"]
+    assert result["confusion"] == expected["confusion"] and sum(result["support"]) == 35
+    assert (tmp_path / "e" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert job.main(["--model", str(checkpoint), "--manifest", str(synth_shards), "--tta", "--split", "val",
+                     "--out", str(tmp_path / "t")]) == 0  # fmt: skip
+    tta = json.loads((tmp_path / "t" / "evaluation.json").read_text())
+    assert tta["tta"] is True and sum(tta["support"]) == 35 and 0.0 <= tta["accuracy"] <= 1.0
+
+
+def test_evaluate_bad_input_is_one_sentence(
+    checkpoint: Path, synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import evaluate as job
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    future = tmp_path / "future"
+    shutil.copytree(synth_shards, future)
+    manifest = json.loads((future / "manifest.json").read_text())
+    (future / "manifest.json").write_text(json.dumps(manifest | {"format_version": 99}))
+    cases = [
+        (["--model", str(checkpoint), "--manifest", str(future)], "shard format version 99"),
+        (["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards)],
+         "cannot load the model models:/no-such-model@champion"),
+        (["--model", str(tmp_path / "nothing"), "--manifest", str(synth_shards)], "no model at"),
+        (["--model", str(tmp_path), "--manifest", str(synth_shards)], "is neither a ferdist checkpoint"),
+        (["--model", str(checkpoint), "--manifest", str(synth_shards), "--split", "dev"], "has no 'dev' split"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert job.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def face_png(face: np.ndarray, size: int = 48, mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(face).convert(mode).resize((size, size)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_predict_keeps_going_past_a_bad_file_and_matches_the_model(
+    checkpoint: Path, synth_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import predict as job
+
+    from ferdist.serve.inference import Predictor
+
+    cfg = load_config(None, [f"data.manifest={synth_shards}", "data.loader_workers=0"])
+    loader = build_loader(open_dataset(str(synth_shards)), "test", cfg.data, batch_size=8, rank=0, world_size=1,
+                          training=False)  # fmt: skip
+    faces = next(iter(loader))["image"][:3, 0].numpy()
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    (photos / "a.png").write_bytes(face_png(faces[0]))
+    (photos / "more" / "b.jpg").write_bytes(face_png(faces[1], size=160, mode="RGB"))
+    (photos / "c.png").write_bytes(b"this is not a PNG")
+    (photos / "e.png").write_bytes(face_png(np.tile(np.arange(200, dtype=np.uint8), (200, 1)), size=200))
+    single = tmp_path / "d.png"
+    single.write_bytes(face_png(faces[2]))
+    out = tmp_path / "pred.json"
+    assert job.main(["--model", str(checkpoint), str(photos), str(single), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "c.png is not an image (17 bytes of no image format PIL knows)" in err
+    assert "3 faces in 4 images, 1 file skipped" in err
+    rows = json.loads(out.read_text())
+    assert [Path(r["file"]).name for r in rows] == ["a.png", "e.png", "b.jpg", "d.png"]  # sorted within the folder
+    # 48x48 files are crops; larger ones are searched: a gradient has no face, the 160 px drawn face is found.
+    assert (rows[1]["face"], rows[1]["label"], rows[1]["p_happy"]) == (-1, "no face", None)
+    assert rows[2]["face"] == 0 and 60 <= rows[2]["w"] <= 160 and rows[2]["x"] + rows[2]["w"] <= 160
+    model, run_cfg = load_classifier(checkpoint)
+    expected = Predictor(model, image_size=run_cfg.model.image_size).probabilities(faces)
+    columns = [f"p_{c}" for c in ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")]
+    got = np.array([[r[c] for c in columns] for r in (rows[0], rows[3])])
+    np.testing.assert_allclose(got, expected[[0, 2]], atol=1e-5)  # 48x48 grey files: the exact training pixels
+    assert (rows[0]["x"], rows[0]["y"], rows[0]["w"], rows[0]["h"]) == (0, 0, 48, 48)
+
+    csv_out = tmp_path / "pred.csv"
+    assert job.main(["--model", str(checkpoint), str(photos / "more"), str(single), "--output", str(csv_out),
+                     "--no-detect"]) == 0  # fmt: skip
+    lines = csv_out.read_text().splitlines()
+    assert lines[0] == "file,face,x,y,w,h,label," + ",".join(columns)
+    assert lines[1].split(",")[1:6] == ["0", "0", "0", "160", "160"]  # the whole file is the face
+
+    (tmp_path / "empty").mkdir()
+    assert job.main(["--model", str(checkpoint), str(tmp_path / "empty")]) == 2
+    assert "empty/ holds no image files" in capsys.readouterr().err

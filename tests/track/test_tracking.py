@@ -1,0 +1,78 @@
+"""MLflow tracking against a real `mlflow server` on 127.0.0.1 (and the embedded SQLite default): one run per
+training run, params once, metrics with step=epoch, the same run continued after a resume."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from mlflow.tracking import MlflowClient
+from sessions import CrashingSession
+
+from ferdist.config import RunConfig, TrackingConfig, load_config
+from ferdist.errors import FerdistError
+from ferdist.track.tracking import RUN_TAG, check_tracking, make_tracker
+from ferdist.train.loop import LocalSession, run_training
+
+
+def tracked_run(manifest: Path, uri: str | None, *extra: str) -> RunConfig:
+    overrides = [f"tracking.tracking_uri={uri}"] if uri else []
+    return load_config(
+        None,
+        [f"data.manifest={manifest}", "data.loader_workers=0", "model.pretrained=random:tiny", "model.image_size=32",
+         "loop.epochs=3", "loop.global_batch_size=32", "optim.lr=2e-3", "tracking.backend=mlflow",
+         "tracking.experiment=tests", *overrides, *extra],
+    )  # fmt: skip
+
+
+def test_one_run_with_params_and_per_epoch_metrics_continued_after_resume(
+    synth_shards: Path, mlflow_server: str, tmp_path: Path
+) -> None:
+    cfg = tracked_run(synth_shards, mlflow_server, "name=tracked")
+    with pytest.raises(RuntimeError):
+        run_training(cfg, CrashingSession(tmp_path, crash_after=2), make_tracker=make_tracker)
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'tracked'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+    state = run_training(cfg, LocalSession(tmp_path), make_tracker=make_tracker)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = 'tracked'")
+    assert len(runs) == 1  # the resumed run logs into the same MLflow run
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["ferdist.status"] == "completed"
+    assert run.data.params["optim.lr"] == "0.002" and run.data.params["model.pretrained"] == "random:tiny"
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [m.step for m in history] == [1, 2, 3]  # each epoch once, none repeated after the resume
+    assert [m.value for m in history] == [h["val/acc"] for h in state.history]
+
+
+def test_embedded_default_is_a_sqlite_store_in_the_working_directory(
+    synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_training(tracked_run(synth_shards, None, "loop.epochs=1", "name=embedded"), LocalSession(tmp_path / "ck"),
+                 make_tracker=make_tracker)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.data.tags[RUN_TAG] for r in runs] == ["embedded"]
+
+
+def test_unreachable_tracking_server_is_one_sentence_not_a_hang() -> None:
+    cfg = TrackingConfig(backend="mlflow", tracking_uri=f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(FerdistError, match=r"cannot reach the MLflow tracking server at http://127\.0\.0\.1:\d+"):
+        check_tracking(cfg)
+    assert time.monotonic() - started < 10
+
+
+def test_a_loop_handed_no_tracker_refuses_a_config_that_asks_for_tracking(synth_shards: Path, tmp_path: Path) -> None:
+    """The train stage knows no MLflow: a run started without the tracker factory (not through jobs/train.py) says
+    so before training, rather than training a run nobody finds in MLflow."""
+    cfg = tracked_run(synth_shards, None, "loop.epochs=1", "name=untracked")
+    with pytest.raises(FerdistError, match="asks for tracking.backend=mlflow but its loop was given no tracker"):
+        run_training(cfg, LocalSession(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").rglob("model_epoch_*"))
