@@ -8,6 +8,7 @@ round-trips through YAML (nested mappings), the command line (``--set optim.lr=3
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import math
 import re
@@ -249,10 +250,17 @@ class TrackingConfig:
     """Registry name the best model is registered as ("" logs the model without registering it)."""
     parent_run_id: str | None = None
     """The sweep's MLflow run, set by jobs/tune.py so each trial is logged as its child run."""
+    system_metrics_s: float = 10.0
+    """Seconds between samples of MLflow's system metrics (CPU, GPU, memory, disk, network of rank 0's node, as
+    system/* in the run); 0 turns them off."""
 
     def __post_init__(self) -> None:
         if not self.experiment:
             raise ValueError("tracking.experiment must not be empty")
+        if not (self.system_metrics_s == 0 or 1 <= self.system_metrics_s <= 3600):
+            raise ValueError(
+                f"tracking.system_metrics_s must be 0 (off) or 1-3600 seconds, got {self.system_metrics_s}"
+            )
 
 
 class _Stored:
@@ -487,7 +495,12 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
     """``value`` as type ``tp`` (str/int/float/bool/Literal/Optional), accepting its string spelling."""
 
     def wrong(expected: str) -> FerdistError:
-        return FerdistError(f"{origin}: {key} must be {expected}, got {value!r}")
+        hint = ""
+        if isinstance(value, bool) and _wants_text(tp):  # `compile: off` in a YAML file, a sweep's search: or --set
+            spelled = [a for a in typing.get_args(tp) if str(a).lower() in (_TRUE if value else _FALSE)]
+            hint = ("; YAML reads an unquoted yes, no, on or off as a boolean, so quote the text"
+                    + (f": '{spelled[0]}'" if spelled else ""))  # fmt: skip
+        return FerdistError(f"{origin}: {key} must be {expected}, got {value!r}{hint}")
 
     args = typing.get_args(tp)
     if typing.get_origin(tp) is tuple:  # tuple[str, ...]: a YAML list, "[a, b]" from --set, or one item
@@ -548,15 +561,156 @@ SWEEP_SECTIONS = ("sweep", "search")
 
 
 def read_yaml(path: Path) -> dict[str, Any] | None:
-    """The YAML document at ``path``; a missing file or bad YAML is one sentence naming the file and line."""
+    """The YAML document at ``path``, read strictly (`_StrictLoader`): a missing file, bad YAML, and YAML whose
+    meaning would differ from what the file shows are each one sentence naming the file and line."""
+    return _load_yaml(path).doc
+
+
+_MERGE, _STR = "tag:yaml.org,2002:merge", "tag:yaml.org,2002:str"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what would make a config file say one thing and mean another: a key written
+    twice (PyYAML keeps the last, whole, so a repeated section drops every setting of the first), merge keys (``<<``,
+    whose settings the mapping's own silently replace), keys that are not names, and numbers that YAML 1.1 reads
+    otherwise than they look (``010`` is 8, ``1:30`` is 90).
+
+    Keys are compared as the nodes' values and placed by their own marks (``lr`` and ``"lr"`` are one key), under
+    their dotted path: ``optim.lr:`` and ``lr:`` under ``optim:`` are the same key, as both config readers (the run
+    config's and the sweep's ``search:``) flatten them."""
+
+    def __init__(self, text: str, path: Path) -> None:
+        super().__init__(text)
+        self.path = path
+        self.labels: dict[int, str] = {}  # id(node) -> the dotted path where the node first appears; "" for the root
+        self.lines: dict[str, int] = {}  # dotted key -> the line it is written on
+        self.nodes: dict[str, yaml.Node] = {}  # dotted key -> the node of its value
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._label(node, "")
+        return super().construct_document(node)
+
+    def _label(self, node: yaml.Node, path: str) -> None:
+        self.nodes.setdefault(path, node)
+        if id(node) in self.labels:  # an alias: what is under it was labelled where its anchor is
+            return
+        self.labels[id(node)] = path
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    self._label(value, f"{path}.{key.value}" if path else key.value)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._label(item, f"{path}[{i}]")
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        parent = self.labels.get(id(node), "")
+        for key, _ in node.value:
+            line = key.start_mark.line + 1
+            if key.tag == _MERGE:
+                raise FerdistError(f"{self.path}: line {line}: merge keys (<<) are not read in config files "
+                                   "(the mapping's own keys would silently win); write each setting out in full")
+            if not isinstance(key, yaml.ScalarNode) or key.tag != _STR:
+                shown = f"the key {key.value}" if isinstance(key, yaml.ScalarNode) else "a key"
+                raise FerdistError(f"{self.path}: line {line}: {shown} is read by YAML as {_node_kind(key)}, not "
+                                   "as a name; keys are setting names such as loop or lr")  # fmt: skip
+            name = f"{parent}.{key.value}" if parent else key.value
+            if name in self.lines:
+                first, second = sorted((self.lines[name], line))
+                raise FerdistError(f"{self.path}: {name} appears twice (lines {first} and {second}); keep one")
+            self.lines[name] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = super().construct_yaml_int(node)
+        digits = node.value.replace("_", "")
+        if ":" in digits:
+            raise self._base60(node, value)
+        if re.fullmatch(r"[-+]?0[0-7]+", digits) and value != int(digits, 10):
+            decimal = int(digits, 10)
+            raise FerdistError(f"{self._where(node)}{node.value} starts with 0, so YAML reads it as the octal "
+                               f"number {value}; write {decimal}, or quote it ('{node.value}') if it is text")
+        return value
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value = super().construct_yaml_float(node)
+        if ":" in node.value:
+            raise self._base60(node, value)
+        return value
+
+    def _base60(self, node: yaml.ScalarNode, value: float) -> FerdistError:
+        return FerdistError(f"{self._where(node)}{node.value} is a base-60 number to YAML ({value}); quote it "
+                            f"('{node.value}') if it is text, or write {value}")  # fmt: skip
+
+    def _where(self, node: yaml.Node) -> str:
+        label = self.labels.get(id(node))
+        return f"{self.path}: line {node.start_mark.line + 1}: " + (f"{label}: " if label else "")
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
+
+
+def _node_kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    kind = node.tag.rsplit(":", 1)[-1]
+    return {"bool": "a boolean", "int": "a number", "float": "a number", "null": "null (no value)",
+            "timestamp": "a date"}.get(kind, f"a {kind}")  # fmt: skip
+
+
+class _Loaded(typing.NamedTuple):
+    doc: Any
+    lines: dict[str, int]
+    """Dotted key -> the line it is written on."""
+    nodes: dict[str, yaml.Node]
+    """Dotted key (``data.extra[0]`` for a list's items) -> the node of its value: its line, text and quoting."""
+
+
+def _load_yaml(path: Path) -> _Loaded:
     try:
-        return yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise FerdistError(f"config file {path} does not exist; see jobs/configs/ for examples") from None
+    except OSError as exn:  # a folder, no permission
+        raise FerdistError(f"config file {path} cannot be read ({exn.strerror}); pass a YAML file") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is allowed
+    except UnicodeDecodeError as exn:
+        line = raw[: exn.start].count(b"\n") + 1
+        raise FerdistError(f"{path}: line {line} is not UTF-8 text (byte 0x{raw[exn.start]:02x}); "
+                           "save the file as UTF-8") from None  # fmt: skip
+    try:
+        loader = _StrictLoader(text, path)  # refuses unprintable characters here
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exn:
-        mark = getattr(exn, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise FerdistError(f"{path}:{where} is not valid YAML ({getattr(exn, 'problem', exn)})") from None
+        raise FerdistError(_yaml_problem(path, text, exn)) from None
+    return _Loaded(doc, loader.lines, loader.nodes)
+
+
+def _yaml_problem(path: Path, text: str, exn: yaml.YAMLError) -> str:
+    """The sentence for a file PyYAML cannot read: what to write instead where the fix is known, else its problem."""
+    if isinstance(exn, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exn.position) + 1
+        return f"{path}: line {line} holds the character U+{exn.character:04X}, which YAML does not allow; delete it"
+    mark = getattr(exn, "problem_mark", None)
+    problem = getattr(exn, "problem", exn)
+    if mark is not None and "'\\t'" in str(problem):
+        return (f"{path}: line {mark.line + 1} holds a tab, which YAML does not allow outside quotes; "
+                "indent and separate with spaces")  # fmt: skip
+    # Another document: after a --- (the composer's word), or after an end marker ... (the parser's).
+    ended = mark is not None and any(line.startswith("...") for line in text.splitlines()[: mark.line])
+    if mark is not None and (problem == "but found another document"
+                             or (ended and str(problem).startswith("expected '<document start>'"))):  # fmt: skip
+        return (f"{path}: line {mark.line + 1} starts a second YAML document; a config file is one document, so "
+                "delete the --- (or ...) before it and keep each section once")  # fmt: skip
+    where = f" line {mark.line + 1}" if mark else ""
+    return f"{path}:{where} is not valid YAML ({problem})"
 
 
 def load_config(
@@ -568,12 +722,13 @@ def load_config(
     where: dict[str, str] = {}
     if path is not None:
         path = Path(path)
-        doc = read_yaml(path)
+        loaded = _load_yaml(path)
+        doc = loaded.doc
         if doc is not None and not isinstance(doc, dict):
             raise FerdistError(f"{path}: the top level must be a mapping of sections (data:, model:, optim:, ...)")
         # A sweep file is a run config plus these two sections (read by ferdist.tune.sweep); a run uses its base config.
         doc = {k: v for k, v in (doc or {}).items() if k not in SWEEP_SECTIONS}
-        flat.update(_flatten_mapping(doc, "", str(path)))
+        flat.update(_yaml_settings(doc, loaded, root, path))
         where.update(dict.fromkeys(flat, str(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -598,6 +753,75 @@ def worker_overrides(workers: int | None, gpus_per_worker: float | None, cpu: bo
     if cpu:
         overrides.append("workers.use_gpu=false")
     return overrides
+
+
+def _yaml_settings(doc: dict[str, Any], loaded: _Loaded, root: type, path: Path) -> dict[str, Any]:
+    """``doc``'s settings as flat keys, refusing (with the line) what the fields' types show YAML has misread: a
+    section given a value, a setting with none, and unquoted text that YAML read as something else (``name: no`` is
+    the boolean false, ``pretrained: 2024-01-01`` a date). A section with nothing under it (``loop:``) is its
+    defaults, as if it were absent."""
+    types_ = _leaf_types(root)
+    defaults = to_flat_dict(root())
+    doc = dict(doc)
+    for name, value in list(doc.items()):
+        example = next((k for k in types_ if k.startswith(f"{name}.")), None)
+        if example is None:  # not a section: a setting, or an unknown key that from_flat_dict names
+            continue
+        if value is None:
+            del doc[name]
+        elif not isinstance(value, dict):
+            raise FerdistError(f"{path}: line {loaded.lines[name]}: {name} is a section, not a value; put its settings "
+                               f"on the lines below it, indented ('  {example.split('.')[1]}: {defaults[example]}')")
+    flat = _flatten_mapping(doc, "", str(path))
+    for key, value in flat.items():
+        tp = types_.get(key)
+        if typing.get_origin(tp) is tuple and isinstance(value, list):
+            items = [(f"{key}[{i}]", item, typing.get_args(tp)[0]) for i, item in enumerate(value)]
+        else:
+            items = [(key, value, tp)] if tp is not None else []
+        for name, item, item_tp in items:
+            node = loaded.nodes.get(name)
+            if not isinstance(node, yaml.ScalarNode) or node.style is not None:  # quoted (or block) text is text
+                continue
+            line = node.start_mark.line + 1
+            optional = type(None) in typing.get_args(item_tp)
+            if item is None and not optional:
+                keep = f" to keep the default ({defaults[name]})" if name in defaults else ""
+                raise FerdistError(f"{path}: line {line}: {name} has no value; write one, or delete the line{keep}")
+            if item is not None and not isinstance(item, str) and _wants_text(item_tp):
+                raise FerdistError(f"{path}: line {line}: {name}: {node.value} is read by YAML as "
+                                   f"{_value_kind(item)}, not text; quote it: '{node.value}'")  # fmt: skip
+    return flat
+
+
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    leaves: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            leaves.update(_leaf_types(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            leaves[prefix + f.name] = hints[f.name]
+    return leaves
+
+
+def _wants_text(tp: Any) -> bool:
+    """Whether a field of type ``tp`` takes text (str, a Literal of strings, or either or None)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_wants_text(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
+def _value_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return f"the date {value}"
+    return f"{type(value).__name__} {value!r}"
 
 
 def _flatten_mapping(doc: dict[str, Any], prefix: str, origin: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from rich.console import Console
+from rich.markup import escape
 
 LOG_WIDTH = 160
 # Libraries whose INFO lines are noise in a job's output ("Found credentials in environment variables.").
@@ -22,3 +23,9 @@ def setup_logging() -> None:
 def job_console(*, stderr: bool = False) -> Console:
     console = Console(stderr=stderr, soft_wrap=True)
     return console if console.is_terminal else Console(stderr=stderr, soft_wrap=True, width=LOG_WIDTH)
+
+
+def print_error(console: Console, message: object, *, label: str = "error") -> None:
+    """``label: message`` as the job's last line. The message is printed as text, never as rich markup: ferdist's
+    sentences hold brackets ("takes [low, high]", "data.extra[0]") that markup would silently swallow."""
+    console.print(f"[bold red]{label}:[/] {escape(str(message))}", highlight=False)

@@ -44,6 +44,8 @@ _BOTO_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "Req
 class StorageOutage(FerdistError):
     """The object store stayed unreachable for longer than the outage budget."""
 
+    transient = True
+
 
 def transient(exn: BaseException) -> bool:
     """Whether ``exn`` is a storage failure that may pass by itself (so retrying it is worth the wait)."""

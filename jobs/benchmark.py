@@ -66,7 +66,7 @@ from ferdist.bench.infer import bench_infer  # noqa: E402
 from ferdist.bench.recipe import REAL_FER2013, bench_recipe  # noqa: E402
 from ferdist.bench.train import bench_train  # noqa: E402
 from ferdist.bench.tune import bench_tune  # noqa: E402
-from ferdist.console import job_console  # noqa: E402
+from ferdist.console import job_console, print_error  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = bench(args, console)
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {exn}", highlight=False)
+        print_error(console, exn)
         return 2
     except subprocess.CalledProcessError as exn:
         console.print(f"[bold red]error:[/] {' '.join(map(str, exn.cmd[1:3]))} failed with exit code "

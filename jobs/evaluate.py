@@ -23,7 +23,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console  # noqa: E402
+from ferdist.console import job_console, print_error  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 EXPERIMENT = "ferdist-evaluation"
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = Predictor(model, image_size=cfg.model.image_size, batch_size=args.batch_size, tta=args.tta)
         result = evaluate_split(predictor, dataset, args.split, batch_size=args.batch_size)
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {exn}", highlight=False)
+        print_error(console, exn)
         return 2
     what = f"{ref.name} v{ref.version}" if ref.version else args.model
     synthetic = dataset.manifest.source.synthetic
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             console.print(f"wrote {', '.join(str(f) for f in files)}")
         if not args.no_track:
-            run_id = track(result, ref, files, manifest=args.manifest, synthetic=synthetic)
+            run_id = track(result, ref, files, manifest=args.manifest, dataset=dataset, synthetic=synthetic)
             console.print(f"logged to MLflow experiment '{EXPERIMENT}', run {run_id}")
     return 0
 
@@ -119,14 +119,16 @@ def write_outputs(out: Path, result, *, title: str, model_uri: str, manifest: st
     return [out / REPORT_MD, out / "confusion_matrix.png", out / "evaluation.json"]
 
 
-def track(result, ref, files: list[Path], *, manifest: str, synthetic: bool = False) -> str:  # noqa: ANN001
-    """One MLflow run per evaluation, tagged with the model version; the version gets the headline numbers."""
+def track(result, ref, files: list[Path], *, manifest: str, dataset, synthetic: bool = False) -> str:  # noqa: ANN001
+    """One MLflow run per evaluation, tagged with the model version, with the shards it read as its dataset input;
+    the version gets the headline numbers."""
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from ferdist.config import TrackingConfig
     from ferdist.constants import FER_CLASSES
-    from ferdist.track.tracking import tracking_uri
+    from ferdist.data.loader import dataset_record
+    from ferdist.track.tracking import dataset_input, tracking_uri
 
     client = MlflowClient(tracking_uri(TrackingConfig()))
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -144,6 +146,7 @@ def track(result, ref, files: list[Path], *, manifest: str, synthetic: bool = Fa
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
                      params=[Param("manifest", manifest), Param("split", split), Param("tta", str(result.tta))],
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])  # fmt: skip
+    client.log_inputs(run.info.run_id, datasets=[dataset_input(dataset_record(dataset), context="evaluation")])
     for f in files:
         client.log_artifact(run.info.run_id, str(f))
     client.set_terminated(run.info.run_id)

@@ -18,11 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.markup import escape
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console  # noqa: E402
+from ferdist.console import job_console, print_error  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"exporting {what} ({cfg.model.pretrained} at {size} px) to ONNX opset {args.opset}…")
         result = export.export_checked(model, args.out, image_size=size, metadata=metadata, opset=args.opset)
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {escape(str(exn))}", highlight=False)  # messages hold [brackets]
+        print_error(console, exn)
         return 2
     console.print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset})", highlight=False)
     console.print(f"input '{export.INPUT_NAME}' uint8 [N, 48, 48] → output '{export.OUTPUT_NAME}' float32 [N, 7] "

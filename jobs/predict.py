@@ -1,4 +1,4 @@
-"""Find the faces in photos and classify each one's expression: files or folders, any size, grey or colour.
+r"""Find the faces in photos and classify each one's expression: files or folders, any size, grey or colour.
 
     python jobs/predict.py group.jpg photos/                                  # the @champion, a row per face
     python jobs/predict.py photos/ --output faces.csv --annotate annotated/  # or .json; boxes and labels drawn
@@ -9,6 +9,13 @@ a checkpoint folder or an s3:// checkpoint. --detect auto (the default) searches
 faces and takes smaller ones (a FER2013 row, a crop another tool made) as one face; `on` searches every image, `off`
 none (--no-detect is the same). A photo with no face gets a row saying so. A file that is not an image is reported
 and skipped; the others are still classified (exit code 1 if any was skipped).
+
+File names are written one way on the screen, in the CSV and JSON and in messages: their bytes read as UTF-8, with a
+byte that is not UTF-8 as \xNN, a backslash as \\, a newline, tab or carriage return as \n, \t, \r, other ASCII
+control characters as \xNN, and C1 controls, line separators and bidi controls as \uNNNN. So a Latin-1 café.jpg is
+caf\xe9.jpg, every name is one line, and no two files share a spelling. An annotated copy keeps its photo's own name
+(the same bytes, .png for the suffix). --output and each annotated copy are written whole or not at all: a file
+already there is replaced only once the new one is complete.
 """
 
 from __future__ import annotations
@@ -19,14 +26,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rich.markup import escape
+from rich.console import Console
+from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.console import job_console  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.serve.faces import DETECT_MODES  # noqa: E402
-from ferdist.serve.photos import check_writable, image_files, predict_files, rows_table, write_rows  # noqa: E402
+from ferdist.serve.photos import (  # noqa: E402
+    check_writable,
+    image_files,
+    predict_files,
+    rows_table,
+    shown_name,
+    write_rows,
+)
 
 
 def positive(text: str) -> int:
@@ -56,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(argv)
         if args.output:
             if args.output.suffix.lower() not in (".csv", ".json"):
-                raise FerdistError(f"--output {args.output}: write a .csv or .json file")
+                raise FerdistError(f"--output {shown_name(args.output)}: write a .csv or .json file")
             check_writable(args.output, what="--output", folder=False)
         if args.annotate:
             check_writable(args.annotate, what="--annotate", folder=True)
@@ -75,26 +90,31 @@ def main(argv: list[str] | None = None) -> int:
         rows = predict_files(predictor, files, detect=args.detect)
         skipped = [row for row in rows if row["error"]]
         for row in skipped:
-            console.print(f"[yellow]skipped:[/] {escape(row['error'])}", highlight=False)
+            say(console, row["error"], lead=("skipped: ", "yellow"))
         kept = [{k: v for k, v in row.items() if k != "error"} for row in rows if not row["error"]]
         if args.output:
             write_rows(args.output, kept)
-            console.print(f"wrote {plural(len(kept), 'row')} to {escape(str(args.output))}", highlight=False)
+            say(console, f"wrote {plural(len(kept), 'row')} to {shown_name(args.output)}")
         else:
             job_console().print(rows_table(kept))
         if args.annotate:
             from ferdist.serve.annotate import annotate_files
 
             written = annotate_files(kept, args.annotate, keep=files)
-            console.print(f"wrote {plural(len(written), 'annotated photo')} to {escape(str(args.annotate))}/",
-                          highlight=False)  # fmt: skip
+            say(console, f"wrote {plural(len(written), 'annotated photo')} to {shown_name(args.annotate)}/")
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {escape(str(exn))}", highlight=False)
+        say(console, str(exn), lead=("error: ", "bold red"))
         return 2
     faces, images = sum(1 for row in kept if row["face"] >= 0), len({row["file"] for row in kept})
     console.print(f"{plural(faces, 'face')} in {plural(images, 'image')}"
                   + (f", {plural(len(skipped), 'file')} skipped" if skipped else ""))  # fmt: skip
     return 1 if skipped else 0
+
+
+def say(console: Console, text: str, *, lead: tuple[str, str] = ("", "")) -> None:
+    """One line: ``lead`` (its text and style), then ``text`` as it is. File names in it are already spelt by
+    `shown_name`; as Text they are not read as markup (``[final].jpg``) or emoji codes (``:smile:.jpg``) either."""
+    console.print(Text.assemble(lead, text), highlight=False)
 
 
 def plural(n: int, what: str) -> str:

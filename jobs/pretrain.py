@@ -23,7 +23,7 @@ from rich.syntax import Syntax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import PretrainConfig, load_config, to_yaml, worker_overrides  # noqa: E402
-from ferdist.console import setup_logging  # noqa: E402
+from ferdist.console import print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
         tracking.tag_run(cfg.tracking, cfg.name, {"ferdist.output": written})
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {exn}", highlight=False)
+        print_error(console, exn)
         return 2
     last = result.metrics or {}
     console.print(f"\n[bold]{cfg.name}[/]: {last.get('epoch', cfg.loop.epochs)} epochs, reconstruction loss "

@@ -19,6 +19,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ferdist.console import print_error  # noqa: E402
 from ferdist.constants import FER_CLASSES  # noqa: E402
 from ferdist.data.sharding import ShardingResult, write_shards  # noqa: E402
 from ferdist.data.sources import open_source, synthetic_source  # noqa: E402
@@ -155,14 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                 on_written=lambda n: progress.advance(wr, n),
             )
     except Interrupted as exn:
-        console.print(f"[bold red]stopped:[/] {exn}", highlight=False)
+        print_error(console, exn, label="stopped")
         return 130
     except KeyboardInterrupt:
-        console.print(f"[bold red]stopped:[/] interrupted while reading {args.source}; nothing was written",
-                      highlight=False)  # fmt: skip
+        print_error(console, f"interrupted while reading {args.source}; nothing was written", label="stopped")
         return 130
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {exn}", highlight=False)
+        print_error(console, exn)
         return 2
     summary(result, console)
     return 0

@@ -20,7 +20,7 @@ from rich.syntax import Syntax
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import RunConfig, load_config, to_yaml, worker_overrides  # noqa: E402
-from ferdist.console import setup_logging  # noqa: E402
+from ferdist.console import print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = launch.summarize(result, select_by=cfg.checkpoint.select_by)
         registration = track_result(cfg, result)
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {exn}", highlight=False)
+        print_error(console, exn)
         return 2
     last = summary.last_metrics
     console.print(

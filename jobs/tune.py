@@ -23,7 +23,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import worker_overrides  # noqa: E402
-from ferdist.console import job_console, setup_logging  # noqa: E402
+from ferdist.console import job_console, print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.tune.sweep import Sweep, load_sweep  # noqa: E402
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         from ferdist.track import tracking
         from ferdist.tune import tuning
 
-        base, steps = preflight.prepare(sweep.base)
+        base, steps = preflight.prepare(sweep.base, sweep=True)
         path, filesystem = tuning.experiment_path(base)
         import ray.tune
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if registration is not None:
                 console.print(registration.describe(), highlight=False)
     except FerdistError as exn:
-        console.print(f"[bold red]error:[/] {exn}", highlight=False)
+        print_error(console, exn)
         return 2
     if summary.best is None:
         console.print("[bold red]no trial finished an epoch[/]; see the errors above")

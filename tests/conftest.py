@@ -3,6 +3,7 @@ tests can inject faults into) and SeaweedFS, a production object store that can 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -183,28 +184,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` process on an ephemeral loopback port: SQLite store, artefacts proxied over HTTP."""
-    root = tmp_path_factory.mktemp("mlflow")
+@contextlib.contextmanager
+def running_mlflow(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real `mlflow server` process on an ephemeral loopback port (SQLite store under ``root``, artefacts proxied
+    over HTTP, ``args`` added), stopped with its whole process group; yields its URI."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:  # wait for the server to answer its health check
-        try:
-            if requests.get(f"{uri}/health", timeout=2).ok:
-                break
-        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine's slow answer
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.2)
-    yield uri
-    # The whole group: `mlflow server` runs uvicorn as a child, which some MLflow versions leave running when only
-    # their own process is stopped (seen after the lowest-versions run).
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    deadline = time.monotonic() + 300  # generous: the auth app migrates its own database at first start
+    try:
+        while True:  # wait for the server to answer its health check
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or a busy machine's slow answer
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.2)
+        yield uri
+    finally:
+        # The whole group, also when the start failed: `mlflow server` runs uvicorn and MLflow's job runners as
+        # children, which some MLflow versions leave running when only their own process is stopped.
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` process on an ephemeral loopback port: SQLite store, artefacts proxied over HTTP."""
+    with running_mlflow(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+AUTH_ADMIN_PASSWORD = "admin-Secret-4711"
+
+
+@pytest.fixture(scope="session")
+def auth_mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server --app-name basic-auth` (MLflow's own authentication) on loopback: no permission unless
+    granted (default_permission = NO_PERMISSIONS), admin `admin` with `AUTH_ADMIN_PASSWORD`."""
+    root = tmp_path_factory.mktemp("mlflow-auth")
+    (root / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")} | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-flask-secret",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": AUTH_ADMIN_PASSWORD}  # fmt: skip
+    with running_mlflow(root, "--app-name", "basic-auth", env=env) as uri:
+        yield uri
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@contextlib.contextmanager
+def running_ray_head(temp_dir: Path, node_env: dict[str, str] | None = None) -> Iterator[str]:
+    """`ray start --head` as a cluster's head starts, job API on 127.0.0.1 only, ``node_env`` added to the node's
+    environment (what its start command loads, e.g. an MLflow login); yields the dashboard's address."""
+    dashboard = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_", "MLFLOW_"))}
+    # A job's `python` is the first on the node's PATH: this environment's, as the runtime image arranges.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env |= node_env or {}
+    subprocess.run(
+        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
+         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+         "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+        check=True, capture_output=True, env=env, timeout=180,
+    )  # fmt: skip
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop"], capture_output=True, env=env, timeout=120)

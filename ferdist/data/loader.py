@@ -15,7 +15,9 @@ device, so the loader only reads and decodes ~1.5 kB PNGs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import itertools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +30,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ferdist import storage
-from ferdist.config import DataConfig
+from ferdist.config import DataConfig, redact_uri
 from ferdist.constants import MANIFEST_NAME, PRETRAIN_SPLITS
 from ferdist.data.shards import DecodedShard, Manifest, decode_shard, manifest_from_json
 from ferdist.errors import CorruptDataError, FerdistError, MissingError
@@ -48,6 +50,26 @@ class ShardRef:
 
 
 @dataclass(frozen=True)
+class DatasetRecord:
+    """What a run records of a dataset it read (an MLflow dataset input): enough to tell two runs on different data
+    apart and to find the data again, nothing secret."""
+
+    name: str
+    """The dataset folder's name (``fer2013``)."""
+    source: str
+    """Where the shards are: the folder or s3:// prefix, with any password in the URI redacted."""
+    digest: str
+    """The first 16 hex digits of the manifest's sha256: the manifest lists every shard's sha256, so equal digests
+    mean the same samples in the same shards."""
+    profile: dict[str, Any]
+    """The source file and its sha256, the class names, and each split's sample and class counts."""
+
+    @property
+    def source_type(self) -> str:
+        return "s3" if self.source.startswith("s3://") else "local"
+
+
+@dataclass(frozen=True)
 class Selection:
     """The shards a loader reads: one split of one dataset, or (pretraining) several splits of several datasets."""
 
@@ -57,6 +79,8 @@ class Selection:
     class_counts: tuple[int, ...]
     endpoint_url: str | None = None
     outage_s: float = 0.0
+    datasets: tuple[DatasetRecord, ...] = ()
+    """The datasets it was selected from (pretraining: the records its run logs)."""
 
     @property
     def samples(self) -> int:
@@ -92,6 +116,19 @@ def union(parts: Sequence[Selection], *, name: str) -> Selection:
                      endpoint_url=parts[0].endpoint_url, outage_s=parts[0].outage_s)  # fmt: skip
 
 
+def dataset_record(dataset: ShardedDataset) -> DatasetRecord:
+    manifest = dataset.manifest
+    return DatasetRecord(
+        name=dataset.base_uri.rstrip("/").rsplit("/", 1)[-1] or dataset.base_uri,
+        source=redact_uri(dataset.base_uri),
+        digest=hashlib.sha256(manifest.to_json()).hexdigest()[:16],
+        profile={"source": manifest.source.name, "source_sha256": manifest.source.sha256,
+                 "synthetic": manifest.source.synthetic, "classes": list(manifest.classes),
+                 "splits": {name: {"samples": s.samples, "class_counts": list(s.class_counts)}
+                            for name, s in sorted(manifest.splits.items())}},
+    )  # fmt: skip
+
+
 def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float = 0.0) -> ShardedDataset:
     """Reads the manifest at ``uri`` (a dataset folder/prefix, or the manifest.json itself); ``outage_s``: how long
     this and every shard read waits out an unreachable store (see `ferdist.outage`)."""
@@ -122,6 +159,7 @@ def open_pretraining_data(
             (read twice an epoch, its faces would count double).
     """
     parts: list[Selection] = []
+    records: list[DatasetRecord] = []
     sources: dict[str, str] = {}
     for i, uri in enumerate((manifest, *extra)):
         where = "data.manifest" if i == 0 else f"data.extra[{i - 1}]"
@@ -149,8 +187,9 @@ def open_pretraining_data(
                 "pretraining never reads val or test, which are held out for the fine-tuned model"
             )
         parts += [dataset.select(s, labelled=False) for s in splits]
+        records.append(dataset_record(dataset))
     name = "the pretraining data (" + ", ".join(f"{p.name} of {p.shards[0].dataset}" for p in parts if p.shards) + ")"
-    return union(parts, name=name)
+    return dataclasses.replace(union(parts, name=name), datasets=tuple(records))
 
 
 def _is_image_folder(uri: str) -> bool:

@@ -9,19 +9,29 @@ import dataclasses
 from pathlib import Path
 
 from ferdist import storage
-from ferdist.config import PretrainConfig, PretrainDataConfig, RunConfig
+from ferdist.config import PretrainConfig, PretrainDataConfig, RunConfig, redacted, to_flat_dict
 from ferdist.errors import FerdistError
-from ferdist.track.tracking import prepare_tracking
+from ferdist.track.tracking import check_registration, open_run, prepare_tracking
 
 AnyConfig = RunConfig | PretrainConfig
 
 
-def prepare(cfg: AnyConfig) -> tuple[AnyConfig, int]:
+def prepare(cfg: AnyConfig, *, sweep: bool = False) -> tuple[AnyConfig, int]:
     """On the driver, before Ray starts: ``cfg`` with absolute local paths and a prepared tracking store (see
-    `ferdist.track.tracking.prepare_tracking`), checked by `preflight`; and the training steps per epoch."""
+    `ferdist.track.tracking.prepare_tracking`), checked by `preflight`; and the training steps per epoch.
+
+    With tracking on, the run's MLflow run is opened here (``sweep``: not for a sweep's base config, whose trials open
+    their own), and a fine-tuning run's right to register its model is probed: a login that may not do either is one
+    sentence now, not a worker's failure after Ray's start-up."""
     cfg = with_absolute_paths(cfg)
     steps = preflight(cfg)
-    return dataclasses.replace(cfg, tracking=prepare_tracking(cfg.tracking)), steps
+    cfg = dataclasses.replace(cfg, tracking=prepare_tracking(cfg.tracking))
+    if cfg.tracking.backend != "none":
+        if isinstance(cfg, RunConfig):
+            check_registration(cfg.tracking)
+        if not sweep:
+            open_run(cfg.tracking, run_name=cfg.name, params=redacted(to_flat_dict(cfg)))
+    return cfg, steps
 
 
 def preflight(cfg: AnyConfig) -> int:

@@ -13,6 +13,8 @@ from typing import Any
 
 import ray.train
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2.api import data_parallel_trainer
 
 from ferdist import storage
 from ferdist.config import PretrainConfig, to_flat_dict
@@ -112,6 +114,30 @@ def fit(trainer: TorchTrainer) -> ray.train.Result:
         if (cause := _ferdist_cause(exn.controller_failure)) is not None:
             raise type(cause)(f"{cause} (Ray Train controller)") from None
         raise
+
+
+class FailFastPolicy(DefaultFailurePolicy):
+    """Ray Train's failure policy, except that a deterministic `FerdistError` raised in a worker (a missing shard, a
+    damaged manifest, a bad backbone: `FerdistError.transient` is False) ends the run on its first occurrence.
+
+    Ray cannot tell such an error from a lost node: it would restart the worker group ``max_failures`` times, each
+    restart costing start-up time and printing every rank's traceback, only to fail the same way. Lost nodes and
+    object-store outages keep the retries."""
+
+    def make_decision(self, training_failed_error: Any) -> FailureDecision:
+        failures = getattr(training_failed_error, "worker_failures", None) or {}
+        if any((cause := _ferdist_cause(f)) is not None and not cause.transient for f in failures.values()):
+            return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+def _fail_fast_policy(failure_config: ray.train.FailureConfig) -> FailFastPolicy:
+    return FailFastPolicy(failure_config)
+
+
+# Ray Train 2.60 takes no failure policy from its public API; the trainer builds it with this module-level factory,
+# looked up when fit() runs, so every TorchTrainer of this process (runs, sweep trials, benchmarks) gets ferdist's.
+data_parallel_trainer.create_failure_policy = _fail_fast_policy
 
 
 def _ferdist_cause(failure: BaseException | None) -> FerdistError | None:

@@ -220,6 +220,7 @@ def fetch_checkpoint(
         from mlflow.tracking import MlflowClient
 
         from ferdist.config import TrackingConfig
+        from ferdist.track.store import explained_refusal
         from ferdist.track.store import tracking_uri as configured_uri
 
         # The same rule as runs: MLFLOW_TRACKING_URI, else ./mlflow.db.
@@ -238,6 +239,11 @@ def fetch_checkpoint(
             with using_store(tracking_uri):
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
         except MlflowException as exn:
+            if exn.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                what = f"registered model '{ref.name or uri[len('models:/'):].split('/')[0].split('@')[0]}'" if (
+                    uri.startswith("models:/")) else "the experiment of that run"  # fmt: skip
+                with explained_refusal(tracking_uri, action=f"read {uri}", permission=f"READ on {what}"):
+                    raise
             first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
             raise FerdistError(f"cannot load the model {uri} from the tracking store {tracking_uri} ({first}); "
                                "check the name, version or alias in `mlflow ui`, and MLFLOW_TRACKING_URI") from None

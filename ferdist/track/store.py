@@ -1,11 +1,21 @@
-"""Where the tracking store is: the one rule for its URI, shared by the tracker and the registry."""
+"""Where the tracking store is and who may use it: the one rule for its URI, and the sentences for a server that
+refuses the caller (MLflow's basic-auth app: 401 for a missing or wrong login, 403 for a missing permission), shared
+by the tracker and the registry.
+
+Credentials come from MLflow's own environment variables (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or
+MLFLOW_TRACKING_TOKEN), which MLflow's client reads itself; ferdist never copies them into a config, a param, a tag, a
+log line or a checkpoint.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ferdist.config import TrackingConfig
+from ferdist.config import TrackingConfig, redact_uri
+from ferdist.errors import FerdistError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 """The embedded store when nothing is configured: a SQLite file in the working directory."""
@@ -22,3 +32,35 @@ def absolute_uri(uri: str) -> str:
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
         return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def caller() -> str:
+    """Who the requests are made as, for messages (never the secret itself)."""
+    if user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        return f"user '{user}'"
+    return "the token in MLFLOW_TRACKING_TOKEN" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "a caller with no login"
+
+
+@contextmanager
+def explained_refusal(uri: str, *, action: str, permission: str) -> Iterator[None]:
+    """Runs the block; an MLflow 401 or 403 from it becomes one sentence: who was refused, and what to set (401) or
+    which permission ``action`` needs (403: ``permission``, e.g. "EDIT on experiment 'x'")."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exn:
+        status = exn.get_http_status_code() if exn.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED") else None
+        where = f"the MLflow server at {redact_uri(uri)}"
+        if status == 401:
+            if not (os.environ.get("MLFLOW_TRACKING_USERNAME") or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+                raise FerdistError(f"{where} asks for a login and none was given; set MLFLOW_TRACKING_USERNAME and "
+                                   "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account on it") from None
+            raise FerdistError(
+                f"{where} refused {caller()} (a wrong password, or no such account); check MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            ) from None
+        if status == 403:
+            raise FerdistError(f"{caller()} may not {action} on {where} (permission denied); ask its admin for "
+                               f"{permission}") from None
+        raise

@@ -14,17 +14,20 @@ inherit by accident.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 
 from ferdist.config import RunConfig, TrackingConfig, redact_uri
+from ferdist.data.loader import DatasetRecord
 from ferdist.errors import FerdistError
-from ferdist.track.store import absolute_uri, tracking_uri
+from ferdist.track.store import absolute_uri, caller, explained_refusal, tracking_uri
 from ferdist.train.tracker import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,54 @@ def prepare_tracking(cfg: TrackingConfig) -> TrackingConfig:
         return cfg
     check_tracking(cfg)
     uri = absolute_uri(tracking_uri(cfg))
-    _experiment_id(_client(uri), cfg.experiment)
+    with explained_refusal(uri, action=f"use experiment '{cfg.experiment}'",
+                           permission=f"READ (EDIT to log runs) on experiment '{cfg.experiment}'"):  # fmt: skip
+        _experiment_id(_client(uri), cfg.experiment)
     return dataclasses.replace(cfg, tracking_uri=uri)
+
+
+def open_run(cfg: TrackingConfig, *, run_name: str, params: dict[str, Any]) -> tuple[str, bool]:
+    """The MLflow run of ferdist run ``run_name`` (found by tag, else created with ``params``); returns its id and
+    whether it existed. The driver opens it before Ray starts, so a login that may not log runs is one sentence then
+    rather than a failure in a worker; the worker's tracker finds the same run."""
+    client = _client(tracking_uri(cfg))
+    with explained_refusal(tracking_uri(cfg), action=f"log runs in experiment '{cfg.experiment}'",
+                           permission=f"EDIT on experiment '{cfg.experiment}'"):  # fmt: skip
+        if found := find_run(client, cfg.experiment, RUN_TAG, run_name):
+            return found.info.run_id, True
+        tags = {RUN_TAG: run_name} | ({PARENT_TAG: cfg.parent_run_id} if cfg.parent_run_id else {})
+        run = client.create_run(_experiment_id(client, cfg.experiment), run_name=run_name, tags=tags)
+        from mlflow.entities import Param
+
+        # MLflow keeps params immutable, so they are logged once, when the run is created.
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return run.info.run_id, False
+
+
+def check_registration(cfg: TrackingConfig) -> None:
+    """Before Ray starts: the caller may add versions to ``cfg.registered_model``. A model the caller can read is
+    probed by setting and removing a tag (the same EDIT permission as a new version); one it cannot see is created
+    now (any login may create a model, and owns it), which tells a model that exists but is not the caller's."""
+    if cfg.backend == "none" or not cfg.registered_model:
+        return
+    from mlflow.exceptions import MlflowException
+
+    client, name = _client(tracking_uri(cfg)), cfg.registered_model
+    with explained_refusal(tracking_uri(cfg), action=f"register versions of model '{name}'",
+                           permission=f"EDIT on registered model '{name}'"):  # fmt: skip
+        # A search lists only the models the caller may read; a get would answer 403 for one that does not exist.
+        if client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.set_registered_model_tag(name, "ferdist.preflight", "may register")
+            client.delete_registered_model_tag(name, "ferdist.preflight")
+            return
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exn:
+            if exn.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            raise FerdistError(f"{caller()} may not register versions of model '{name}' on the MLflow server at "
+                               f"{redact_uri(tracking_uri(cfg))} (it exists, and is not readable to this login); ask "
+                               f"its admin for EDIT on registered model '{name}'") from None  # fmt: skip
 
 
 def _client(uri: str) -> Any:
@@ -72,23 +121,28 @@ class MlflowTracker:
 
     def __init__(self, cfg: TrackingConfig, *, run_name: str, params: dict[str, Any]) -> None:
         self.client = _client(tracking_uri(cfg))
-        found = find_run(self.client, cfg.experiment, RUN_TAG, run_name)
+        self.run_id, found = open_run(cfg, run_name=run_name, params=params)
         self.logged_through = 0
         """The last epoch already in the run: a resumed run re-trains the epochs after its last resume state, with
         bit-identical results, so they are not logged twice."""
         if found:
-            self.run_id = found.info.run_id
             self.client.update_run(self.run_id, status="RUNNING")
             self.logged_through = max((m.step for m in self.client.get_metric_history(self.run_id, "epoch")),
                                       default=0)  # fmt: skip
-        else:
-            tags = {RUN_TAG: run_name} | ({PARENT_TAG: cfg.parent_run_id} if cfg.parent_run_id else {})
-            run = self.client.create_run(_experiment_id(self.client, cfg.experiment), run_name=run_name, tags=tags)
-            self.run_id = run.info.run_id
-            from mlflow.entities import Param
+        self.system_metrics = None
+        if cfg.system_metrics_s:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            # MLflow keeps params immutable, so they are logged once, when the run is created.
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+            # MLflow's own monitor (CPU, GPU, memory, disk, network as system/*), in a thread of rank 0's process; a
+            # resumed run continues its steps.
+            self.system_metrics = SystemMetricsMonitor(self.run_id, sampling_interval=cfg.system_metrics_s,
+                                                       resume_logging=found,
+                                                       tracking_uri=tracking_uri(cfg))  # fmt: skip
+            self.system_metrics.start()
+
+    def log_datasets(self, records: Sequence[DatasetRecord], *, context: str) -> None:
+        """Each record as an MLflow dataset input of the run (the UI's Dataset column), tagged with ``context``."""
+        self.client.log_inputs(self.run_id, datasets=[dataset_input(r, context=context) for r in records])
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         from mlflow.entities import Metric
@@ -104,8 +158,19 @@ class MlflowTracker:
         self.client.log_image(self.run_id, image, artifact_file=path)
 
     def close(self, *, status: str) -> None:
+        if self.system_metrics is not None:
+            self.system_metrics.finish()
         self.client.set_tag(self.run_id, STATUS_TAG, COMPLETED if status == "FINISHED" else FAILED)
         self.client.set_terminated(self.run_id, status=status)
+
+
+def dataset_input(record: DatasetRecord, *, context: str) -> Any:
+    """``record`` as MLflow's `DatasetInput` entity: name, digest, source and a profile of split and class counts."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    dataset = Dataset(name=record.name, digest=record.digest, source_type=record.source_type,
+                      source=json.dumps({"uri": record.source}), profile=json.dumps(record.profile))  # fmt: skip
+    return DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)])
 
 
 def make_tracker(cfg: TrackingConfig, *, rank: int, run_name: str, params: dict[str, Any]) -> Tracker:
@@ -132,6 +197,9 @@ def check_tracking(cfg: TrackingConfig) -> None:
             "(mlflow server --host 127.0.0.1 --port 5000), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set "
             "tracking.backend=none"
         ) from None
+    # /health answers anyone; a search is the cheapest request a server with authentication checks the login of.
+    with explained_refusal(uri, action="search experiments", permission="an account"):
+        _client(uri).search_experiments(max_results=1)
 
 
 
@@ -156,15 +224,18 @@ def tag_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> None:
 def open_sweep_run(cfg: TrackingConfig, *, sweep_name: str, params: dict[str, Any]) -> str:
     """The sweep's parent run (found again by tag ``ferdist.sweep`` when a sweep is resumed); returns its id."""
     client = _client(tracking_uri(cfg))
-    found = find_run(client, cfg.experiment, SWEEP_TAG, sweep_name)
-    if found:
-        client.update_run(found.info.run_id, status="RUNNING")
-        return found.info.run_id
-    from mlflow.entities import Param
+    with explained_refusal(tracking_uri(cfg), action=f"log runs in experiment '{cfg.experiment}'",
+                           permission=f"EDIT on experiment '{cfg.experiment}'"):  # fmt: skip
+        found = find_run(client, cfg.experiment, SWEEP_TAG, sweep_name)
+        if found:
+            client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
+        from mlflow.entities import Param
 
-    run = client.create_run(_experiment_id(client, cfg.experiment), run_name=sweep_name, tags={SWEEP_TAG: sweep_name})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    return run.info.run_id
+        run = client.create_run(_experiment_id(client, cfg.experiment), run_name=sweep_name,
+                                tags={SWEEP_TAG: sweep_name})  # fmt: skip
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        return run.info.run_id
 
 
 def close_sweep_run(cfg: TrackingConfig, run_id: str, *, metrics: dict[str, float], tags: dict[str, str]) -> None:
@@ -227,14 +298,19 @@ def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str
     Returns:
         The `ferdist.track.registry.Registration`, or None when ``tracking.registered_model`` is empty.
     """
-    from ferdist.data.loader import open_dataset
+    from ferdist.data.loader import dataset_record, open_dataset
     from ferdist.track import registry
     from ferdist.track.model_card import model_card
     from ferdist.train import runs
 
     cfg = run.tracking
+    data_tags: dict[str, str] = {}
     try:
-        manifest = open_dataset(run.data.manifest, endpoint_url=run.data.endpoint_url).manifest
+        dataset = open_dataset(run.data.manifest, endpoint_url=run.data.endpoint_url)
+        manifest = dataset.manifest
+        record = dataset_record(dataset)
+        # The version says where its data came from, as the run's dataset input does.
+        data_tags = {"dataset.name": record.name, "dataset.digest": record.digest, "dataset.source": record.source}
     except FerdistError as exn:  # the shards moved since training: still register, with a card that says so
         log.warning("the model card cannot describe the shards: %s", exn)
         manifest = None
@@ -249,7 +325,7 @@ def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str
         if not cfg.registered_model:
             return None
         val = best.summary["metrics"]
-        tags = {"run_id": run_id, "epoch": str(best.summary["epoch"]), **tags}
+        tags = {"run_id": run_id, "epoch": str(best.summary["epoch"]), **data_tags, **tags}
         registration = registry.register(model_uri, name=cfg.registered_model, val_acc=float(val["val/acc"]),
                                          val_macro_f1=float(val["val/macro_f1"]), tags=tags, tracking_uri=uri,
                                          synthetic=synthetic, select_by=run.checkpoint.select_by)  # fmt: skip

@@ -27,7 +27,7 @@ from torch import nn
 
 from ferdist.config import RunConfig, from_flat_dict, redacted, to_flat_dict
 from ferdist.constants import FER_CLASSES
-from ferdist.data.loader import ShardedDataset, build_loader, open_dataset, steps_per_epoch
+from ferdist.data.loader import ShardedDataset, build_loader, dataset_record, open_dataset, steps_per_epoch
 from ferdist.data.transforms import eval_transform, train_transform
 from ferdist.errors import FerdistError
 from ferdist.metrics import report_from_confusion
@@ -195,6 +195,7 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
     """The training loop: build → restore → per epoch: train steps, evaluate, checkpoint, report."""
     rank, world_size, device = session.rank, session.world_size, session.device
     dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url, outage_s=cfg.checkpoint.outage_s)
+    tracker.log_datasets([dataset_record(dataset)], context="training")
     batch_size = cfg.loop.batch_per_worker(world_size)
     train_info = dataset.manifest.split("train")
     steps = steps_per_epoch(train_info.samples, batch_size=batch_size, world_size=world_size)

@@ -52,9 +52,7 @@ class FerClassifier(nn.Module):
         self, backbone: ViTMAEModel, *, num_classes: int, freeze_blocks: int, pooling: str, head_dropout: float
     ) -> None:
         super().__init__()
-        depth = backbone.config.num_hidden_layers
-        if freeze_blocks > depth:
-            raise FerdistError(f"model.freeze_blocks={freeze_blocks} exceeds the backbone's {depth} blocks")
+        check_depth(freeze_blocks, backbone.config.num_hidden_layers)
         self.backbone, self.freeze_blocks, self.pooling = backbone, freeze_blocks, pooling
         self.dropout = nn.Dropout(head_dropout)
         self.head = nn.Linear(backbone.config.hidden_size, num_classes)
@@ -235,15 +233,24 @@ def cached_s3_folder(uri: str, *, endpoint_url: str | None = None) -> Path:
     return folder
 
 
+def check_depth(freeze_blocks: int, depth: int) -> None:
+    """The frozen prefix must fit in the backbone: the driver checks it from config.json before Ray starts (a worker
+    would fail on every attempt), and the classifier again when it is built."""
+    if freeze_blocks > depth:
+        raise FerdistError(f"model.freeze_blocks={freeze_blocks} exceeds the backbone's {depth} blocks; use at most "
+                           f"{depth} (0 trains every block)")  # fmt: skip
+
+
 def check_pretrained(cfg: ModelConfig, *, endpoint_url: str | None = None) -> None:
-    """Fails fast (before any worker starts) when ``cfg.pretrained`` cannot be loaded at ``cfg.image_size``; reads
-    configs only."""
+    """Fails fast (before any worker starts) when ``cfg.pretrained`` cannot be loaded at ``cfg.image_size`` or has
+    fewer blocks than ``cfg.freeze_blocks``; reads configs only."""
     source = cfg.pretrained
     if source.startswith("random:"):
-        random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size)
-        return
-    with config_folder(source, endpoint_url=endpoint_url) as local:
-        load_backbone_config(local, display=source, image_size=cfg.image_size)
+        config = random_backbone_config(source.removeprefix("random:"), image_size=cfg.image_size)
+    else:
+        with config_folder(source, endpoint_url=endpoint_url) as local:
+            config = load_backbone_config(local, display=source, image_size=cfg.image_size)
+    check_depth(cfg.freeze_blocks, config.num_hidden_layers)
 
 
 @contextmanager

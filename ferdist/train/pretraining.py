@@ -59,6 +59,7 @@ def pretrain(cfg: PretrainConfig, session: Session, *, tracker: Tracker) -> ckpt
     rank, world_size, device = session.rank, session.world_size, session.device
     data = open_pretraining_data(cfg.data.manifest, cfg.data.extra, endpoint_url=cfg.data.endpoint_url,
                                  outage_s=cfg.checkpoint.outage_s)  # fmt: skip
+    tracker.log_datasets(data.datasets, context="pretraining")
     size = cfg.model.image_size
     batch_size = cfg.loop.batch_per_worker(world_size)
     steps = steps_per_epoch(data.samples, batch_size=batch_size, world_size=world_size)

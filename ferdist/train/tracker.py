@@ -7,13 +7,16 @@ asks for tracking rather than training a run nobody can find afterwards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ferdist.config import TrackingConfig
+from ferdist.data.loader import DatasetRecord
 from ferdist.errors import FerdistError
 
 
 class Tracker(Protocol):
+    def log_datasets(self, records: Sequence[DatasetRecord], *, context: str) -> None: ...
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None: ...
     def log_image(self, image: Any, path: str) -> None: ...
     def close(self, *, status: str) -> None: ...
@@ -25,6 +28,9 @@ class TrackerFactory(Protocol):
 
 class NullTracker:
     """Tracks nothing (other ranks, or tracking.backend=none)."""
+
+    def log_datasets(self, records: Sequence[DatasetRecord], *, context: str) -> None:
+        pass
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         pass

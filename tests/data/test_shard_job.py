@@ -245,14 +245,29 @@ def test_ctrl_c_while_writing_is_one_sentence_and_a_rerun_finishes(synth_csv: Pa
     assert len(_read_all(str(dest), "train")) == 280
 
 
+def default_signal_handling() -> None:
+    """In a child before exec: SIGINT and SIGTERM as a terminal gives them, whatever the test runner ignores."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_reading_the_source_exits_130_with_one_line(tmp_path: Path) -> None:
     import os
     import signal
 
     fifo = tmp_path / "fer2013.csv"
     os.mkfifo(fifo)  # the job blocks reading it until this test opens the other end: no timing guesswork
-    job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "shard.py"), "--source", str(fifo), "--dest",
-                            str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    # Started as `nohup pytest &` or by a CI runner, the suite ignores SIGINT and its children inherit that; the job
+    # must get the default handling a terminal gives it. Ignoring SIGINT here, as such a start does, proves it.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        job = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "shard.py"), "--source", str(fifo), "--dest",
+                                str(tmp_path / "out")], stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_signal_handling)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     with fifo.open("w"):
         job.send_signal(signal.SIGINT)
         _, err = job.communicate(timeout=60)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, running_ray_head
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -24,19 +24,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Ray head node started the way a cluster's head is, with its job API on 127.0.0.1 only."""
-    dashboard = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_", "MLFLOW_"))}
-    # A job's `python` is the first on the node's PATH: this environment's, as the runtime image arranges.
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
-         "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-         "--disable-usage-stats", f"--temp-dir={tmp_path_factory.mktemp('ray')}"],
-        check=True, capture_output=True, env=env, timeout=180,
-    )  # fmt: skip
-    yield f"http://127.0.0.1:{dashboard}"
-    subprocess.run([RAY, "stop"], capture_output=True, env=env, timeout=120)
+    with running_ray_head(tmp_path_factory.mktemp("ray")) as address:
+        yield address
 
 
 # Ray 2.60 clusters require their auth token (~/.ray/auth_token, written by `ray start`); clients send it only in

@@ -3,6 +3,8 @@ training run, params once, metrics with step=epoch, the same run continued after
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ def tracked_run(manifest: Path, uri: str | None, *extra: str) -> RunConfig:
         None,
         [f"data.manifest={manifest}", "data.loader_workers=0", "model.pretrained=random:tiny", "model.image_size=32",
          "loop.epochs=3", "loop.global_batch_size=32", "optim.lr=2e-3", "tracking.backend=mlflow",
+         "tracking.system_metrics_s=1",
          "tracking.experiment=tests", *overrides, *extra],
     )  # fmt: skip
 
@@ -47,6 +50,31 @@ def test_one_run_with_params_and_per_epoch_metrics_continued_after_resume(
     history = client.get_metric_history(run.info.run_id, "val/acc")
     assert [m.step for m in history] == [1, 2, 3]  # each epoch once, none repeated after the resume
     assert [m.value for m in history] == [h["val/acc"] for h in state.history]
+
+    # Audit: the shards it read, as MLflow's dataset input (one, though logged by both attempts).
+    (data,) = run.inputs.dataset_inputs
+    manifest = (synth_shards / "manifest.json").read_bytes()
+    assert data.dataset.digest == hashlib.sha256(json.dumps(json.loads(manifest), indent=2, sort_keys=True).encode()
+                                                 + b"\n").hexdigest()[:16]  # fmt: skip
+    assert json.loads(data.dataset.source) == {"uri": str(synth_shards)} and data.dataset.name == synth_shards.name
+    assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
+    profile = json.loads(data.dataset.profile)
+    counts, source = json.loads(manifest)["splits"], json.loads(manifest)["source"]
+    assert (profile["source"], profile["source_sha256"], profile["synthetic"]) == (
+        source["name"], source["sha256"], source.get("synthetic", False))  # fmt: skip
+    assert {k: v["samples"] for k, v in profile["splits"].items()} == {k: v["samples"] for k, v in counts.items()}
+    assert profile["splits"]["train"]["class_counts"] == counts["train"]["class_counts"]
+    # ... and the machine: MLflow's own system metrics, sampled every tracking.system_metrics_s of rank 0's process.
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+
+
+def test_system_metrics_can_be_turned_off(synth_shards: Path, mlflow_server: str, tmp_path: Path) -> None:
+    cfg = tracked_run(synth_shards, mlflow_server, "name=quiet", "loop.epochs=2", "tracking.system_metrics_s=0")
+    run_training(cfg, LocalSession(tmp_path), make_tracker=make_tracker)
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                filter_string=f"tags.`{RUN_TAG}` = 'quiet'")  # fmt: skip
+    assert "val/acc" in run.data.metrics and not any(k.startswith("system/") for k in run.data.metrics)
 
 
 def test_embedded_default_is_a_sqlite_store_in_the_working_directory(
