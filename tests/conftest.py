@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -221,7 +222,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
 
 
-AUTH_ADMIN_PASSWORD = "admin-Secret-4711"
+AUTH_ADMIN_PASSWORD = f"admin-{secrets.token_hex(8)}"  # drawn per run: in no file a test could grep
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ pretraining), the loops it runs on the workers (each handed its MLflow tracker),
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +61,22 @@ def pretrain_fn_per_worker(config: dict[str, Any]) -> None:
 
 
 def _without_traceback(fn: Any, config: dict[str, Any]) -> None:
+    # Ray Train logs "Error in training function" with the traceback of what a worker raised; for ferdist's own
+    # one-sentence errors (a lost shard, an outage past the budget) the frames say nothing the sentence does not,
+    # and the driver prints the sentence with the worker's rank as its last line.
+    ray_train_log = logging.getLogger("ray.train.v2._internal.util")
+    if _not_a_ferdist_error not in ray_train_log.filters:
+        ray_train_log.addFilter(_not_a_ferdist_error)
     try:
         fn(config)
     except FerdistError as exn:
-        # Ray logs the traceback of what a worker raised; for ferdist's own one-sentence errors (an outage past the
-        # budget, a lost shard) the frames add ~20 lines per attempt and nothing the sentence does not say.
         raise exn.with_traceback(None) from None
+
+
+def _not_a_ferdist_error(record: logging.LogRecord) -> bool:
+    """Keeps a log record unless it is written while a `FerdistError` is being handled (Ray logs the worker's error
+    inside its except block)."""
+    return not isinstance(sys.exc_info()[1], FerdistError)
 
 
 def build_trainer(cfg: AnyConfig, *, callbacks: list[Any] | None = None) -> TorchTrainer:

@@ -63,7 +63,9 @@ def test_a_shard_lost_after_start_is_one_sentence_from_the_workers(synth_shards:
     # checkpoint.max_failures is 3, but a missing shard is missing on every attempt: the run ends on the first
     # (one start-up line from rank 0), with no worker traceback on the screen.
     assert done.stderr.count("steps/epoch, peak lr") == 1, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr
+    # (Ray's controller may print its own noise on a loaded machine; no worker's traceback reaches the screen.)
+    assert not [line for line in done.stderr.splitlines() if "RayTrainWorker" in line and "Traceback" in line]
+    assert "Traceback" not in last
 
 
 def test_the_failure_policy_ends_a_run_on_a_deterministic_error_and_retries_transient_ones() -> None:

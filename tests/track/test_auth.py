@@ -5,6 +5,7 @@ reading login loads @champion and predicts; no password reaches a log, a param, 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "jobs" / "configs" / "quickstart.yaml"
-TRAINER, READER = ("trainer", "trainer-Secret-0815"), ("reader", "reader-Secret-0916")
+# Drawn per run, so no file of the repository (which `ray job submit --working-dir .` copies onto the node) holds them.
+TRAINER, READER = ("trainer", f"trainer-{secrets.token_hex(8)}"), ("reader", f"reader-{secrets.token_hex(8)}")
 
 
 def as_login(login: tuple[str, str] | None) -> dict[str, str]:
@@ -129,7 +131,7 @@ def test_a_submitted_job_logs_in_with_the_nodes_login_and_the_job_record_holds_n
     from conftest import RAY, running_ray_head
     from mlflow.server.auth.client import AuthServiceClient
 
-    uri, login = auth_mlflow_server, ("cluster", "cluster-Secret-2718")
+    uri, login = auth_mlflow_server, ("cluster", f"cluster-{secrets.token_hex(8)}")
     for key, value in ADMIN.items():
         monkeypatch.setenv(key, value)
     AuthServiceClient(uri).create_user(*login)
