@@ -3,8 +3,9 @@
 ``lint-imports`` checks the contracts in pyproject.toml; this file runs it, and `graph_summary` describes any
 checkout's import graph in numbers (levels, circles, imports that run from a lower stage up to a higher one):
 
-    python tests/test_layout.py          # this checkout
-    python tests/test_layout.py --old    # an old flat checkout: modules mapped to stages by ferdist.MOVED
+    python tests/test_layout.py                  # this checkout
+    python tests/test_layout.py --root DIR       # another checkout (an old flat one: its modules mapped to stages
+                                                 # by this checkout's ferdist.MOVED)
 """
 
 from __future__ import annotations
@@ -124,8 +125,18 @@ def test_old_module_paths_are_the_moved_modules(old: str) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
     import json
 
     from ferdist import MOVED
 
-    print(json.dumps(graph_summary(import_edges(), MOVED), indent=1, ensure_ascii=False))
+    parser = argparse.ArgumentParser(description="The import graph of a checkout's ferdist package, in numbers.")
+    parser.add_argument("--root", type=Path, help="the checkout to describe (default: this one)")
+    args = parser.parse_args()
+    moved = dict(MOVED)
+    if args.root:
+        for name in [m for m in sys.modules if m == "ferdist" or m.startswith("ferdist.")]:
+            del sys.modules[name]
+        sys.path.insert(0, str(args.root.resolve()))
+        moved |= {"data": "data.loader", "launch": "launch.trainer"}  # the flat layout's modules of those names
+    print(json.dumps(graph_summary(import_edges(), moved), indent=1, ensure_ascii=False))
