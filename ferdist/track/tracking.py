@@ -158,8 +158,12 @@ class MlflowTracker:
         self.client.log_image(self.run_id, image, artifact_file=path)
 
     def close(self, *, status: str) -> None:
-        if self.system_metrics is not None:
-            self.system_metrics.finish()
+        if (monitor := self.system_metrics) is not None:
+            monitor.finish()  # joins its thread
+            # One last sample, so a run shorter than the sampling interval still says what machine it ran on.
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
         self.client.set_tag(self.run_id, STATUS_TAG, COMPLETED if status == "FINISHED" else FAILED)
         self.client.set_terminated(self.run_id, status=status)
 
