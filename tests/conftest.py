@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-import setuptools  # noqa: F401  - first imported here, at the repository root: setuptools swaps in its own distutils
-#                    once, on its first import, and torch's compiler (test_model) asserts it did; imported first from
-#                    a later test's state, it kept the standard library's and torch.compile failed.
+import setuptools  # noqa: F401  (first imported here: it swaps in its own distutils once, which torch.compile checks)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
