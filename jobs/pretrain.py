@@ -13,7 +13,6 @@ output; an --output that holds anything else is refused.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -47,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [*args.set, *worker_overrides(args.workers, args.gpus_per_worker, args.cpu)]
         cfg = load_config(args.config, overrides, root=PretrainConfig)
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
-        from ferdist.launch import preflight
+        from ferdist.launch import cluster, preflight
         from ferdist.launch import trainer as launch
         from ferdist.train import backbone_output
 
+        cluster.check(cluster.address())  # before any check that takes time or opens a run
         output = args.output or str(Path("pretrained") / cfg.name)
         cfg = preflight.with_absolute_paths(cfg)
         mine = backbone_output.owner(cfg.name, cfg.checkpoint.storage_path)
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{cfg.name}: {steps} steps/epoch × {cfg.loop.epochs} epochs on {cfg.workers.num_workers} "
                       f"{'GPU' if cfg.workers.use_gpu else 'CPU'} worker(s), masking {cfg.model.mask_ratio:.0%} of "
                       f"each face from {cfg.model.pretrained}")  # fmt: skip
-        import ray
-
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+        cluster.join(cluster.address())
         result = launch.fit(launch.build_trainer(cfg))
         if result.error is not None:
             raise result.error

@@ -50,16 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(parse_args(argv))
         console.print(Syntax(to_yaml(cfg), "yaml", theme="ansi_dark", background_color="default"))
-        from ferdist.launch import preflight
+        from ferdist.launch import cluster, preflight
         from ferdist.launch import trainer as launch
 
+        cluster.check(cluster.address())  # before any check that takes time or opens a run
         cfg, steps = preflight.prepare(cfg)
         console.print(f"{cfg.name}: {steps} steps/epoch × {cfg.loop.epochs} epochs on {cfg.workers.num_workers} "
                       f"{'GPU' if cfg.workers.use_gpu else 'CPU'} worker(s)")  # fmt: skip
-        import ray
-
         # Inside `ray job submit` (or with RAY_ADDRESS) this joins that cluster; otherwise Ray starts here.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+        cluster.join(cluster.address())
         result = launch.fit(launch.build_trainer(cfg))
         summary = launch.summarize(result, select_by=cfg.checkpoint.select_by)
         registration = track_result(cfg, result)

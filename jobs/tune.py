@@ -65,10 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         sweep = sweep_from_args(args)
-        from ferdist.launch import preflight
+        from ferdist.launch import cluster, preflight
         from ferdist.track import tracking
         from ferdist.tune import tuning
 
+        cluster.check(cluster.address())  # before any check that takes time or opens a run
         base, steps = preflight.prepare(sweep.base, sweep=True)
         path, filesystem = tuning.experiment_path(base)
         import ray.tune
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
         import ray
 
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+        cluster.join(cluster.address())
         concurrent = sweep.sweep.max_concurrent_trials or tuning.concurrent_trials(
             base, driver_cpus=sweep.sweep.driver_cpus, resources=ray.cluster_resources()
         )
