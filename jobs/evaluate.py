@@ -6,7 +6,8 @@
 --model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder or an s3://
 checkpoint. The results are printed, written to --out (confusion_matrix.png, class_report.md, evaluation.json)
 and logged to MLflow as a run of the experiment `ferdist-evaluation` tagged with the model version, whose
-registry entry gets `<split>_acc` / `<split>_macro_f1` tags (with `_tta` when --tta).
+registry entry gets `<split>_acc` / `<split>_macro_f1` tags (with `_tta` for --tta flip, `_tta_crops` for
+--tta crops).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="models:/fer-vitmae@champion", help="model URI or checkpoint folder")
     p.add_argument("--manifest", required=True, help="shard set (folder, s3:// prefix or manifest.json)")
     p.add_argument("--split", default="test", help="train, val or test (default: test = FER2013 PrivateTest)")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped face")
+    p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops",
+                   help="test-time augmentation, reported apart: flip (the face and its mirror averaged; a bare "
+                        "--tta) or crops (ten views: the four corners and the centre, 42 of 48 pixels square, each "
+                        "mirrored)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=None, help="folder for the PNG, Markdown and JSON results")
     p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     what = f"{ref.name} v{ref.version}" if ref.version else args.model
     synthetic = dataset.manifest.source.synthetic
     data = f"{'SYNTHETIC ' if synthetic else ''}{args.split}"  # never let drawn faces pass for FER2013
-    print_result(console, result, title=f"{what} on {data}" + (" (flip TTA)" if args.tta else ""))
+    print_result(console, result, title=f"{what} on {data}{result.tta_label}")
     if cfg.model.pretrained.startswith("random:"):
         console.print(f"(backbone {cfg.model.pretrained}: randomly initialised, not pretrained)")
     with tempfile.TemporaryDirectory(prefix="ferdist-eval-out-") as tmp:
@@ -108,11 +112,12 @@ def write_outputs(out: Path, result, *, title: str, model_uri: str, manifest: st
     from ferdist.track.reports import REPORT_MD, class_report_markdown, plot_confusion
 
     out.mkdir(parents=True, exist_ok=True)
-    label = f"{title}: {result.split}" + (" (flip TTA)" if result.tta else "")
+    label = f"{title}: {result.split}{result.tta_label}"
     (out / REPORT_MD).write_text(class_report_markdown(result.confusion, title=label))
     plot_confusion(result.confusion, out / "confusion_matrix.png", title=label)
     r = result.report
     summary = {"model": model_uri, "manifest": manifest, "split": result.split, "tta": result.tta,
+               "tta_mode": result.tta_mode,
                "accuracy": r.accuracy, "macro_f1": r.macro_f1, "precision": r.precision, "recall": r.recall,
                "f1": r.f1, "support": r.support, "confusion": result.confusion.tolist()}  # fmt: skip
     (out / "evaluation.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -133,7 +138,7 @@ def track(result, ref, files: list[Path], *, manifest: str, dataset, synthetic: 
     client = MlflowClient(tracking_uri(TrackingConfig()))
     experiment = client.get_experiment_by_name(EXPERIMENT)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
-    suffix = "_tta" if result.tta else ""
+    suffix = result.tta_suffix
     name = f"{ref.name} v{ref.version}" if ref.version else ref.uri
     tags = {"model_uri": ref.uri, **({"model_name": ref.name, "model_version": ref.version} if ref.version else {}),
             **({"source_run_id": ref.run_id} if ref.run_id else {})}  # fmt: skip
@@ -144,7 +149,8 @@ def track(result, ref, files: list[Path], *, manifest: str, dataset, synthetic: 
         metrics[f"{split}/recall{suffix}/{cls.lower()}"] = r.recall[i]
         metrics[f"{split}/f1{suffix}/{cls.lower()}"] = r.f1[i]
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
-                     params=[Param("manifest", manifest), Param("split", split), Param("tta", str(result.tta))],
+                     params=[Param("manifest", manifest), Param("split", split), Param("tta", str(result.tta)),
+                             Param("tta_mode", result.tta_mode)],
                      tags=[RunTag(k, str(v)) for k, v in tags.items()])  # fmt: skip
     client.log_inputs(run.info.run_id, datasets=[dataset_input(dataset_record(dataset), context="evaluation")])
     for f in files:
@@ -163,7 +169,7 @@ def update_card(client, ref, result, *, synthetic: bool = False) -> None:  # noq
     from ferdist.track.model_card import results_section
 
     data = f"{'SYNTHETIC ' if synthetic else ''}{result.split}"
-    heading = f"Results on {data}" + (" (flip TTA)" if result.tta else "")
+    heading = f"Results on {data}{result.tta_label}"
     card = client.get_model_version(ref.name, ref.version).description or ""
     if f"## {heading}\n" in card:  # re-evaluated: replace the old section
         before, _, after = card.partition(f"## {heading}\n")

@@ -58,7 +58,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--annotate", type=Path, default=None, help="folder for copies of the photos with boxes drawn")
     p.add_argument("--detect", choices=DETECT_MODES, default="auto", help="search images for faces (see above)")
     p.add_argument("--no-detect", dest="detect", action="store_const", const="off", help="same as --detect off")
-    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped face")
+    p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops",
+                   help="test-time augmentation, reported apart: flip (the face and its mirror averaged; a bare "
+                        "--tta) or crops (ten views: the four corners and the centre, 42 of 48 pixels square, each "
+                        "mirrored)")  # fmt: skip
     p.add_argument("--batch-size", type=positive, default=256)
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// --model (default: AWS_ENDPOINT_URL)")
     return p.parse_args(argv)

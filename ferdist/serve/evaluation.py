@@ -25,6 +25,19 @@ class Evaluation:
     """``[7, 7]`` counts, rows = true class."""
     report: ClassReport
     tta: bool
+    """Whether test-time augmentation was on (`tta_mode` says which; its numbers are reported apart)."""
+    tta_mode: str = "none"
+
+    @property
+    def tta_label(self) -> str:
+        """`` (flip TTA)`` / `` (ten-crop TTA)`` for titles, empty without TTA."""
+        return {"none": "", "flip": " (flip TTA)", "crops": " (ten-crop TTA)"}[self.tta_mode]
+
+    @property
+    def tta_suffix(self) -> str:
+        """The suffix of this evaluation's metric and tag names: ``_tta`` (flip, as before the modes) or
+        ``_tta_crops``."""
+        return {"none": "", "flip": "_tta", "crops": "_tta_crops"}[self.tta_mode]
 
 
 def evaluate_split(predictor: Predictor, dataset: ShardedDataset, split: str, *, batch_size: int = 256) -> Evaluation:
@@ -42,4 +55,4 @@ def evaluate_split(predictor: Predictor, dataset: ShardedDataset, split: str, *,
         np.add.at(confusion, (batch["label"].numpy(), predicted), 1)
     if confusion.sum() != expected:
         raise FerdistError(f"read {confusion.sum()} samples of '{split}', the manifest lists {expected}")
-    return Evaluation(split, confusion, report_from_confusion(confusion), predictor.tta)
+    return Evaluation(split, confusion, report_from_confusion(confusion), predictor.tta, predictor.tta_mode)

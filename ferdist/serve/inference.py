@@ -11,20 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from ferdist.constants import FACE_SIDE, FER_CLASSES
 from ferdist.data.images import to_pixels
-from ferdist.data.transforms import eval_transform
+from ferdist.data.transforms import eval_transform, to_model_input
 from ferdist.errors import FerdistError
 from ferdist.serve.faces import HAAR, Box, DetectMode, Detector, resize_face
 from ferdist.train.model import FerClassifier
 
 if TYPE_CHECKING:
     import pandas as pd
+
 
 def to_face(image: Any, *, name: str = "image") -> np.ndarray:
     """uint8 ``[48, 48]``: the whole of ``image`` (see `to_pixels`) as one face, resized bilinearly with
@@ -41,34 +42,77 @@ def read_image(path: Path) -> np.ndarray:
     return to_pixels(data, name=str(path))
 
 
+TTAMode = Literal["none", "flip", "crops"]
+"""Test-time augmentation: ``none``; ``flip``, the face and its mirror image averaged; ``crops``, ten views averaged
+(the four corners and the centre, 42 of the face's 48 pixels square, each also mirrored: the ten-crop of the published
+FER2013 results). Always reported apart from the plain number, and never used to pick an epoch, a trial or the champion."""
+
+TTA_MODES: tuple[str, ...] = get_args(TTAMode)
+CROP_SIDE = 42 / FACE_SIDE
+"""The side of each `crops` view as a fraction of the face's: whole pixels (42 of 48), so each view is an exact crop
+of the face, then resized to the model's input like the face itself."""
+
+
+def check_tta(mode: str | bool) -> TTAMode:
+    """``mode`` as a `TTAMode` (True is ``flip`` and False ``none``, as the ``tta`` flag was before the modes)."""
+    if isinstance(mode, bool):
+        return "flip" if mode else "none"
+    if mode not in TTA_MODES:
+        raise FerdistError(f"unknown TTA mode {mode!r}; use one of {', '.join(TTA_MODES)}")
+    return mode  # type: ignore[return-value]
+
+
+def view_thetas(mode: TTAMode) -> torch.Tensor | None:
+    """The affine views ``[V, 2, 3]`` (output to input coordinates in [-1, 1], as `to_model_input` takes) whose
+    probabilities `Predictor` averages; None for the plain face alone."""
+    if mode == "none":
+        return None
+    if mode == "flip":
+        return torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    side, edge = CROP_SIDE, 1.0 - CROP_SIDE  # a crop centred at ±edge touches the face's border
+    centres = [(0.0, 0.0), (-edge, -edge), (edge, -edge), (-edge, edge), (edge, edge)]
+    return torch.tensor([[[side * mirror, 0.0, cx], [0.0, side, cy]] for cx, cy in centres for mirror in (1.0, -1.0)])
+
+
 class Predictor:
     """Batched class probabilities from a trained classifier, on its device (bf16 autocast on CUDA)."""
 
-    def __init__(self, model: FerClassifier, *, image_size: int, batch_size: int = 256, tta: bool = False) -> None:
+    def __init__(
+        self, model: FerClassifier, *, image_size: int, batch_size: int = 256, tta: TTAMode | bool = "none"
+    ) -> None:
         self.model = model.eval()
         self.image_size = image_size
         self.batch_size = batch_size
-        self.tta = tta
-        """Also classify each face mirrored and average the two probability vectors (horizontal-flip TTA)."""
+        self.tta_mode: TTAMode = check_tta(tta)
+        """Test-time augmentation (`TTAMode`)."""
+        self.views = view_thetas(self.tta_mode)
         self.device = next(model.parameters()).device
+
+    @property
+    def tta(self) -> bool:
+        """Whether any test-time augmentation is on (`tta_mode` says which)."""
+        return self.tta_mode != "none"
 
     @torch.no_grad()
     def probabilities(self, faces: np.ndarray | Sequence[np.ndarray] | torch.Tensor) -> np.ndarray:
-        """``[N, 7]`` float32 softmax probabilities for uint8 faces ``[N, 48, 48]``."""
+        """``[N, 7]`` float32 softmax probabilities for uint8 faces ``[N, 48, 48]`` (averaged over the TTA views)."""
         if not isinstance(faces, torch.Tensor):
             faces = torch.from_numpy(np.asarray(faces, dtype=np.uint8).reshape(-1, FACE_SIDE, FACE_SIDE))
         out = []
         for start in range(0, len(faces), self.batch_size):
             chunk = faces[start : start + self.batch_size].unsqueeze(1).to(self.device)
-            probs = self._softmax(chunk)
-            if self.tta:
-                probs = (probs + self._softmax(torch.flip(chunk, dims=[-1]))) / 2
+            if self.views is None:
+                probs = self._softmax(eval_transform(chunk, image_size=self.image_size))
+            else:
+                probs = torch.stack([self._softmax(to_model_input(chunk, image_size=self.image_size,
+                                                                  theta=view.expand(len(chunk), 2, 3)))
+                                     for view in self.views]).mean(dim=0)  # fmt: skip
             out.append(probs.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(FER_CLASSES)), dtype=np.float32)
 
-    def _softmax(self, chunk: torch.Tensor) -> torch.Tensor:
+    def _softmax(self, inputs: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.model(eval_transform(chunk, image_size=self.image_size))
+            logits = self.model(inputs)
         return torch.softmax(logits.float(), dim=1)
 
 

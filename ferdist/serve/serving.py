@@ -2,9 +2,10 @@
 
 Input: a DataFrame whose ``image`` column holds encoded images (PNG, JPEG, … any size, grey or colour; base64 text in
 JSON), a uint8 array ``[N, H, W]`` or ``[N, H, W, 3]``, or a list of either. Output:
-`ferdist.serve.inference.classify`'s
-table, one row per face. The inference param ``detect`` (``auto`` by default, ``on``, ``off``) says whether images
-are searched for faces (`ferdist.serve.faces.DETECT_MODES`).
+`ferdist.serve.inference.classify`'s table, one row per face. The inference param ``detect`` (``auto`` by default,
+``on``, ``off``) says whether images are searched for faces (`ferdist.serve.faces.DETECT_MODES`); ``tta`` (``none``
+by default, ``flip``, ``crops``) averages each face's probabilities over test-time views
+(`ferdist.serve.inference.TTAMode`).
 
 The model declares no input schema on purpose: MLflow would enforce one column type and refuse arrays with a
 message that prints the whole input. The input is checked here instead, row by row: an unreadable image gets its
@@ -61,6 +62,19 @@ class FerModel(mlflow.pyfunc.PythonModel):
 
         model, cfg = load_classifier(Path(context.artifacts["checkpoint"]))
         self.predictor = Predictor(model, image_size=cfg.model.image_size)
+        self.with_tta: dict[str, Predictor] = {}  # the same model, per TTA mode asked for
+
+    def predictor_for(self, tta: str) -> Any:
+        from ferdist.serve.inference import Predictor, check_tta
+
+        mode = check_tta(tta)
+        if mode == "none":
+            return self.predictor
+        if mode not in self.with_tta:
+            base = self.predictor
+            self.with_tta[mode] = Predictor(base.model, image_size=base.image_size, batch_size=base.batch_size,
+                                            tta=mode)  # fmt: skip
+        return self.with_tta[mode]
 
     # No type hints here: MLflow would read them as a second, conflicting input schema.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
@@ -68,10 +82,11 @@ class FerModel(mlflow.pyfunc.PythonModel):
 
         detect = (params or {}).get("detect", "auto")
         try:
+            predictor = self.predictor_for((params or {}).get("tta", "none"))
             images = images_from_input(model_input)
             if not images:
                 raise FerdistError("the request holds no images; send at least one in 'image'")
-            table = classify(self.predictor, images, detect=detect)
+            table = classify(predictor, images, detect=detect)
         except FerdistError as exn:
             raise RequestError(str(exn)) from None
         failed = table["error"] != ""
@@ -87,7 +102,8 @@ class FerModel(mlflow.pyfunc.PythonModel):
 
 
 def signature_and_example() -> tuple[Any, Any]:
-    """No input schema (see the module docstring); the output columns, and ``detect`` as an inference param."""
+    """No input schema (see the module docstring); the output columns, and ``detect`` and ``tta`` as inference
+    params."""
     import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
@@ -98,7 +114,7 @@ def signature_and_example() -> tuple[Any, Any]:
     types = {"image": "long", "face": "long", "x": "long", "y": "long", "w": "long", "h": "long", "label": "string",
              "error": "string"}  # fmt: skip
     outputs = Schema([ColSpec(types.get(c, "double"), c) for c in COLUMNS])
-    params = ParamSchema([ParamSpec("detect", "string", "auto")])
+    params = ParamSchema([ParamSpec("detect", "string", "auto"), ParamSpec("tta", "string", "none")])
     face = np.tile(np.linspace(0, 255, FACE_SIDE, dtype=np.uint8), (FACE_SIDE, 1))  # a grey ramp, 48×48
     png = io.BytesIO()
     Image.fromarray(face).save(png, format="PNG")
