@@ -159,7 +159,7 @@ class PeerPredictor:
     scores it on
     the same rows, through the same loader, as a ferdist model."""
 
-    tta = False
+    tta, tta_mode = False, "none"
 
     def __init__(self, model: MiniXception, *, batch_size: int = 256) -> None:
         self.model, self.batch_size = model.eval(), batch_size
