@@ -10,6 +10,7 @@
     python jobs/benchmark.py recipe --gpu             # the GPU recipe: ViT-MAE base at 224 (or --image-size 112)
     python jobs/benchmark.py cycle --json jobs/benchmark-results/cycle.json   # checkpoint cost per epoch vs a GPU's
     python jobs/benchmark.py pretrain --json jobs/benchmark-results/pretrain-cpu.json  # MAE pretraining vs scratch
+    python jobs/benchmark.py accuracy --json jobs/benchmark-results/accuracy-cpu.json  # the plan of recipes (--resume)
 
 The measuring code lives in ``ferdist/bench/`` (a module per benchmark); this script is its command line.
 
@@ -44,6 +45,11 @@ through the same loader and harness, with each model's images/s. PrivateTest nev
 ``jobs/train.py``, and compares with the same fine-tune from random weights for the same epochs and for the same
 total wall time; PublicTest picks each run's epoch, PrivateTest scores it; see ``ferdist/bench/pretrain.py``.
 
+``accuracy`` runs a plan of recipes (``jobs/configs/accuracy-cpu.yaml``: MAE pretraining, then one fine-tune per
+row: the baseline, an ablation per capability at equal epochs, the final recipe, with a teacher) with the jobs a user
+runs, and scores each row's best-by-PublicTest model on PrivateTest, with each TTA mode as a row beside it, the peer
+and the majority class; resumable inside a stage (``--resume``); see ``ferdist/bench/accuracy.py``.
+
 ``data`` measures, on the same faces: the sharding job (validate → PNG → tar → manifest), the shard reader in
 samples/s per loader process (in-process, and through a DataLoader with 1 and 2 worker processes) from a local
 folder and from an S3 server on 127.0.0.1 (moto, over HTTP), and the naive baseline the original notebook used:
@@ -59,7 +65,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ferdist.bench import cycle, pretrain  # noqa: E402
+from ferdist.bench import accuracy, cycle, pretrain  # noqa: E402
 from ferdist.bench import results as bench_results  # noqa: E402
 from ferdist.bench.data import bench_data  # noqa: E402
 from ferdist.bench.infer import bench_infer  # noqa: E402
@@ -111,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--json", type=Path, help="also write the results here")
     pre = sub.add_parser("pretrain", help="real FER2013: MAE-pretrain, fine-tune, and compare with from scratch")
     pretrain.add_arguments(pre, REAL_FER2013)
+    acc = sub.add_parser("accuracy", help="real FER2013: a plan of recipes, each scored on PrivateTest, resumable")
+    accuracy.add_arguments(acc)
     cyc = sub.add_parser("cycle", help="what checkpointing blocks the loop per epoch, before and after, vs a GPU epoch")
     cyc.add_argument("--epochs", type=int, default=10, help="simulated epochs per policy and storage (default 10)")
     cyc.add_argument("--epoch-s", type=float, default=6.5, help="simulated GPU seconds per epoch (6.5: one H100)")
@@ -123,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = job_console()
     bench = {"data": bench_data, "train": bench_train, "tune": bench_tune, "infer": bench_infer,
-             "recipe": bench_recipe, "cycle": cycle.run, "pretrain": pretrain.bench_pretrain}[args.what]  # fmt: skip
+             "recipe": bench_recipe, "cycle": cycle.run, "pretrain": pretrain.bench_pretrain,
+             "accuracy": accuracy.bench_accuracy}[args.what]  # fmt: skip
     try:
         results = bench(args, console)
     except FerdistError as exn:

