@@ -256,7 +256,9 @@ class _ShardStream(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def _my_shards(self) -> Iterator[tuple[str, int]]:
+    def _my_shards(self) -> Iterator[tuple[str, int] | None]:
+        """This loader worker's shards and their sample counts; in training, cycled, with one None where the
+        worker's first pass over the shards it holds ends (`FIRST_PASS_END`)."""
         counts = self.counts
         mine = shards_for(
             list(counts),
@@ -270,14 +272,21 @@ class _ShardStream(IterableDataset):
         # Training cycles so every rank fills its quota of batches whatever its share of shards; evaluation reads
         # each shard once.
         seq = itertools.cycle(mine) if self.training else iter(mine)
-        for url in itertools.islice(seq, worker, None, workers):
+        held = len(mine[worker::workers])
+        for i, url in enumerate(itertools.islice(seq, worker, None, workers)):
+            if self.training and i == held:
+                yield FIRST_PASS_END
             yield url, counts[url]
 
     def _decoded_shards(self) -> Iterator[DecodedShard]:
         guard = _BadSampleGuard(self.cfg.max_bad_samples)
         refs = {ref.uri: ref for ref in self.selection.shards}
         damaged: set[str] = set()
-        for url, expected in self._my_shards():
+        for item in self._my_shards():
+            if item is FIRST_PASS_END:
+                yield FIRST_PASS_END
+                continue
+            url, expected = item
             reasons: list[str] = []
             try:
                 data = storage.read_bytes(url, endpoint_url=self.selection.endpoint_url,
@@ -337,6 +346,10 @@ class _ShardStream(IterableDataset):
         return iter(pipeline)
 
 
+FIRST_PASS_END = None
+"""In a training worker's stream of shards: its first pass over the shards it holds ends here (what follows is
+re-read to fill its quota)."""
+
 _ERROR_KEY = "ferdist_error"
 
 
@@ -379,7 +392,7 @@ def worker_batches(available: Sequence[int], *, steps: int, batch_size: int) -> 
 
 
 def batches(
-    shards: Iterable[DecodedShard],
+    shards: Iterable[DecodedShard | None],
     *,
     batch_size: int,
     buffer: int,
@@ -417,10 +430,17 @@ def batches(
         yield as_batch(leftover)
 
 
-def _blocks(shards: Iterable[DecodedShard], *, min_size: int) -> Iterator[DecodedShard]:
-    """Consecutive shards joined into blocks of at least ``min_size`` samples (the last may be smaller)."""
+def _blocks(shards: Iterable[DecodedShard | None], *, min_size: int) -> Iterator[DecodedShard]:
+    """Consecutive shards joined into blocks of at least ``min_size`` samples (the last may be smaller). A block
+    ends early at `FIRST_PASS_END`: shuffled with re-read samples, a worker's unread ones could be pushed past its
+    quota and never seen, while re-read ones take their place."""
     pending: list[DecodedShard] = []
     for shard in shards:
+        if shard is FIRST_PASS_END:
+            if pending:
+                yield _concat(pending)
+                pending = []
+            continue
         pending.append(shard)
         if sum(len(p) for p in pending) >= min_size:
             yield _concat(pending)

@@ -63,14 +63,27 @@ def test_evaluation_labels_match_the_source(synth_shards: Path, synth_csv: Path)
         assert batch["image"].dtype.is_floating_point is False and batch["image"].shape[1:] == (1, 48, 48)
 
 
+# The loader's contract (ferdist/data/loader.py): every rank yields exactly steps_per_epoch full batches; ranks read
+# disjoint shards, so no sample reaches two ranks; a loader worker reads each of its own shards once and wraps around
+# only for the batches its quota (worker_batches) has beyond its samples, repeating exactly that many samples (the
+# shuffled leftovers go first). So an epoch repeats sum(max(0, quota - held)) samples over all workers, no more.
+# With a shuffle buffer larger than a shard (64 here, 16 a shard), a worker's last block of its first pass used to
+# be filled with re-read shards before it was shuffled, so re-read samples displaced unread ones (51 repeats instead
+# of 6 for 3 ranks x 2 workers, batch 10): the buffer=64 cases catch that.
+@pytest.mark.parametrize("buffer", [1, 64])
 @pytest.mark.parametrize(("world_size", "workers", "batch"), [(1, 0, 16), (2, 2, 16), (3, 2, 10), (4, 1, 8)])
 def test_training_gives_every_rank_the_same_full_batches(
-    synth_shards: Path, world_size: int, workers: int, batch: int
+    synth_shards: Path, world_size: int, workers: int, batch: int, buffer: int
 ) -> None:
+    """Catches repeats beyond what a worker's quota needs (e.g. leftovers not going first, or a worker wrapping
+    around while it still holds unread samples), samples shared by two ranks, and ranks with unequal steps."""
+    from ferdist.data.loader import worker_batches
+
     ds = open_dataset(str(synth_shards))
-    cfg = DataConfig(loader_workers=workers, shuffle_buffer=64)
+    cfg = DataConfig(loader_workers=workers, shuffle_buffer=buffer)
     steps = steps_per_epoch(280, batch_size=batch, world_size=world_size)
-    per_rank = []
+    counts = {ref.uri: ref.samples for ref in ds.select("train").shards}
+    per_rank, must_repeat = [], 0
     for rank in range(world_size):
         batches = list(
             build_loader(
@@ -79,10 +92,18 @@ def test_training_gives_every_rank_the_same_full_batches(
         )
         assert all(len(b["label"]) == batch for b in batches)
         per_rank.append([r for b in batches for r in b["row"].tolist()])
+        mine = shards_for(list(counts), rank=rank, world_size=world_size, epoch=2, seed=5, shuffle=True)
+        held = [sum(counts[u] for u in mine[w :: max(workers, 1)]) for w in range(max(workers, 1))]
+        quota = [n * batch for n in worker_batches(held, steps=steps, batch_size=batch)]
+        must_repeat += sum(max(0, q - h) for q, h in zip(quota, held, strict=True))
     assert [len(p) // batch for p in per_rank] == [steps] * world_size
+    for a in range(world_size):  # no sample reaches two ranks
+        for b in range(a + 1, world_size):
+            assert not set(per_rank[a]) & set(per_rank[b])
     seen = sum(per_rank, [])
-    # Each sample at most once per epoch, except the few a loader worker re-reads to fill its last batch.
-    assert len(seen) - len(set(seen)) < world_size * max(workers, 1) * batch
+    assert must_repeat < 10 and len(seen) == steps * batch * world_size
+    assert len(seen) - len(set(seen)) == must_repeat  # repeats: only what quotas beyond the samples held need
+    assert len(set(seen)) == len(seen) - must_repeat <= 280
 
 
 @pytest.mark.parametrize(

@@ -88,9 +88,17 @@ def test_s3_roundtrip_and_resume(synth_csv: Path, object_store: tuple[str, str])
     client = boto3.client("s3", endpoint_url=endpoint)
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="fer/synth/")["Contents"])
     assert keys[0] == "fer/synth/manifest.json" and len(keys) == 1 + 9 + 2 + 2
-    assert _read_all(uri, "val", endpoint) == _read_all(uri, "val", endpoint)  # stable
-    local = _read_all(str(_local_copy(synth_csv, 32)), "val")
-    assert _read_all(uri, "val", endpoint) == local and len(local) == 35
+    # Catches a read that returns something other than what was written (the old check compared a read with
+    # itself): every shard in the bucket is byte for byte the tar the sharder writes locally, and the val samples
+    # read back are exactly the CSV's PublicTest rows with their labels.
+    local_dir = _local_copy(synth_csv, 32)
+    for key in keys[1:]:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert body == (local_dir / key.removeprefix("fer/synth/")).read_bytes(), key
+    data_lines = synth_csv.read_text().splitlines()[1:]
+    written = [(row, int(line.split(",")[0])) for row, line in enumerate(data_lines) if line.endswith(",PublicTest")]
+    local = _read_all(str(local_dir), "val")
+    assert _read_all(uri, "val", endpoint) == written == local and len(written) == 35
 
     # Interrupted upload: manifest and two shards never arrived. Re-running uploads exactly those.
     client.delete_object(Bucket=bucket, Key="fer/synth/manifest.json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ferdist.config import AugmentConfig
 from ferdist.constants import IMAGENET_MEAN, IMAGENET_STD
@@ -28,11 +29,18 @@ def test_eval_at_native_size_keeps_every_pixel_and_normalises_per_channel() -> N
 
 
 def test_resize_to_224() -> None:
-    flat = torch.full((2, 1, 48, 48), 128, dtype=torch.uint8)
-    out = eval_transform(flat, image_size=224)
+    """Catches a resize that flips, shifts, transposes or interpolates otherwise (a flat grey image hid all of them):
+    an asymmetric face goes through as torch's own bilinear interpolate resizes it."""
+    rows, cols = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
+    gradient = (rows * 4 + cols).clamp(max=255)  # brighter down than right: a transpose or flip shows
+    pattern = torch.where((rows < 12) & (cols < 20), 255, (cols * 5) % 256)  # a bright block in the top-left corner
+    images = torch.stack([gradient, pattern]).to(torch.uint8)[:, None]
+    out = eval_transform(images, image_size=224)
     assert out.shape == (2, 3, 224, 224)
-    expected = (128 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(out.mean(dim=(0, 2, 3)), expected, atol=1e-5)
+    expected = F.interpolate(images.float() / 255, size=(224, 224), mode="bilinear", align_corners=False)
+    for c in range(3):
+        torch.testing.assert_close(unnormalise(out)[:, c] / 255, expected[:, 0], rtol=0, atol=1e-4)
+    assert not torch.allclose(expected, expected.flip(-1), atol=0.05)  # the image is asymmetric enough to tell
 
 
 def test_flip_only_mirrors_exactly() -> None:

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ferdist.config import load_config
+from ferdist.config import DataConfig, load_config
 from ferdist.data.loader import build_loader, open_dataset
+from ferdist.serve.inference import Predictor
 from ferdist.train.checkpoint import load_classifier
 from ferdist.train.loop import LocalSession, evaluate, run_training
 
@@ -48,6 +49,34 @@ def test_evaluate_matches_the_training_loops_evaluation(
                      "--out", str(tmp_path / "t")]) == 0  # fmt: skip
     tta = json.loads((tmp_path / "t" / "evaluation.json").read_text())
     assert tta["tta"] is True and sum(tta["support"]) == 35 and 0.0 <= tta["accuracy"] <= 1.0
+    # The TTA confusion is the one of the face's and its mirror's probabilities averaged, each computed on its own
+    # (catches --tta being ignored by Predictor.probabilities when the two differ on a face).
+    faces, labels = val_faces(synth_shards)
+    plain = Predictor(model, image_size=cfg.model.image_size)
+    averaged = (plain.probabilities(faces) + plain.probabilities(faces[:, :, ::-1].copy())) / 2
+    expected_tta = np.zeros((7, 7), dtype=np.int64)
+    np.add.at(expected_tta, (labels, averaged.argmax(axis=1)), 1)
+    assert tta["confusion"] == expected_tta.tolist()
+
+
+def val_faces(shards: Path) -> tuple[np.ndarray, np.ndarray]:
+    loader = build_loader(open_dataset(str(shards)), "val", DataConfig(manifest=str(shards), loader_workers=0),
+                          batch_size=64, training=False)  # fmt: skip
+    batches = list(loader)
+    return (torch.cat([b["image"][:, 0] for b in batches]).numpy(), torch.cat([b["label"] for b in batches]).numpy())
+
+
+def test_tta_probabilities_average_the_face_and_its_mirror(checkpoint: Path, synth_shards: Path) -> None:
+    """Catches TTA ignored by Predictor.probabilities: with tta=True the probabilities must be the mean of the face's
+    and its mirror image's, computed independently, and differ from the face's alone."""
+    model, cfg = load_classifier(checkpoint)
+    faces, _ = val_faces(synth_shards)
+    plain = Predictor(model, image_size=cfg.model.image_size, batch_size=16)
+    alone, mirrored = plain.probabilities(faces), plain.probabilities(np.ascontiguousarray(faces[:, :, ::-1]))
+    with_tta = Predictor(model, image_size=cfg.model.image_size, batch_size=16, tta=True).probabilities(faces)
+    assert np.abs(alone - mirrored).max() > 1e-3  # the mirror changes this model's answer, so TTA must show
+    np.testing.assert_allclose(with_tta, (alone + mirrored) / 2, rtol=0, atol=1e-6)
+    assert np.abs(with_tta - alone).max() > 5e-4
 
 
 def test_evaluate_bad_input_is_one_sentence(

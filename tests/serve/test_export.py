@@ -4,6 +4,7 @@ metadata what to feed it, and bad input (or a file that fails the check) replace
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,6 +67,51 @@ def test_a_file_that_fails_the_check_replaces_nothing(
     err = capsys.readouterr().err
     assert "differ from PyTorch's by up to 5.00e-01" in err and "Traceback" not in err, err
     assert out.read_bytes() == b"the good export" and [p.name for p in tmp_path.iterdir()] == ["fer.onnx"]
+
+
+def test_a_real_export_that_computes_something_else_is_measured_and_refused(
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches check_onnx not measuring (e.g. always returning 0.0, the export's safety check disabled): a real export
+    whose head bias is shifted inside the file must be measured as far off as ONNX Runtime shows, and refused."""
+    import export as job
+    import onnx
+    from onnx import numpy_helper
+
+    real_export = export.export_onnx
+
+    def shifted_export(model, path: Path, **kw) -> None:  # noqa: ANN001
+        real_export(model, path, **kw)
+        graph = onnx.load(str(path))
+        (bias,) = [t for t in graph.graph.initializer if t.name.endswith("head.bias")]
+        values = numpy_helper.to_array(bias).copy()
+        values[3] += 3.0  # Happy's logit: the probabilities move a lot, the graph still runs
+        bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+        onnx.save(graph, str(path))
+
+    model, cfg = load_classifier(tiny_checkpoint)
+    shifted = tmp_path / "shifted.onnx"
+    shifted_export(model, shifted, image_size=cfg.model.image_size, metadata={"input": "faces", "output": "p"},
+                   opset=export.DEFAULT_OPSET)  # fmt: skip
+    faces = export.check_faces(export.CHECK_FACES)
+    session = ort.InferenceSession(str(shifted), providers=["CPUExecutionProvider"])
+    expected = Predictor(model, image_size=cfg.model.image_size).probabilities(faces)
+    off_by = float(np.abs(session.run(["probabilities"], {"faces": faces})[0] - expected).max())
+    assert off_by > 0.1  # measured here without check_onnx
+    assert export.check_onnx(shifted, model, image_size=cfg.model.image_size) == pytest.approx(off_by, abs=1e-6)
+
+    out = tmp_path / "fer.onnx"
+    out.write_bytes(b"the good export")
+    monkeypatch.setattr(export, "export_onnx", shifted_export)  # the real export, then the file changed; real check
+    assert job.main(["--model", str(tiny_checkpoint), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err
+    reported = re.search(r"differ from PyTorch's by up to ([0-9.e+-]+) ", err)
+    assert reported and float(reported[1]) == pytest.approx(off_by, rel=0.01) and "Traceback" not in err, err
+    assert out.read_bytes() == b"the good export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fer.onnx", "shifted.onnx"]
 
 
 def test_bad_input_is_one_sentence_and_overwrites_nothing(

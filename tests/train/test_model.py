@@ -67,7 +67,18 @@ def test_masking_is_off_every_patch_kept_and_outputs_deterministic() -> None:
 
 
 def test_mean_pooling_and_model_overfits_one_batch() -> None:
+    """Catches model.pooling=mean silently using the CLS token: the logits must be the head of the mean of the patch
+    tokens of the backbone's own (Hugging Face) forward pass, not of its CLS token."""
     torch.manual_seed(0)
+    reference = build_model(tiny_cfg(pooling="mean", freeze_blocks=0), seed=0).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        tokens = reference.backbone(pixel_values=x, noise=torch.arange(16).expand(4, -1)).last_hidden_state
+        assert tokens.shape == (4, 17, reference.backbone.config.hidden_size)  # CLS + 16 patches, none masked
+        by_mean, by_cls = reference.head(tokens[:, 1:].mean(dim=1)), reference.head(tokens[:, 0])
+        logits = reference(x)
+    torch.testing.assert_close(logits, by_mean, rtol=1e-5, atol=1e-6)
+    assert (logits - by_cls).abs().max() > 1e-3
     model = build_model(tiny_cfg(pooling="mean", freeze_blocks=0), seed=0).train()
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 7
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -103,6 +114,42 @@ def test_other_image_sizes_interpolate_position_embeddings(tmp_path: Path) -> No
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 48, 48))
     assert lengths == [(48 // 8) ** 2 + 1] and torch.isfinite(logits).all()
+
+
+def _embedded(model: torch.nn.Module, size: int) -> torch.Tensor:
+    """The tokens the embeddings hand to the first block for a black image: the patch projection's bias plus the
+    position embedding of every patch, and the CLS token plus its own."""
+    out = []
+    handle = model.backbone.embeddings.register_forward_hook(lambda _m, _i, o: out.append(o[0]))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    handle.remove()
+    return out[0][0]
+
+
+def test_interpolated_position_embeddings_keep_the_checkpoints_values(tmp_path: Path) -> None:
+    """Catches the position embeddings being lost, re-drawn or resized wrongly when a 32-px checkpoint runs at 48 px:
+    same grid is the identity, the CLS embedding is kept, the patch grid is the checkpoint's, resized bicubically."""
+    torch.manual_seed(1)
+    full = ViTMAEForPreTraining(random_backbone_config("tiny", image_size=32))
+    with torch.no_grad():  # transformers 5 leaves them at zero (see with_position_embeddings): give them values
+        full.vit.embeddings.position_embeddings.normal_()
+    full.save_pretrained(tmp_path / "mae")
+    saved = full.vit.embeddings.position_embeddings.detach()[0]  # [1 + 16, dim], a 4x4 grid of patches
+    cls = full.vit.embeddings.cls_token.detach()[0, 0]
+    bias = full.vit.embeddings.patch_embeddings.projection.bias.detach()
+    dim = saved.shape[1]
+
+    same = _embedded(build_model(ModelConfig(pretrained=str(tmp_path / "mae"), image_size=32), seed=0).eval(), 32)
+    torch.testing.assert_close(same[0], cls + saved[0])
+    torch.testing.assert_close(same[1:], bias + saved[1:])  # the same grid: the checkpoint's values as they are
+
+    bigger = _embedded(build_model(ModelConfig(pretrained=str(tmp_path / "mae"), image_size=48), seed=0).eval(), 48)
+    grid = saved[1:].reshape(1, 4, 4, dim).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(36, dim)
+    assert bigger.shape == (37, dim)
+    torch.testing.assert_close(bigger[0], cls + saved[0])  # the CLS position embedding is not interpolated
+    torch.testing.assert_close(bigger[1:], bias + resized, rtol=1e-5, atol=1e-5)
 
 
 def test_loads_from_an_s3_prefix(tmp_path: Path, s3: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -208,14 +208,56 @@ def test_an_output_that_holds_something_else_is_refused_and_left_as_it_was(
 
 
 def test_take_resume_holds_encoder_decoder_optimizer_and_progress(synth_shards: Path, tmp_path: Path) -> None:
+    """Catches resume state that loses or shares the optimizer's moments, the scheduler or weights: after a real
+    step, the snapshot holds copies of every tensor, and a model restored from it takes the same next step."""
+    from ferdist.train.checkpoint import write_snapshot
+    from ferdist.train.pretraining import restore
+
     cfg = tiny_pretrain(synth_shards, "loop.epochs=1", "model.pictures_every=0")
     state = run_pretraining(cfg, LocalSession(tmp_path / "run"))
-    mae = build_pretraining_model(cfg.model, seed=0)
-    opt = torch.optim.AdamW(mae.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def step(model: torch.nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+        torch.manual_seed(1)  # the same mask for both runs
+        opt.zero_grad()
+        model(pixel_values=x).loss.backward()
+        opt.step()
+        sched.step()
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        mae = build_pretraining_model(cfg.model, seed=0)
+        opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+        return mae, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
+
+    mae, opt, sched = fresh()
+    step(mae, opt, sched)
     snap = take_resume(mae, cfg=cfg, state=state, optimizer=opt, scheduler=sched)
     assert snap.epoch == 1 and snap.train_state is not None and snap.train_state["epochs_done"] == 1
-    assert set(snap.weights) == set(mae.state_dict()) and snap.backbone["mask_ratio"] == 0.75
+    assert snap.backbone["mask_ratio"] == 0.75
+    live = mae.state_dict()
+    assert set(snap.weights) == set(live) and all(torch.equal(snap.weights[k], live[k]) for k in live)
+    saved_opt, live_opt = snap.train_state["optimizer"], opt.state_dict()
+    assert saved_opt["state"].keys() == live_opt["state"].keys() and len(live_opt["state"]) > 0
+    assert any(moments["exp_avg"].abs().sum() > 0 for moments in live_opt["state"].values())
+    for k, moments in live_opt["state"].items():  # step, exp_avg, exp_avg_sq after the real step
+        for name, value in moments.items():
+            assert torch.equal(saved_opt["state"][k][name], value), (k, name)
+    assert saved_opt["param_groups"][0]["lr"] == live_opt["param_groups"][0]["lr"] == 0.5e-3
+    assert snap.train_state["scheduler"]["last_epoch"] == 1
+
+    write_snapshot(snap, tmp_path / "resume")
+    step(mae, opt, sched)  # training goes on while the snapshot is written: the snapshot must not follow
+    assert not torch.equal(
+        snap.train_state["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
+
+    again, again_opt, again_sched = fresh()
+    assert restore(tmp_path / "resume", raw_model=again, optimizer=again_opt, scheduler=again_sched).epochs_done == 1
+    step(again, again_opt, again_sched)  # the restored model takes the very step the original took
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in mae.state_dict().items())
+    for k, moments in opt.state_dict()["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(again_opt.state_dict()["state"][k][name], value), (k, name)
 
 
 # --------------------------------------------------------------------------- the real job under Ray
