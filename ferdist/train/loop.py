@@ -4,12 +4,14 @@ Order: build → restore → for each epoch: train steps (forward, backward, cli
 checkpoint + report. The framework surface is a `Session` (rank, device, DDP wrapping, checkpoint in/out):
 `RaySession` inside Ray Train, `LocalSession` for one process without Ray (tests, the no-Ray benchmark baseline).
 
-Determinism: model init, data order, augmentation and dropout are seeded from (seed, epoch, rank), and checkpoints
-are taken at epoch ends, so a run resumed from epoch k's checkpoint continues exactly as if it was never stopped.
+Determinism: model init, data order, augmentation (mixing included), dropout and drop path are seeded from (seed,
+epoch, rank), and checkpoints are taken at epoch ends (with the EMA of the weights, and the frozen prefix a function of
+the epoch), so a run resumed from epoch k's checkpoint continues exactly as if it was never stopped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -28,13 +30,15 @@ from torch import nn
 from ferdist.config import RunConfig, from_flat_dict, redacted, to_flat_dict
 from ferdist.constants import FER_CLASSES
 from ferdist.data.loader import ShardedDataset, build_loader, dataset_record, open_dataset, steps_per_epoch
-from ferdist.data.transforms import eval_transform, train_transform
+from ferdist.data.mixing import augment_batch
+from ferdist.data.transforms import eval_transform
 from ferdist.errors import FerdistError
 from ferdist.metrics import report_from_confusion
 from ferdist.train import checkpoint as ckpt
 from ferdist.train.dist import all_reduce_sum
+from ferdist.train.ema import averaged, ema_copy, update_ema
 from ferdist.train.model import FerClassifier, build_model
-from ferdist.train.optim import build_optimizer, make_schedule
+from ferdist.train.optim import Schedule, build_optimizer, make_schedule
 from ferdist.train.tracker import Tracker, TrackerFactory, untracked
 
 log = logging.getLogger(__name__)
@@ -203,36 +207,43 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
     bf16 = cfg.loop.autocast_bf16(device.type)
 
     raw_model = build_model(cfg.model, seed=cfg.seed, endpoint_url=cfg.data.endpoint_url).to(device)
-    optimizer, scheduler = build_optimizer(raw_model, cfg.optim, schedule=schedule)
+    optimizer, scheduler, trainable = optimizer_for_run(raw_model, cfg, schedule=schedule)
+    ema = ema_copy(raw_model) if cfg.optim.ema_decay is not None else None
+    ema_params = averaged(ema, raw_model, trainable) if ema is not None else None
     frozen = ckpt.frozen_sha256(raw_model)  # once: these weights never change, so resume state leaves them out
     state = ckpt.TrainState()
     if (restore_dir := session.latest_checkpoint()) is not None:
         state = ckpt.restore(restore_dir, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler,
-                             pretrained=cfg.model.pretrained)  # fmt: skip
+                             pretrained=cfg.model.pretrained, ema=ema)  # fmt: skip
         state.resumed_at.append(state.epochs_done)
         log.info("resumed from the checkpoint after epoch %d", state.epochs_done)
+    set_frozen(raw_model, ema, cfg.model.frozen_blocks_at(state.epochs_done))
     frozen_weights = ckpt.frozen_state(raw_model) if rank == 0 else {}  # copied off the device once per run
     store = session.model_store() if rank == 0 else None
     if store is not None:
         ckpt.discard_after(store, state.epochs_done)
     manager = ckpt.CheckpointManager(cfg.checkpoint, epochs=cfg.loop.epochs, eval_every=cfg.loop.eval_every,
                                      store=store, history=state.history)  # fmt: skip
-    model = session.prepare_model(raw_model)
-    if cfg.loop.compile != "off":
-        # Compiled around DDP (as PyTorch recommends); evaluation keeps the eager raw_model.
-        model = torch.compile(model, mode=cfg.loop.compile)
+    model = wrap(raw_model, session, compile_mode=cfg.loop.compile)
     weights = class_weights(train_info.class_counts, cfg.optim.class_weights, device=device)
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
     if rank == 0:
         log.info(
             "%d workers x %d = global batch %d, %d steps/epoch, peak lr %g, %d warmup steps, %s, %.1fM of %.1fM "
             "parameters trained", world_size, batch_size, batch_size * world_size, steps, cfg.optim.lr,
-            schedule.warmup_steps, "bf16" if bf16 else "fp32", sum(p.numel() for p in trainable) / 1e6,
+            schedule.warmup_steps, "bf16" if bf16 else "fp32",
+            sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6,
             sum(p.numel() for p in raw_model.parameters()) / 1e6,
         )  # fmt: skip
 
     for epoch in range(state.epochs_done, cfg.loop.epochs):
         cycle_started = time.perf_counter()
+        if (blocks := cfg.model.frozen_blocks_at(epoch)) != raw_model.freeze_blocks:
+            # [ray] Gradual unfreezing: DDP syncs only the parameters that needed gradients when it wrapped the
+            # model, so every rank releases blocks at this same epoch boundary and wraps the model anew.
+            set_frozen(raw_model, ema, blocks)
+            model = wrap(raw_model, session, compile_mode=cfg.loop.compile, replacing=model)
+            if rank == 0:
+                log.info("epoch %d: blocks %d and up train (model.unfreeze)", epoch + 1, blocks)
         torch.manual_seed(mixed_seed(cfg.seed, epoch, rank))  # dropout
         augment_rng = torch.Generator().manual_seed(mixed_seed(cfg.seed, epoch, rank, 1))
         loader = build_loader(
@@ -245,7 +256,7 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         for step, (images, labels) in enumerate(on_device(loader, device)):
             loss, logits, lr = train_step(
                 model, images, labels, cfg=cfg, optimizer=optimizer, scheduler=scheduler, weights=weights,
-                trainable=trainable, bf16=bf16, generator=augment_rng,
+                trainable=trainable, bf16=bf16, generator=augment_rng, ema_params=ema_params,
             )  # fmt: skip
             seen = totals.new_tensor(len(labels))
             totals += torch.stack([loss.detach().double() * seen, (logits.argmax(1) == labels).sum().double(), seen])
@@ -266,39 +277,41 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
             "perf/samples_per_s": train_seen / epoch_seconds,
             "perf/epoch_s": epoch_seconds,
         }
-        confusion: list[list[int]] = []
+        confusions: dict[str, list[list[int]]] = {}
         if manager.evaluates(epoch):
-            val = evaluate(raw_model, dataset, cfg, split="val", rank=rank, world_size=world_size, device=device)
-            confusion = val.pop("confusion")
-            metrics |= {f"val/{k}": v for k, v in val.items()}
+            scores, confusions = validate(raw_model, ema, dataset, cfg, rank=rank, world_size=world_size,
+                                          device=device)  # fmt: skip
+            metrics |= scores
         if device.type == "cuda":  # the epoch's peak (training and evaluation), for sizing batches and GPUs
             metrics["perf/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         improved = manager.improves(metrics)
         best = metrics if improved else manager.best
         if best is not None:
-            metrics |= {"best/score": best[cfg.checkpoint.select_by], "best/val_acc": best["val/acc"],
+            scored = cfg.checkpoint.scored  # val/, or val_ema/ when the EMA is the model kept
+            metrics |= {"best/score": best[cfg.checkpoint.score_key], "best/val_acc": best[f"{scored}acc"],
                         "best/epoch": best["epoch"]}  # fmt: skip
         state.history.append(metrics)
         state.epochs_done = epoch + 1
         if rank == 0:
-            val_text = (f"val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:.4f} macro-F1 "
-                        f"{metrics['val/macro_f1']:.4f}" if "val/acc" in metrics else "val not evaluated")  # fmt: skip
-            log.info("epoch %d: train loss %.4f acc %.4f | %s | %.0f img/s", epoch + 1, metrics["train/loss"],
-                     metrics["train/acc"], val_text, metrics["perf/samples_per_s"])  # fmt: skip
+            log_epoch(metrics)
         # [checkpoint] rank 0 copies state off the device; files are written while the next epoch trains.
         blocked = manager.blocked_s
         manager.raise_if_failed(wait=False)
         model_snapshot = resume = None
+        # The EMA's model is saved with its own scores as val/*: what evaluate.py, the registry and pruning read.
+        kept, kept_scores = (ema, as_saved(metrics)) if cfg.checkpoint.best_weights == "ema" else (raw_model, None)
         if improved and rank == 0:
-            model_snapshot = manager.save_model(lambda c=confusion: ckpt.take_snapshot(
-                raw_model, cfg=cfg, state=state, confusion=c, frozen=frozen_weights))  # fmt: skip
+            model_snapshot = manager.save_model(functools.partial(
+                ckpt.take_snapshot, kept, cfg=cfg, state=state, confusion=confusions[cfg.checkpoint.scored],
+                frozen=frozen_weights, metrics=kept_scores))  # fmt: skip
         elif improved:
-            manager.best = metrics
+            manager.best = kept_scores or metrics
         if manager.resumes(epoch) and rank == 0:
             snap_started = time.perf_counter()
-            resume = ckpt.take_snapshot(raw_model, cfg=cfg, state=state, confusion=confusion,
-                                        resume=(optimizer, scheduler, frozen), reuse=model_snapshot)  # fmt: skip
+            resume = ckpt.take_snapshot(raw_model, cfg=cfg, state=state, confusion=confusions.get("val/", []),
+                                        resume=(optimizer, scheduler, frozen), ema=ema,
+                                        reuse=model_snapshot if kept is raw_model else None)  # fmt: skip
             manager.blocked_s += time.perf_counter() - snap_started
         if epoch + 1 == cfg.loop.epochs:
             manager.finish()  # the last model is committed before the last report: the run is done after it
@@ -335,6 +348,55 @@ def on_device(loader: Iterable[dict[str, torch.Tensor]], device: torch.device) -
         yield current
 
 
+def optimizer_for_run(
+    raw_model: FerClassifier, cfg: RunConfig, *, schedule: Schedule
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, list[nn.Parameter]]:
+    """AdamW and its schedule over every parameter the run will train, and those parameters in model order.
+
+    With model.unfreeze that includes the blocks released later, in their layer-wise LR group from the start: a
+    parameter still frozen gets no gradient, and AdamW skips it (no moments, no weight decay) until it is released,
+    so the optimizer and its checkpoints keep one shape all run.
+    """
+    raw_model.set_frozen(cfg.model.fewest_frozen())
+    optimizer, scheduler = build_optimizer(raw_model, cfg.optim, schedule=schedule)
+    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    raw_model.set_frozen(cfg.model.freeze_blocks)
+    return optimizer, scheduler, trainable
+
+
+def set_frozen(raw_model: FerClassifier, ema: FerClassifier | None, blocks: int) -> None:
+    """Freezes the first ``blocks`` blocks of the model and of its EMA (whose snapshots then hold the same set)."""
+    for model in (raw_model, ema):
+        if model is not None and model.freeze_blocks != blocks:
+            model.set_frozen(blocks)
+
+
+def wrap(raw_model: nn.Module, session: Session, *, compile_mode: str, replacing: nn.Module | None = None) -> nn.Module:
+    """``raw_model`` as the steps call it: prepared by the session (DDP over the parameters that train now) and
+    compiled around DDP, as PyTorch recommends (evaluation keeps the eager raw_model). ``replacing``: the previous
+    wrapper, whose DDP gradient hooks are removed first, so that only the new one syncs."""
+    inner = getattr(replacing, "_orig_mod", replacing)  # under torch.compile's wrapper
+    if hasattr(inner, "_remove_autograd_hooks"):  # DistributedDataParallel
+        inner._remove_autograd_hooks()
+    model = session.prepare_model(raw_model)
+    return model if compile_mode == "off" else torch.compile(model, mode=compile_mode)
+
+
+def log_epoch(metrics: dict[str, float]) -> None:
+    """The epoch's one-line summary."""
+    val_text = (f"val loss {metrics['val/loss']:.4f} acc {metrics['val/acc']:.4f} macro-F1 "
+                f"{metrics['val/macro_f1']:.4f}" if "val/acc" in metrics else "val not evaluated")  # fmt: skip
+    if "val_ema/acc" in metrics:
+        val_text += f" (EMA acc {metrics['val_ema/acc']:.4f})"
+    log.info("epoch %d: train loss %.4f acc %.4f | %s | %.0f img/s", metrics["epoch"], metrics["train/loss"],
+             metrics["train/acc"], val_text, metrics["perf/samples_per_s"])  # fmt: skip
+
+
+def as_saved(metrics: dict[str, float]) -> dict[str, float]:
+    """The epoch's metrics with the EMA's val_ema/* scores as val/*: the summary of a model saved as the EMA."""
+    return metrics | {f"val/{k.removeprefix('val_ema/')}": v for k, v in metrics.items() if k.startswith("val_ema/")}
+
+
 class StepOutput(NamedTuple):
     loss: torch.Tensor
     logits: torch.Tensor
@@ -354,14 +416,19 @@ def train_step(
     trainable: list[nn.Parameter],
     bf16: bool,
     generator: torch.Generator,
+    ema_params: list[nn.Parameter] | None = None,
 ) -> StepOutput:
-    """One optimizer step on a uint8 batch already on the device: augment, forward, loss, backward, clip, step."""
-    inputs = train_transform(images, cfg.augment, image_size=cfg.model.image_size, generator=generator)
+    """One optimizer step on a uint8 batch already on the device: augment (and mix), forward, loss, backward, clip,
+    step, then the EMA of the weights (``ema_params``, averaging ``trainable``)."""
+    inputs, targets = augment_batch(images, labels, cfg.augment, image_size=cfg.model.image_size,
+                                    num_classes=len(FER_CLASSES), generator=generator)  # fmt: skip
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(inputs)
-    loss = classification_loss(logits.float(), labels, weights=weights, label_smoothing=cfg.optim.label_smoothing)
+    loss = classification_loss(logits.float(), targets, weights=weights, label_smoothing=cfg.optim.label_smoothing)
     lr = optimizer_step(loss, optimizer=optimizer, scheduler=scheduler, trainable=trainable,
                         grad_clip=cfg.optim.grad_clip)  # fmt: skip
+    if ema_params is not None:
+        update_ema(ema_params, trainable, decay=cfg.optim.ema_decay or 0.0)
     return StepOutput(loss, logits, lr)
 
 
@@ -382,6 +449,27 @@ def optimizer_step(
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
     return lr
+
+
+def validate(
+    raw_model: FerClassifier,
+    ema: FerClassifier | None,
+    dataset: ShardedDataset,
+    cfg: RunConfig,
+    *,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> tuple[dict[str, float], dict[str, list[list[int]]]]:
+    """The epoch's val/* metrics (and val_ema/* of the weights' EMA), and each one's confusion matrix by prefix."""
+    metrics: dict[str, float] = {}
+    confusions: dict[str, list[list[int]]] = {}
+    for prefix, weights in (("val/", raw_model), ("val_ema/", ema)):
+        if weights is not None:
+            val = evaluate(weights, dataset, cfg, split="val", rank=rank, world_size=world_size, device=device)
+            confusions[prefix] = val.pop("confusion")
+            metrics |= {f"{prefix}{k}": v for k, v in val.items()}
+    return metrics, confusions
 
 
 @torch.no_grad()
@@ -429,7 +517,10 @@ def evaluate(
 def classification_loss(
     logits: torch.Tensor, labels: torch.Tensor, *, weights: torch.Tensor | None, label_smoothing: float
 ) -> torch.Tensor:
-    """Label-smoothed cross-entropy, each sample weighted by its true class's weight (weighted mean).
+    """Label-smoothed cross-entropy, each sample weighted by its true class's weight (weighted mean). ``labels``:
+    class indices ``[B]``, or class probabilities ``[B, K]`` (a mixed batch: `ferdist.data.mixing`), smoothed as
+    ``(1 − s) · p + s / K``, the same as mixing smoothed one-hot labels; a mixed sample's weight is the same mix of
+    its classes' weights (``p · weights``).
 
     Not ``F.cross_entropy(weight=..., label_smoothing=...)``: PyTorch also weights every class's term of the smoothing
     part, which pulls an unsure model toward the rarest class. With inverse-frequency weights on FER2013 an untrained
@@ -440,7 +531,7 @@ def classification_loss(
     if weights is None:
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     per_sample = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
-    w = weights[labels]
+    w = weights[labels] if labels.ndim == 1 else labels @ weights
     return (per_sample * w).sum() / w.sum()
 
 

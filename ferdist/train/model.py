@@ -7,7 +7,10 @@ Two things differ from calling ``ViTMAEModel`` directly:
   too; we load it with ``mask_ratio=0.0`` and pass an ordered ``noise`` so the patch order is the identity rather than
   a random permutation, which makes outputs bit-deterministic.
 * The frozen prefix (embeddings + blocks ``0..freeze_blocks-1``) runs under ``torch.no_grad()``: no activations are
-  kept for it, which is what makes freezing four of twelve blocks cheaper than training them.
+  kept for it, which is what makes freezing four of twelve blocks cheaper than training them. `set_frozen` moves the
+  boundary (gradual unfreezing, as in ULMFiT: Howard & Ruder 2018).
+* Stochastic depth (Huang et al. 2016, "Deep Networks with Stochastic Depth"; DeiT and MAE fine-tune with it) is
+  added to each block's residual branches, at a rate rising linearly with depth as timm's ViT does.
 
 This module imports no Ray, torch.distributed or MLflow: distribution is applied from outside.
 """
@@ -45,11 +48,45 @@ RANDOM_GEOMETRIES: dict[str, dict[str, Any]] = {
 }
 
 
+class DropPath(nn.Module):
+    """Zeroes a residual branch for a random ``rate`` of the samples and scales the rest by 1 / (1 − rate), in
+    training only. The mask comes from the global RNG, which the loop seeds per epoch and rank (as dropout's)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.rate:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+def add_drop_path(backbone: ViTMAEModel, rate: float) -> None:
+    """Puts `DropPath` after each block's dropout, which transformers applies to the attention and MLP branches just
+    before their residual sums: block i of L drops at ``rate × i / (L − 1)``. Adds no weights (checkpoints keep their
+    keys)."""
+    layers = backbone.layers
+    for i, layer in enumerate(layers):
+        block_rate = rate * i / max(len(layers) - 1, 1)
+        if block_rate:
+            layer.dropout = nn.Sequential(layer.dropout, DropPath(block_rate))
+
+
 class FerClassifier(nn.Module):
     """ViT-MAE encoder → pooled token → dropout → linear layer over the FER classes."""
 
     def __init__(
-        self, backbone: ViTMAEModel, *, num_classes: int, freeze_blocks: int, pooling: str, head_dropout: float
+        self,
+        backbone: ViTMAEModel,
+        *,
+        num_classes: int,
+        freeze_blocks: int,
+        pooling: str,
+        head_dropout: float,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         check_depth(freeze_blocks, backbone.config.num_hidden_layers)
@@ -58,8 +95,21 @@ class FerClassifier(nn.Module):
         self.head = nn.Linear(backbone.config.hidden_size, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)  # as MAE's fine-tuning head (std 2e-5 there; 0.02 is timm)
         nn.init.zeros_(self.head.bias)
-        for p in self.frozen_modules().parameters():
-            p.requires_grad_(False)
+        if drop_path:
+            add_drop_path(backbone, drop_path)
+        # Parameters the backbone never trains (ViT-MAE's fixed sin-cos position embeddings), whatever is frozen.
+        self._fixed = {name for name, p in self.named_parameters() if not p.requires_grad}
+        self.set_frozen(freeze_blocks)
+
+    def set_frozen(self, freeze_blocks: int) -> None:
+        """Freezes the embeddings and the first ``freeze_blocks`` blocks and trains everything else (but the fixed
+        position embeddings); the frozen prefix then runs without gradients and in eval mode."""
+        check_depth(freeze_blocks, self.backbone.config.num_hidden_layers)
+        self.freeze_blocks = freeze_blocks
+        frozen = {id(p) for p in self.frozen_modules().parameters()}
+        for name, p in self.named_parameters():
+            p.requires_grad_(name not in self._fixed and id(p) not in frozen)
+        self.train(self.training)
 
     def frozen_modules(self) -> nn.ModuleList:
         """The embeddings and the leading blocks that are not trained (empty when freeze_blocks is 0)."""
@@ -114,6 +164,7 @@ def classifier_on(backbone: ViTMAEModel, cfg: ModelConfig) -> FerClassifier:
         freeze_blocks=cfg.freeze_blocks,
         pooling=cfg.pooling,
         head_dropout=cfg.head_dropout,
+        drop_path=cfg.drop_path,
     )
 
 
@@ -250,7 +301,7 @@ def check_pretrained(cfg: ModelConfig, *, endpoint_url: str | None = None) -> No
     else:
         with config_folder(source, endpoint_url=endpoint_url) as local:
             config = load_backbone_config(local, display=source, image_size=cfg.image_size)
-    check_depth(cfg.freeze_blocks, config.num_hidden_layers)
+    check_depth(cfg.freeze_blocks, config.num_hidden_layers)  # model.unfreeze only releases from here: it fits too
 
 
 @contextmanager
