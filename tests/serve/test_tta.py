@@ -138,3 +138,13 @@ def test_the_served_model_takes_tta_as_a_param(tiny_checkpoint: Path, tmp_path: 
     with pytest.raises(MlflowException) as refused:
         served.predict(batch, params={"tta": "sometimes"})
     assert refused.value.message == "unknown TTA mode 'sometimes'; use one of none, flip, crops"
+
+
+def test_no_faces_give_an_empty_float32_table(tiny_checkpoint: Path) -> None:
+    """Kills the mutants of `Predictor.probabilities` that concatenate an empty list (a ValueError) or return the
+    empty answer as float64."""
+    model, cfg = load_classifier(tiny_checkpoint)
+    for mode in ("none", "crops"):
+        predictor = Predictor(model, image_size=cfg.model.image_size, tta=mode)
+        empty = predictor.probabilities(np.zeros((0, 48, 48), np.uint8))
+        assert empty.shape == (0, 7) and empty.dtype == np.float32
