@@ -20,7 +20,6 @@ best val accuracy among those without / with a teacher (no TTA), and report thei
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -182,20 +181,7 @@ def check_unchanged(plan: Plan, stages: dict[str, Any], json_path: Path | None) 
 
 def resumed(args: argparse.Namespace) -> dict[str, Any]:
     """With --resume, the results file of the run it continues (checked to be this benchmark's), else nothing."""
-    if not args.resume:
-        return {}
-    if args.json is None or not args.json.is_file():
-        raise FerdistError("--resume continues the results file of an earlier run: pass its --json FILE")
-    try:
-        saved = json.loads(args.json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
-        raise FerdistError(f"{args.json} is not a results file ({exn}); run without --resume") from None
-    if not isinstance(saved, dict) or saved.get("benchmark") != "accuracy" or "name" not in saved:
-        raise FerdistError(f"{args.json} holds no accuracy benchmark to resume; run without --resume")
-    if bench_results.relative(saved.get("settings")) != bench_results.relative(settings_of(args)):
-        raise FerdistError(f"{args.json} was run with another plan, data or options; resume it with the same ones, "
-                           "or run without --resume")  # fmt: skip
-    return saved
+    return bench_results.resumed(args.json, benchmark="accuracy", settings=settings_of(args)) if args.resume else {}
 
 
 def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]:

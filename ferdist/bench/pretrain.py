@@ -18,7 +18,6 @@ is one uninterrupted run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -34,7 +33,6 @@ from rich.table import Table
 from ferdist.bench import results as bench_results
 from ferdist.bench.recipe import ensure_shards, timed_evaluation
 from ferdist.data.loader import open_dataset
-from ferdist.errors import FerdistError
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN_CONFIG = ROOT / "jobs" / "configs" / "pretrain-fer2013-cpu.yaml"
@@ -87,22 +85,7 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 def resumed_results(args: argparse.Namespace) -> dict:
     """With --resume, the stages the --json file already holds (checked to be this benchmark's), else nothing."""
-    if not args.resume:
-        return {}
-    if args.json is None or not args.json.is_file():
-        raise FerdistError("--resume continues the results file of an earlier run: pass its --json FILE")
-    try:
-        saved = json.loads(args.json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
-        raise FerdistError(f"{args.json} is not a results file ({exn}); run without --resume") from None
-    if not isinstance(saved, dict) or saved.get("benchmark") != "pretrain" or "name" not in saved:
-        raise FerdistError(f"{args.json} holds no pretrain benchmark to resume; run without --resume")
-    if bench_results.relative(saved.get("settings")) != bench_results.relative(settings_of(args)):
-        raise FerdistError(
-            f"{args.json} was run with other settings ({saved.get('settings')}); resume it with the same options, "
-            "or run without --resume"
-        )
-    return saved
+    return bench_results.resumed(args.json, benchmark="pretrain", settings=settings_of(args)) if args.resume else {}
 
 
 def bench_pretrain(args: argparse.Namespace, console: Console) -> dict:

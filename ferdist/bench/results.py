@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ferdist.errors import FerdistError
+
 
 def _roots() -> list[str]:
     # The checkout this code runs from, and the working directory (the benchmark's own relative paths start there).
@@ -36,3 +38,24 @@ def write(path: Path, results: dict[str, Any]) -> None:
 def local_path(path: str) -> Path:
     """A path read back from a results file: relative ones are under the working directory, as they were written."""
     return Path(path) if Path(path).is_absolute() else Path.cwd() / path
+
+
+def resumed(path: Path | None, *, benchmark: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The results file at ``path`` that a ``--resume`` continues, checked to be a ``benchmark`` run with the same
+    ``settings`` (compared with paths made relative, as they are written).
+
+    Raises:
+        FerdistError: no file, not a results file, another benchmark's, or other settings (what to do in each).
+    """
+    if path is None or not path.is_file():
+        raise FerdistError("--resume continues the results file of an earlier run: pass its --json FILE")
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exn:
+        raise FerdistError(f"{path} is not a results file ({exn}); run without --resume") from None
+    if not isinstance(saved, dict) or saved.get("benchmark") != benchmark or "name" not in saved:
+        raise FerdistError(f"{path} holds no {benchmark} benchmark to resume; run without --resume")
+    if relative(saved.get("settings")) != relative(settings):
+        raise FerdistError(f"{path} was run with other settings ({saved.get('settings')}); resume it with the same "
+                           "options, or run without --resume")  # fmt: skip
+    return saved
