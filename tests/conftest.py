@@ -270,3 +270,22 @@ def running_ray_head(temp_dir: Path, node_env: dict[str, str] | None = None) -> 
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         subprocess.run([RAY, "stop"], capture_output=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def served(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """The checkpoint logged as ferdist logs models (from code), loaded back with mlflow.pyfunc; and its folder."""
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from ferdist.track.registry import log_model, using_store
+
+    root = tmp_path_factory.mktemp("served")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("photos", artifact_location=str(root / "a"))).info.run_id
+    model_uri = log_model(run_id, tiny_checkpoint, tracking_uri=uri)
+    with using_store(uri):
+        model = mlflow.pyfunc.load_model(model_uri)
+        folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(root / "model")))
+    return model, folder

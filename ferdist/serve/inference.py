@@ -85,8 +85,9 @@ class Predictor:
         self.batch_size = batch_size
         self.tta_mode: TTAMode = check_tta(tta)
         """Test-time augmentation (`TTAMode`)."""
-        self.views = view_thetas(self.tta_mode)
         self.device = next(model.parameters()).device
+        views = view_thetas(self.tta_mode)
+        self.views = views.to(self.device) if views is not None else None  # once, not per batch
 
     @property
     def tta(self) -> bool:
@@ -108,10 +109,9 @@ class Predictor:
         if self.views is None:
             probs = self._softmax(eval_transform(chunk, image_size=self.image_size))
         else:
-            thetas = self.views.to(chunk.device)
             probs = torch.stack([self._softmax(to_model_input(chunk, image_size=self.image_size,
                                                               theta=view.expand(len(chunk), 2, 3)))
-                                 for view in thetas]).mean(dim=0)  # fmt: skip
+                                 for view in self.views]).mean(dim=0)  # fmt: skip
         return probs.cpu().numpy()
 
     def _softmax(self, inputs: torch.Tensor) -> torch.Tensor:

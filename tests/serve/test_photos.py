@@ -176,25 +176,6 @@ def huge_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(data)) + chunk(b"IEND", b"")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
-    """The checkpoint logged as ferdist logs models (from code), loaded back with mlflow.pyfunc; and its folder."""
-    import mlflow.pyfunc
-    from mlflow.tracking import MlflowClient
-
-    from ferdist.track.registry import log_model, using_store
-
-    root = tmp_path_factory.mktemp("served")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("photos", artifact_location=str(root / "a"))).info.run_id
-    model_uri = log_model(run_id, tiny_checkpoint, tracking_uri=uri)
-    with using_store(uri):
-        model = mlflow.pyfunc.load_model(model_uri)
-        folder = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(root / "model")))
-    return model, folder
-
-
 def test_the_mlflow_model_takes_arrays_as_it_takes_files_and_refuses_bad_images_one_by_one(served) -> None:  # noqa: ANN001
     from mlflow.exceptions import MlflowException
 

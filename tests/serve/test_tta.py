@@ -115,20 +115,12 @@ def test_evaluate_and_predict_report_crops_apart(
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-def test_the_served_model_takes_tta_as_a_param(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    import mlflow.pyfunc
+def test_the_served_model_takes_tta_as_a_param(tiny_checkpoint: Path, served) -> None:  # noqa: ANN001
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from ferdist.serve.inference import probability_columns
-    from ferdist.track.registry import log_model, using_store
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("tta", artifact_location=str(tmp_path / "a"))).info.run_id
-    model_uri = log_model(run_id, tiny_checkpoint, tracking_uri=uri)
-    with using_store(uri):
-        served = mlflow.pyfunc.load_model(model_uri)
+    served, _ = served
     batch = faces(4, seed=2)
     model, cfg = load_classifier(tiny_checkpoint)
     for mode in ("none", "crops"):
