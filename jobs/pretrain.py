@@ -7,7 +7,8 @@ On a cluster:   ray job submit --working-dir . -- python jobs/pretrain.py \
 Overrides:      --set loop.epochs=100 --set model.mask_ratio=0.6   --workers 2   --gpus-per-worker 1   --cpu
 
 Re-running with the same name (and storage path) resumes the run from its latest checkpoint and rewrites its own
-output; an --output that holds anything else is refused.
+output; an --output that holds anything else is refused. --publish-latest writes the output from the newest checkpoint
+of a run (stopped or still running elsewhere) without training, e.g. to fine-tune on a long pretraining so far.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     p.add_argument("--output", default=None, metavar="DIR_OR_S3",
                    help="where the pretrained model goes (default: pretrained/<name>)")  # fmt: skip
+    p.add_argument("--publish-latest", action="store_true",
+                   help="write --output from the run's newest checkpoint and stop, without training: a long "
+                        "pretraining's backbone so far (the same command without it resumes the training)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (workers.num_workers)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (turns workers.use_gpu on)")
     p.add_argument("--cpu", action="store_true", help="train on CPUs only (workers.use_gpu=false)")
@@ -56,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         mine = backbone_output.owner(cfg.name, cfg.checkpoint.storage_path)
         # First: an hour of pretraining must not end on "that folder holds something else".
         backbone_output.check_output(output, mine=mine, endpoint_url=cfg.checkpoint_endpoint)
+        if args.publish_latest:
+            run_path = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.name}"
+            written, epoch = backbone_output.publish_latest(run_path, output, mine=mine,
+                                                            endpoint_url=cfg.checkpoint_endpoint)  # fmt: skip
+            console.print(f"{cfg.name}: wrote the backbone after epoch {epoch} of {cfg.loop.epochs} to {written}; "
+                          "the same command without --publish-latest resumes the pretraining", highlight=False)
+            return 0
         cfg, steps = preflight.prepare(cfg)
         console.print(f"{cfg.name}: {steps} steps/epoch × {cfg.loop.epochs} epochs on {cfg.workers.num_workers} "
                       f"{'GPU' if cfg.workers.use_gpu else 'CPU'} worker(s), masking {cfg.model.mask_ratio:.0%} of "

@@ -43,15 +43,57 @@ DEFAULT_PLAN = ROOT / "jobs" / "plans" / "accuracy-cpu.yaml"
 TTA_ROWS = ("flip", "crops")
 
 
+ROW_TEACHER = "row:"
+"""A teacher named ``row:NAME`` in a plan is that earlier row's best model (its epoch picked on PublicTest)."""
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
     set: tuple[str, ...] = ()
     """Overrides of the fine-tuning config, on top of the plan's common ones."""
-    teacher: str | None = None
-    """The distillation teacher's URI, for the report (the row's ``set`` configures it)."""
+    teachers: tuple[str, ...] = ()
+    """The distillation teachers (``distill.teacher``): model URIs, ``peer:fer``, or ``row:NAME`` of an earlier row;
+    several are an ensemble. The row's ``set`` chooses the rest of ``distill.*``."""
     teacher_saw: str | None = None
-    """What the teacher was trained and selected on, in words (never PrivateTest for a headline row)."""
+    """What the teacher was trained and selected on, in words, where the plan knows better than the default."""
+
+    @property
+    def spec(self) -> list[str]:
+        """What a resumed benchmark checks has not changed: the overrides and the teachers."""
+        return [*self.set, *(f"teacher={t}" for t in self.teachers)]
+
+    @property
+    def teacher(self) -> str | None:
+        """The teacher as the JSON rows name it: None, or the URIs joined by " + " (an ensemble)."""
+        return " + ".join(self.teachers) or None
+
+    @property
+    def teacher_saw_test(self) -> bool:
+        """Whether a teacher has seen PrivateTest (the `fer` peer's checkpoint was picked on it): never a headline."""
+        from ferdist.config import PEER_TEACHER
+
+        return PEER_TEACHER in self.teachers
+
+
+def teacher_description(row: Row) -> str | None:
+    """What the row's teachers learnt from and were selected on, in words."""
+    if not row.teachers:
+        return None
+    if row.teacher_saw:
+        return row.teacher_saw
+    from ferdist.serve.peers import FER_VERSION
+
+    said = []
+    for t in row.teachers:
+        if t.startswith(ROW_TEACHER):
+            said.append(f"row {t[len(ROW_TEACHER):]}: FER2013 train, its epoch picked on PublicTest")
+        elif t == "peer:fer":
+            said.append(f"fer {FER_VERSION} mini-XCEPTION: its authors picked its checkpoint on PublicTest + "
+                        "PrivateTest loss (it has seen the test split)")  # fmt: skip
+        else:
+            said.append(f"{t}: see its run")
+    return "; ".join(said)
 
 
 @dataclass(frozen=True)
@@ -88,9 +130,39 @@ def load_plan(path: Path) -> Plan:
         finetune_set=tuple(raw["finetune"].get("set") or ()),
         pretrain_config=ROOT / pretrain["config"] if pretrain.get("config") else None,
         pretrain_set=tuple(pretrain.get("set") or ()),
-        rows=tuple(Row(name=r["name"], set=tuple(r.get("set") or ()), teacher=r.get("teacher"),
+        rows=tuple(Row(name=r["name"], set=tuple(r.get("set") or ()), teachers=_teachers(r.get("teacher"), path),
                        teacher_saw=r.get("teacher_saw")) for r in raw["rows"]),
     )  # fmt: skip
+
+
+def _teachers(value: Any, path: Path) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(t, str) and t for t in items):
+        raise FerdistError(f"a row's 'teacher' in the plan {path} must be a URI or a list of URIs (row:NAME names an "
+                           f"earlier row), got {value!r}")  # fmt: skip
+    return tuple(items)
+
+
+def resolve_teachers(row: Row, done: dict[str, Path]) -> list[str]:
+    """The row's teachers as distill.teacher URIs: ``row:NAME`` becomes the best model folder of that row's run
+    (``done``: the run folders of the rows before it).
+
+    Raises:
+        FerdistError: a ``row:NAME`` that has not run before this row.
+    """
+    out = []
+    for t in row.teachers:
+        if t.startswith(ROW_TEACHER):
+            name = t[len(ROW_TEACHER):]
+            if name not in done:
+                raise FerdistError(f"row '{row.name}' learns from {t}, which has not run before it; list row "
+                                   f"'{name}' earlier in the plan")  # fmt: skip
+            out.append(str(best_model_folder(done[name])))
+        else:
+            out.append(t)
+    return out
 
 
 def run_job(command: list[str], console: Console) -> None:
@@ -132,6 +204,13 @@ def score_best(run_path: Path, manifest: Path, *, tta_modes: tuple[str, ...]) ->
     }  # fmt: skip
 
 
+def best_model_folder(run_path: Path) -> Path:
+    """The local folder of the run's best model (PublicTest picked its epoch)."""
+    from ferdist.train.runs import best_and_last
+
+    return Path(best_and_last(str(run_path))[0].path)
+
+
 def table_rows(row: Row, scored: dict[str, Any], command: str) -> list[dict[str, Any]]:
     """The JSON rows of one trained recipe: itself, then one per TTA mode (reported apart, never a headline)."""
     out = []
@@ -141,15 +220,18 @@ def table_rows(row: Row, scored: dict[str, Any], command: str) -> list[dict[str,
             "test_acc": score["accuracy"], "test_macro_f1": score["macro_f1"], "test_recall": score["recall"],
             "val_acc": scored["val_acc"], "epochs": scored["epochs"], "best_epoch": scored["best_epoch"],
             "wall_s": scored["wall_s"], "train_img_s": scored["train_img_s"], "infer_img_s": score["img_s"],
-            "params": scored["params"], "teacher": row.teacher, "teacher_saw": row.teacher_saw,
+            "params": scored["params"], "teacher": row.teacher, "teacher_saw": teacher_description(row),
+            "teacher_saw_test": row.teacher_saw_test,
             "tta": mode != "none", "tta_mode": mode, "set": list(row.set), "command": command,
         })  # fmt: skip
     return out
 
 
 def headline(rows: list[dict[str, Any]], *, teacher: bool) -> dict[str, Any] | None:
-    """The row PublicTest picks among those with (or without) a teacher, without TTA; None if there is none."""
-    candidates = [r for r in rows if not r["tta"] and (r["teacher"] is not None) == teacher]
+    """The row PublicTest picks among those with (or without) a teacher, without TTA; None if there is none. A row
+    whose teacher has seen PrivateTest is never a headline."""
+    candidates = [r for r in rows if not r["tta"] and (r["teacher"] is not None) == teacher
+                  and not r.get("teacher_saw_test")]  # fmt: skip
     if not candidates:
         return None
     best = max(candidates, key=lambda r: r["val_acc"])
@@ -171,9 +253,9 @@ def check_unchanged(plan: Plan, stages: dict[str, Any], json_path: Path | None) 
     """
     for row in plan.rows:
         kept = stages.get(f"row:{row.name}")
-        if kept is not None and kept.get("set") != list(row.set):
+        if kept is not None and kept.get("set") != row.spec:
             raise FerdistError(f"row '{row.name}' of the plan changed since it ran ({kept.get('set')} then, "
-                               f"{list(row.set)} now); give it a new name, or drop it from {json_path}")  # fmt: skip
+                               f"{row.spec} now); give it a new name, or drop it from {json_path}")  # fmt: skip
     kept = stages.get("pretrain")
     if kept is not None and kept.get("set") != list(plan.pretrain_set):
         raise FerdistError("the plan's pretraining changed since it ran; run without --resume")
@@ -231,20 +313,25 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
         else:
             console.print("pretraining: kept from the results file", highlight=False)
 
+    done: dict[str, Path] = {}  # each row's run folder, for the rows that learn from its best model
     for row in plan.rows:
         key = f"row:{row.name}"
+        run_name = f"acc-{stamp}-{row.name}"
         if key in results["stages"]:
             console.print(f"{row.name}: kept from the results file", highlight=False)
+            done[row.name] = storage / run_name
             continue
-        run_name = f"acc-{stamp}-{row.name}"
+        teacher = resolve_teachers(row, done)
         overrides = [*common, *([f"model.pretrained={pretrained}"] if pretrained else []), *plan.finetune_set,
-                     f"name={run_name}", "tracking.registered_model=fer-vitmae-bench-accuracy", *row.set]
+                     f"name={run_name}", "tracking.registered_model=fer-vitmae-bench-accuracy", *row.set,
+                     *([f"distill.teacher={teacher}"] if teacher else [])]  # fmt: skip
         command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(plan.finetune_config),
                    *sets(overrides)]  # fmt: skip
         run_job(command, console)
         scored = score_best(storage / run_name, manifest, tta_modes=tuple(args.tta))
-        results["stages"][key] = {"set": list(row.set), "rows": table_rows(row, scored, " ".join(command[1:])),
+        results["stages"][key] = {"set": row.spec, "rows": table_rows(row, scored, " ".join(command[1:])),
                                   "curve": scored["curve"]}  # fmt: skip
+        done[row.name] = storage / run_name
         save()
 
     results |= peer_and_majority(manifest, console)

@@ -41,7 +41,7 @@ def preflight(cfg: AnyConfig) -> int:
     Raises:
         FerdistError: the data or checkpoint store is unreachable, refuses the credentials, lacks its bucket or (the
             checkpoint store) cannot be written; the dataset is missing or too small for the batch; the pretrained
-            source is unavailable.
+            source or a distillation teacher is unavailable (or answers other classes).
     """
     from ferdist.data.loader import build_loader, open_dataset, open_pretraining_data, steps_per_epoch
 
@@ -62,9 +62,11 @@ def preflight(cfg: AnyConfig) -> int:
 
         check_start(cfg.model, endpoint_url=cfg.data.endpoint_url)
     else:
+        from ferdist.launch.teachers import check_teachers
         from ferdist.train.model import check_pretrained
 
         check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
+        check_teachers(cfg)  # loads each teacher once here: a wrong URI or class list stops before Ray starts
     check_checkpoint_storage(cfg)
     return steps_per_epoch(data.samples, batch_size=cfg.loop.batch_per_worker(world), world_size=world)
 
@@ -91,9 +93,13 @@ def with_absolute_paths(cfg: AnyConfig) -> AnyConfig:
     data = dataclasses.replace(cfg.data, manifest=absolute(cfg.data.manifest))
     if isinstance(cfg.data, PretrainDataConfig):
         data = dataclasses.replace(data, extra=tuple(absolute(uri) for uri in cfg.data.extra))
+    extra = {}
+    if isinstance(cfg, RunConfig):  # a teacher given as a local checkpoint folder
+        extra["distill"] = dataclasses.replace(cfg.distill, teacher=tuple(absolute(t) for t in cfg.distill.teacher))
     return dataclasses.replace(
         cfg,
         data=data,
         model=dataclasses.replace(cfg.model, pretrained=absolute(cfg.model.pretrained)),
         checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=storage_path),
+        **extra,
     )

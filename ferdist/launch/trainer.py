@@ -46,10 +46,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     Importing the loop (torch models, transformers) takes seconds; a sweep's trial drivers only launch trainers,
     so they never pay for it.
     """
+    from ferdist.launch.teachers import make_teacher
     from ferdist.track.tracking import make_tracker
     from ferdist.train.loop import train_fn_per_worker as train
 
-    _without_traceback(functools.partial(train, make_tracker=make_tracker), config)
+    _without_traceback(functools.partial(train, make_tracker=make_tracker, make_teacher=make_teacher), config)
 
 
 def pretrain_fn_per_worker(config: dict[str, Any]) -> None:

@@ -93,3 +93,24 @@ def publish(checkpoint_dir: Path, uri: str, *, mine: dict[str, str], endpoint_ur
             if path.name != MARKER_FILE:
                 storage.write_bytes(loc.join(path.name).uri, path.read_bytes(), endpoint_url=endpoint_url)
     return uri
+
+
+def publish_latest(
+    run_path: str, uri: str, *, mine: dict[str, str], endpoint_url: str | None = None
+) -> tuple[str, int]:
+    """Writes the backbone of the run's newest resume checkpoint to ``uri`` (see `publish`), without training: a long
+    pretraining's backbone so far, usable while the run is stopped and resumable after. Returns ``uri`` and the epoch.
+
+    Raises:
+        FerdistError: the run has no resume checkpoint yet.
+    """
+    from ferdist.train import runs
+
+    found = runs.checkpoints(run_path, runs.filesystem_for(run_path, endpoint_url=endpoint_url)[0])
+    if not found:
+        raise FerdistError(f"the run folder {run_path} holds no pretraining checkpoint yet; pretrain at least "
+                           "checkpoint.every_epochs epochs before --publish-latest")  # fmt: skip
+    latest = found[-1]
+    with tempfile.TemporaryDirectory(prefix="ferdist-publish-") as tmp:
+        folder = runs.download(latest, Path(tmp) / "checkpoint")
+        return publish(folder, uri, mine=mine, endpoint_url=endpoint_url), int(latest.summary["epoch"])

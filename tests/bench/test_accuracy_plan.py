@@ -1,0 +1,68 @@
+"""The accuracy benchmark's plan: teacher rows (``row:NAME`` resolved to an earlier row's best model, an ensemble
+named as one teacher), what each teacher saw, and the headline rule that a teacher who has seen PrivateTest never
+makes a headline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferdist.bench.accuracy import Row, check_unchanged, headline, load_plan, resolve_teachers, teacher_description
+from ferdist.errors import FerdistError
+
+PLAN = Path(__file__).resolve().parents[2] / "jobs" / "plans" / "accuracy-cpu.yaml"
+
+
+def row(name: str, val: float, test: float, *, teacher: str | None = None, saw_test: bool = False,
+        tta: bool = False) -> dict:  # fmt: skip
+    return {"name": name, "val_acc": val, "test_acc": test, "teacher": teacher, "teacher_saw_test": saw_test,
+            "tta": tta}  # fmt: skip
+
+
+def test_the_headline_with_a_teacher_never_is_a_row_whose_teacher_saw_privatetest() -> None:
+    rows = [row("final", 0.60, 0.61), row("peer-taught", 0.70, 0.69, teacher="peer:fer", saw_test=True),
+            row("self-taught", 0.62, 0.63, teacher="row:final"),
+            row("self-taught + crops TTA", 0.65, 0.66, teacher="row:final", tta=True)]  # fmt: skip
+    assert headline(rows, teacher=True) == {"name": "self-taught", "test_acc": 0.63, "val_acc": 0.62}
+    assert headline(rows, teacher=False) == {"name": "final", "test_acc": 0.61, "val_acc": 0.60}
+    assert headline(rows[1:2], teacher=True) is None
+
+
+def test_row_teachers_resolve_to_the_earlier_rows_best_model_and_a_later_row_is_refused(tmp_path: Path) -> None:
+    taught = Row("taught", teachers=("row:first", "peer:fer"))
+    with pytest.raises(FerdistError, match=r"row 'taught' learns from row:first, which has not run before it; list "
+                                           r"row 'first' earlier in the plan"):  # fmt: skip
+        resolve_teachers(taught, {})
+    assert resolve_teachers(Row("plain"), {}) == []
+
+
+def test_the_shipped_plan_names_its_teachers_and_what_they_saw() -> None:
+    plan = load_plan(PLAN)
+    rows = {r.name: r for r in plan.rows}
+    peer = rows["final-peer-teacher"]
+    assert peer.teacher == "peer:fer" and peer.teacher_saw_test
+    assert "PrivateTest" in (teacher_description(peer) or "")
+    ensemble = rows["final-ensemble-teacher"]
+    assert ensemble.teacher == "row:final + row:rotate-translate + row:erasing" and not ensemble.teacher_saw_test
+    assert "picked on PublicTest" in (teacher_description(ensemble) or "")
+    names = [r.name for r in plan.rows]
+    for t in ensemble.teachers:  # every row teacher runs before the row that learns from it
+        assert names.index(t.removeprefix("row:")) < names.index(ensemble.name)
+    assert teacher_description(rows["final"]) is None and rows["final"].teacher is None
+
+
+def test_a_row_whose_teacher_changed_since_it_ran_is_refused(tmp_path: Path) -> None:
+    plan = load_plan(PLAN)
+    ensemble = next(r for r in plan.rows if r.name == "final-ensemble-teacher")
+    stages = {"row:final-ensemble-teacher": {"set": [*ensemble.set, "teacher=row:final"]}}
+    with pytest.raises(FerdistError, match="row 'final-ensemble-teacher' of the plan changed since it ran"):
+        check_unchanged(plan, stages, tmp_path / "acc.json")
+    check_unchanged(plan, {"row:final-ensemble-teacher": {"set": ensemble.spec}}, tmp_path / "acc.json")
+
+
+def test_a_malformed_teacher_in_a_plan_is_one_sentence(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("finetune: {config: jobs/configs/quickstart.yaml}\nrows:\n  - name: a\n    teacher: {x: 1}\n")
+    with pytest.raises(FerdistError, match=r"a row's 'teacher' in the plan .* must be a URI or a list of URIs"):
+        load_plan(plan)
