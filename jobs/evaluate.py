@@ -3,11 +3,11 @@
     python jobs/evaluate.py --manifest shards/fer2013 --split test                       # the @champion
     python jobs/evaluate.py --model models:/fer-vitmae/3 --manifest s3://bucket/fer2013 --tta --out eval/
 
---model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder or an s3://
-checkpoint. The results are printed, written to --out (confusion_matrix.png, class_report.md, evaluation.json)
-and logged to MLflow as a run of the experiment `ferdist-evaluation` tagged with the model version, whose
-registry entry gets `<split>_acc` / `<split>_macro_f1` tags (with `_tta` for --tta flip, `_tta_crops` for
---tta crops).
+--model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder, an s3://
+checkpoint, or the name of a model bundled with ferdist (bundled:NAME or NAME; ferdist/models/). The results are
+printed, written to --out (confusion_matrix.png, class_report.md, evaluation.json) and logged to MLflow as a run of
+the experiment `ferdist-evaluation` tagged with the model version, whose registry entry gets `<split>_acc` /
+`<split>_macro_f1` tags (with `_tta` for --tta flip, `_tta_crops` for --tta crops).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ EXPERIMENT = "ferdist-evaluation"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models:/fer-vitmae@champion", help="model URI or checkpoint folder")
+    p.add_argument("--model", default="models:/fer-vitmae@champion",
+                   help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
     p.add_argument("--manifest", required=True, help="shard set (folder, s3:// prefix or manifest.json)")
     p.add_argument("--split", default="test", help="train, val or test (default: test = FER2013 PrivateTest)")
     p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops",

@@ -1,41 +1,149 @@
-"""Export a trained model to ONNX: uint8 faces [N, 48, 48] in, softmax probabilities [N, 7] out, preprocessing inside.
+"""Export a trained model: to ONNX (uint8 faces [N, 48, 48] in, softmax probabilities [N, 7] out, preprocessing
+inside), or as a bundle that ships with ferdist and works with no training and no registry.
 
     python jobs/export.py --out fer.onnx                                  # the @champion
     python jobs/export.py --model models:/fer-vitmae/3 --out fer.onnx --force
     python jobs/export.py --model runs/quickstart/model_epoch_0009 --out fer.onnx --opset 20
+    python jobs/export.py --format bundle --out ferdist/models/fer2013-vitmae-small   # the @champion, bundled
 
---model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder or an s3://
-checkpoint. The class names and the input contract are stored in the file's metadata. Before --out is written,
-ONNX Runtime (CPU) must reproduce PyTorch's probabilities within 1e-4 on 256 faces and on a batch of one.
+--model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder, an s3://
+checkpoint, or a bundled model (bundled:NAME, or NAME where no file has that name).
+
+--format onnx (the default): the class names and the input contract are stored in the file's metadata. Before --out
+is written, ONNX Runtime (CPU) must reproduce PyTorch's probabilities within 1e-4 on 256 faces and on a batch of one.
 Needs the export extra: pip install -e ".[export]".
+
+--format bundle: --out is a folder holding model.safetensors, backbone.json, config.yaml, summary.json, MODEL_CARD.md
+(the model, its data and that data's terms, its scores, what it is not for) and expected.json (its probabilities on
+16 check faces, which every later load must reproduce). It is written beside --out and renamed into place whole.
+Its name is --out's folder name (or --name, for a bundle to be moved there): under ferdist/models/ it ships with the
+package, and `python jobs/predict.py photo.jpg --model NAME` uses it (ferdist.serve.bundled).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.console import job_console, print_error  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
+if TYPE_CHECKING:
+    from ferdist.config import RunConfig
+    from ferdist.train.model import FerClassifier
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from ferdist.serve.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="models:/fer-vitmae@champion", help="model URI or checkpoint folder")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="the file format (only onnx)")
-    p.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
+    p.add_argument("--model", default="models:/fer-vitmae@champion",
+                   help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
+    p.add_argument("--format", choices=["onnx", "bundle"], default="onnx",
+                   help="onnx: one .onnx file; bundle: a folder to ship in ferdist/models/ (see above)")  # fmt: skip
+    p.add_argument("--out", type=Path, required=True, help="the .onnx file, or the bundle's folder, to write")
+    p.add_argument("--name", default=None, help="--format bundle: the bundle's name (default: --out's folder name)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it exists (a folder only if it holds a bundle)")  # fmt: skip
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// --model (default: AWS_ENDPOINT_URL)")
     return p.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model --model names, loaded on the CPU."""
+
+    model: FerClassifier
+    cfg: RunConfig
+    summary: dict[str, Any] | None
+    """Its checkpoint's summary.json (epoch, scores, confusion), where it has one."""
+    what: str
+    """How to name it: the URI, or NAME vVERSION for the registry."""
+
+
+def fetch(args: argparse.Namespace) -> Source:
+    from ferdist.track.registry import fetch_checkpoint
+    from ferdist.train.checkpoint import load_classifier
+    from ferdist.train.runs import SUMMARY_FILE
+
+    with tempfile.TemporaryDirectory(prefix="ferdist-export-") as tmp:
+        folder, ref = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)
+        model, cfg = load_classifier(folder)
+        summary = json.loads((folder / SUMMARY_FILE).read_text()) if (folder / SUMMARY_FILE).is_file() else None
+    what = f"{ref.name} v{ref.version}" if ref.version else args.model
+    return Source(model=model, cfg=cfg, summary=summary, what=f"{args.model} ({what})" if ref.version else what)
+
+
+def to_onnx(args: argparse.Namespace, console: Console) -> list[str]:
+    from ferdist.serve import export
+
+    export.check_destination(args.out, force=args.force)
+    export.check_opset(args.opset)
+    export.require_packages()
+    source = fetch(args)
+    cfg, size = source.cfg, source.cfg.model.image_size
+    metadata = export.onnx_metadata(image_size=size, model_uri=source.what, backbone=cfg.model.pretrained)
+    console.print(f"exporting {source.what} ({cfg.model.pretrained} at {size} px) to ONNX opset {args.opset}…")
+    result = export.export_checked(source.model, args.out, image_size=size, metadata=metadata, opset=args.opset)
+    return [
+        f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset})",
+        f"input '{export.INPUT_NAME}' uint8 [N, 48, 48] → output '{export.OUTPUT_NAME}' float32 [N, 7] "
+        f"({', '.join(export.FER_CLASSES)})",
+        f"ONNX Runtime (CPU) vs PyTorch on {export.CHECK_FACES} faces and a batch of 1: max |Δp| "
+        f"{result.max_abs_diff:.2e} (limit {export.MAX_ABS_DIFF:g})",
+        *not_pretrained(cfg),
+    ]
+
+
+def not_pretrained(cfg: RunConfig) -> list[str]:
+    if cfg.model.pretrained.startswith("random:"):
+        return [f"(backbone {cfg.model.pretrained}: randomly initialised, not pretrained)"]
+    return []
+
+
+def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
+    from ferdist.data.loader import open_dataset
+    from ferdist.serve import bundled
+    from ferdist.track.model_card import bundle_card
+
+    name = bundled.check_name(args.name or args.out.name)
+    if args.out.resolve().parent == bundled.ROOT and name != args.out.name:
+        raise FerdistError(f"a bundle in {bundled.ROOT} is named by its folder, not --name {name}; drop --name or "
+                           f"write to {bundled.ROOT / name}")  # fmt: skip
+    bundled.check_destination(args.out, force=args.force)
+    source = fetch(args)
+    try:  # the card names the data and its terms from the shards' own manifest
+        manifest = open_dataset(source.cfg.data.manifest, endpoint_url=source.cfg.data.endpoint_url).manifest
+    except FerdistError as exn:
+        print_error(console, f"MODEL_CARD.md cannot name the data the model learnt from ({exn})", label="warning")
+        manifest = None
+    model = source.model
+    card = bundle_card(name, cfg=source.cfg, summary=source.summary, source=source.what, manifest=manifest,
+                       backbone=model.backbone.config.to_dict(), parameters=sum(p.numel() for p in model.parameters()))
+    console.print(f"bundling {source.what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px) as "
+                  f"{name}…", highlight=False)  # fmt: skip
+    out = bundled.write_bundle(model, source.cfg, args.out, summary=source.summary, card=card, force=args.force)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    return [
+        f"wrote {out}/ ({size / 1e6:.1f} MB): {', '.join(sorted(f.name for f in out.iterdir()))}",
+        f"expected.json: its probabilities on {bundled.CHECK_FACES} check faces, which every load must reproduce",
+        f"use it: python jobs/predict.py photo.jpg --model {name}" if out.resolve().parent == bundled.ROOT
+        else f"use it: python jobs/predict.py photo.jpg --model {out} (or --model {name} once it is in "
+        f"{bundled.ROOT})",
+        *not_pretrained(source.cfg),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,33 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     console = job_console(stderr=True)
     try:
         args = parse_args(argv)
-        from ferdist.serve import export
-
-        export.check_destination(args.out, force=args.force)
-        export.check_opset(args.opset)
-        export.require_packages()
-        from ferdist.track.registry import fetch_checkpoint
-        from ferdist.train.checkpoint import load_classifier
-
-        with tempfile.TemporaryDirectory(prefix="ferdist-export-") as tmp:
-            folder, ref = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)
-            model, cfg = load_classifier(folder)
-        what = f"{ref.name} v{ref.version}" if ref.version else args.model
-        size = cfg.model.image_size
-        metadata = export.onnx_metadata(image_size=size, model_uri=f"{args.model} ({what})" if ref.version else what,
-                                        backbone=cfg.model.pretrained)  # fmt: skip
-        console.print(f"exporting {what} ({cfg.model.pretrained} at {size} px) to ONNX opset {args.opset}…")
-        result = export.export_checked(model, args.out, image_size=size, metadata=metadata, opset=args.opset)
+        lines = (to_bundle if args.format == "bundle" else to_onnx)(args, console)
     except FerdistError as exn:
         print_error(console, exn)
         return 2
-    console.print(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset})", highlight=False)
-    console.print(f"input '{export.INPUT_NAME}' uint8 [N, 48, 48] → output '{export.OUTPUT_NAME}' float32 [N, 7] "
-                  f"({', '.join(export.FER_CLASSES)})", highlight=False)  # fmt: skip
-    console.print(f"ONNX Runtime (CPU) vs PyTorch on {export.CHECK_FACES} faces and a batch of 1: max "
-                  f"|Δp| {result.max_abs_diff:.2e} (limit {export.MAX_ABS_DIFF:g})", highlight=False)  # fmt: skip
-    if cfg.model.pretrained.startswith("random:"):
-        console.print(f"(backbone {cfg.model.pretrained}: randomly initialised, not pretrained)")
+    for line in lines:
+        console.print(line, highlight=False)
     return 0
 
 

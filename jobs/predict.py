@@ -3,12 +3,14 @@ r"""Find the faces in photos and classify each one's expression: files or folder
     python jobs/predict.py group.jpg photos/                                  # the @champion, a row per face
     python jobs/predict.py photos/ --output faces.csv --annotate annotated/  # or .json; boxes and labels drawn
     python jobs/predict.py crops/ --detect off                               # inputs that are already face crops
+    python jobs/predict.py photo.jpg --model fer2013-vitmae-small            # a bundled model: no training, no MLflow
 
 --model takes models:/NAME@ALIAS (default models:/fer-vitmae@champion), models:/NAME/VERSION, runs:/RUN_ID/model,
-a checkpoint folder or an s3:// checkpoint. --detect auto (the default) searches every image larger than 96×96 for
-faces and takes smaller ones (a FER2013 row, a crop another tool made) as one face; `on` searches every image, `off`
-none (--no-detect is the same). A photo with no face gets a row saying so. A file that is not an image is reported
-and skipped; the others are still classified (exit code 1 if any was skipped).
+a checkpoint folder, an s3:// checkpoint, or the name of a model bundled with ferdist (bundled:NAME or NAME; the
+folders of ferdist/models/, usable right after install). --detect auto (the default) searches every image larger
+than 96×96 for faces and takes smaller ones (a FER2013 row, a crop another tool made) as one face; `on` searches
+every image, `off` none (--no-detect is the same). A photo with no face gets a row saying so. A file that is not an
+image is reported and skipped; the others are still classified (exit code 1 if any was skipped).
 
 File names are written one way on the screen, in the CSV and JSON and in messages: their bytes read as UTF-8, with a
 byte that is not UTF-8 as \xNN, a backslash as \\, a newline, tab or carriage return as \n, \t, \r, other ASCII
@@ -53,7 +55,8 @@ def positive(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
-    p.add_argument("--model", default="models:/fer-vitmae@champion", help="model URI or checkpoint folder")
+    p.add_argument("--model", default="models:/fer-vitmae@champion",
+                   help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
     p.add_argument("--output", type=Path, default=None, help="write a row per face to a .csv or .json file")
     p.add_argument("--annotate", type=Path, default=None, help="folder for copies of the photos with boxes drawn")
     p.add_argument("--detect", choices=DETECT_MODES, default="auto", help="search images for faces (see above)")

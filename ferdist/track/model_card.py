@@ -2,7 +2,9 @@
 (the weak classes named), what it is for, and the risks of facial-expression recognition.
 
 Written at registration from the run's config and its best checkpoint's validation confusion matrix;
-``jobs/evaluate.py`` appends the test results when it evaluates the version.
+``jobs/evaluate.py`` appends the test results when it evaluates the version. A bundled model
+(`ferdist.serve.bundled`) gets the same sections in its ``MODEL_CARD.md`` (`bundle_card`), with the terms of the data
+it learnt from: the card travels with the weights where no registry does.
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ def model_card(
         f"label smoothing {cfg.optim.label_smoothing:g}, class weights {cfg.optim.class_weights}, global batch "
         f"{cfg.loop.global_batch_size}, seed {cfg.seed}. Best epoch: {best['epoch']}.", "",
         results_section(best["confusion"], heading=f"Validation results (epoch {best['epoch']})"),
+        *use_sections(),
+    ])  # fmt: skip
+
+
+def use_sections() -> list[str]:
+    """Intended use, what the model is not for, and the bias and misuse risks: the same for every FER model."""
+    return [
         "## Intended use", "",
         "Research and prototyping on expression recognition: aggregate statistics over many faces, human-computer "
         "interaction studies with consenting participants, benchmarking. Input: one cropped face per image; the "
@@ -108,4 +117,91 @@ def model_card(
         "- Low resolution (48×48 grey) and occlusion (glasses, masks, hands) degrade accuracy.",
         "- Misuse risk: covert emotion surveillance of employees, students or the public. The EU AI Act prohibits "
         "emotion recognition in workplaces and schools (except for medical or safety reasons).", "",
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- bundled models (ferdist.serve.bundled)
+
+FER2013 = "FER2013 (Goodfellow et al. 2013, ICML 2013 Challenges in Representation Learning, Kaggle)"
+
+
+def terms_section(manifest: Manifest | None, *, pretrained: str) -> list[str]:
+    """Whose terms the weights come under: the data's (they are learnt from it), and the pretrained backbone's."""
+    if manifest is None:
+        data = ("The shards' manifest could not be read when this card was written, so the data these weights learnt "
+                "from, and its terms, are not stated here: find them out before using or sharing the weights.")
+    elif manifest.source.synthetic:
+        data = ("The faces are ferdist's own SYNTHETIC drawings (`ferdist/data/synth.py`): no third-party images, so "
+                "no data terms beyond ferdist's licence (Apache-2.0).")
+    elif manifest.source.kind == "kaggle-csv":
+        data = (f"{FER2013}. FER2013 is distributed for research, through the Kaggle challenge; its faces were "
+                "collected by Google image search and belong to their rights holders, not to the dataset's makers "
+                "or to ferdist. The terms these weights come under are therefore the dataset's, not ferdist's "
+                "licence (Apache-2.0 covers the code only): use them for research, and check FER2013's terms before "
+                "any other use or before passing the weights on.")
+    else:
+        data = (f"The faces come from `{manifest.source.name}` ({manifest.source.kind}): the terms are those of "
+                "whoever holds those images; check them before using or sharing these weights.")
+    backbone = [] if pretrained.startswith("random:") else [
+        f"The backbone started from `{pretrained}`: its own licence, and the terms of the data it was pretrained on, "
+        "apply as well.", ""]  # fmt: skip
+    return ["## Data terms", "", data, "", *backbone]
+
+
+def scores_section(summary: dict[str, Any] | None) -> list[str]:
+    """The scores the model's checkpoint recorded (validation, and test where evaluated), per class where known."""
+    summary = summary or {}
+    metrics = summary.get("metrics", {})
+    named = {"val/acc": "val accuracy", "val/macro_f1": "val macro-F1", "test/acc": "test accuracy",
+             "test/macro_f1": "test macro-F1"}  # fmt: skip
+    scores = [f"{label} {float(metrics[key]):.4f}" for key, label in named.items() if key in metrics]
+    if not scores:
+        return ["## Results", "", "No scores were recorded with this model (its checkpoint has no summary.json).", ""]
+    lines = ["## Results", "", f"{', '.join(scores)} (epoch {summary.get('epoch', '?')}; val picked the epoch).", ""]
+    if "confusion" in summary:
+        lines.append(results_section(summary["confusion"], heading="Validation results per class"))
+    return lines
+
+
+def bundle_card(
+    name: str,
+    *,
+    cfg: RunConfig,
+    summary: dict[str, Any] | None,
+    source: str,
+    backbone: dict[str, Any],
+    parameters: int,
+    manifest: Manifest | None,
+) -> str:
+    """MODEL_CARD.md of bundled model ``name``: the classifier of ``source`` (the URI it was exported from), trained
+    by ``cfg`` (``summary``: its checkpoint's summary.json) on the shards whose manifest is ``manifest``; ``backbone``
+    is the ViTMAEConfig dict and ``parameters`` the parameter count."""
+    synthetic = manifest is not None and manifest.source.synthetic
+    size, pretrained = cfg.model.image_size, cfg.model.pretrained
+    init = (f"randomly initialised (`{pretrained}`), not pretrained" if pretrained.startswith("random:")
+            else f"fine-tuned from `{pretrained}`")  # fmt: skip
+    geometry = (f"ViT-MAE encoder, {backbone.get('num_hidden_layers')} layers of width {backbone.get('hidden_size')} "
+                f"({backbone.get('num_attention_heads')} heads, MLP {backbone.get('intermediate_size')}, patch "
+                f"{backbone.get('patch_size')}), {cfg.model.pooling} pooling, a linear head over 7 classes; "
+                f"{parameters:,} parameters ({parameters / 1e6:.2f} M)")  # fmt: skip
+    return "\n".join([
+        f"# {name}" + (" (SYNTHETIC data)" if synthetic else ""), "",
+        *([SYNTHETIC_WARNING, ""] if synthetic else []),
+        "A facial-expression classifier bundled with ferdist: usable right after install, with no training and no "
+        f"tracking store (`python jobs/predict.py photo.jpg --model {name}`, or "
+        f"`ferdist.serve.bundled.predictor(\"{name}\")` in Python).", "",
+        "## Model", "",
+        f"- Architecture: {geometry}.",
+        f"- Origin: exported from `{source}` (run `{cfg.name}`, epoch {(summary or {}).get('epoch', '?')}); {init}.",
+        f"- Input: one face, a 48×48 grey crop as in FER2013 (uint8, 0 = black), resized to {size}×{size} and "
+        "normalised by ferdist; `jobs/predict.py` finds and crops the faces of a photo first.",
+        f"- Output: 7 probabilities in the order {', '.join(FER_CLASSES)} (`ferdist.constants.FER_CLASSES`).",
+        "- Files: `model.safetensors` (every weight), `backbone.json`, `config.yaml` (the run's config), "
+        "`summary.json` (its scores), `expected.json` (its probabilities on 16 check faces, which a fresh install "
+        "must reproduce).", "",
+        "## Data it learnt from", "",
+        *data_section(cfg.data.manifest, manifest),
+        *terms_section(manifest, pretrained=pretrained),
+        *scores_section(summary),
+        *use_sections(),
     ])  # fmt: skip

@@ -208,13 +208,18 @@ def fetch_checkpoint(
     """The checkpoint folder behind ``uri``, copied under ``dest`` where it is remote.
 
     ``uri``: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (the registry), ``runs:/RUN_ID/model``, a logged
-    model folder (with ``MLmodel``), a checkpoint folder (with ``model.pt``), or an ``s3://`` checkpoint prefix.
+    model folder (with ``MLmodel``), a checkpoint folder (with ``model.pt``), an ``s3://`` checkpoint prefix, or a
+    model bundled with ferdist: ``bundled:NAME``, or a bare NAME where no file or folder has that name (its folder,
+    used in place: `ferdist.serve.bundled`).
 
     Raises:
         FerdistError: the URI names no model, or the folder holds neither a checkpoint nor an MLflow model.
     """
+    from ferdist.serve import bundled
     from ferdist.train.checkpoint import MODEL_FILE, TRAINED_FILE
 
+    if uri.startswith(bundled.PREFIX):
+        return bundled.folder(uri.removeprefix(bundled.PREFIX)), ModelRef(uri)
     if uri.startswith(("models:/", "runs:/")):
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
@@ -261,16 +266,19 @@ def fetch_checkpoint(
         return runs.download(stored, dest / "checkpoint"), ModelRef(uri)
     local = Path(uri).expanduser()
     if not local.exists():
+        if uri in (known := bundled.names()):
+            return bundled.folder(uri), ModelRef(uri)
         raise FerdistError(f"no model at {uri}; pass models:/fer-vitmae@champion, runs:/RUN_ID/model, a "
-                           "checkpoint folder or an s3:// checkpoint")  # fmt: skip
+                           "checkpoint folder, an s3:// checkpoint or a bundled model's name "
+                           f"({', '.join(known) or 'none bundled yet'})")  # fmt: skip
     return _checkpoint_in(local, uri), ModelRef(uri)
 
 
 def _checkpoint_in(folder: Path, uri: str) -> Path:
-    from ferdist.train.checkpoint import MODEL_FILE, TRAINED_FILE
+    from ferdist.train.checkpoint import MODEL_FILE, SAFE_MODEL_FILE, TRAINED_FILE
 
     for candidate in (folder, folder / "artifacts" / "checkpoint"):
-        # A model checkpoint, or resume state (its frozen weights come from model.pretrained again).
-        if (candidate / MODEL_FILE).is_file() or (candidate / TRAINED_FILE).is_file():
+        # A model checkpoint or a bundle, or resume state (its frozen weights come from model.pretrained again).
+        if any((candidate / name).is_file() for name in (MODEL_FILE, SAFE_MODEL_FILE, TRAINED_FILE)):
             return candidate
     raise FerdistError(f"{uri} is neither a ferdist checkpoint (no {MODEL_FILE}) nor a ferdist MLflow model")
