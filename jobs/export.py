@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="onnx: one .onnx file; bundle: a folder to ship in ferdist/models/ (see above)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the .onnx file, or the bundle's folder, to write")
     p.add_argument("--name", default=None, help="--format bundle: the bundle's name (default: --out's folder name)")
+    p.add_argument("--evaluate", default=None, metavar="MANIFEST",
+                   help="--format bundle: score the written bundle on the test split (FER2013 PrivateTest) of this "
+                        "shard set, single model and no TTA, and put the result in its MODEL_CARD.md")  # fmt: skip
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")  # fmt: skip
     p.add_argument("--force", action="store_true",
@@ -134,9 +137,14 @@ def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
                        backbone=model.backbone.config.to_dict(), parameters=sum(p.numel() for p in model.parameters()))
     console.print(f"bundling {source.what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px) as "
                   f"{name}…", highlight=False)  # fmt: skip
+    test = None
+    if args.evaluate:  # opened first: a wrong manifest is refused before anything is written
+        test = open_dataset(args.evaluate, endpoint_url=args.endpoint_url)
+        test.manifest.split("test")
     out = bundled.write_bundle(model, source.cfg, args.out, summary=source.summary, card=card, force=args.force)
     size = sum(f.stat().st_size for f in out.iterdir())
-    return [
+    scored = [] if test is None else [score_bundle(out, test, args.evaluate)]
+    return [*scored,
         f"wrote {out}/ ({size / 1e6:.1f} MB): {', '.join(sorted(f.name for f in out.iterdir()))}",
         f"expected.json: its probabilities on {bundled.CHECK_FACES} check faces, which every load must reproduce",
         f"use it: python jobs/predict.py photo.jpg --model {name}" if out.resolve().parent == bundled.ROOT
@@ -144,6 +152,23 @@ def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
         f"{bundled.ROOT})",
         *not_pretrained(source.cfg),
     ]
+
+
+def score_bundle(out: Path, dataset, manifest: str) -> str:  # noqa: ANN001
+    """The written bundle (loaded back from its files) on ``dataset``'s test split; the result goes into its card."""
+    from ferdist.serve import bundled
+    from ferdist.serve.evaluation import evaluate_split
+    from ferdist.serve.inference import Predictor
+    from ferdist.track.model_card import results_section
+    from ferdist.train.checkpoint import load_classifier
+
+    model, cfg = load_classifier(out)
+    result = evaluate_split(Predictor(model, image_size=cfg.model.image_size), dataset, "test")
+    data = f"{'SYNTHETIC ' if dataset.manifest.source.synthetic else ''}test split of {manifest}"
+    heading = f"Results on the {data} (single model, no TTA)"
+    card = out / bundled.CARD_FILE
+    card.write_text(card.read_text().rstrip() + "\n\n" + results_section(result.confusion, heading=heading) + "\n")
+    return f"test accuracy {result.report.accuracy:.4f}, macro-F1 {result.report.macro_f1:.4f} ({data}), in its card"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,6 +163,21 @@ def scores_section(summary: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def teacher_lines(cfg: RunConfig) -> list[str]:
+    """The card's line on the teachers the model was distilled from, and what they saw (none: no line)."""
+    if not cfg.distill.on:
+        return []
+    from ferdist.config import PEER_TEACHER
+
+    teachers = ", ".join(f"`{t}`" for t in cfg.distill.teacher)
+    saw = (" The fer peer's checkpoint was picked by its authors on PublicTest + PrivateTest loss, so this model has "
+           "learnt, through it, from the test split: its test score is not a clean measurement."
+           if PEER_TEACHER in cfg.distill.teacher else "")  # fmt: skip
+    return [f"- Distilled from: {teachers} ({cfg.distill.kind} targets, weight {cfg.distill.weight:g}"
+            f"{f', temperature {cfg.distill.temperature:g}' if cfg.distill.kind == 'soft' else ''}); the teachers "
+            f"are not part of this model.{saw}"]  # fmt: skip
+
+
 def bundle_card(
     name: str,
     *,
@@ -193,6 +208,7 @@ def bundle_card(
         "## Model", "",
         f"- Architecture: {geometry}.",
         f"- Origin: exported from `{source}` (run `{cfg.name}`, epoch {(summary or {}).get('epoch', '?')}); {init}.",
+        *teacher_lines(cfg),
         f"- Input: one face, a 48×48 grey crop as in FER2013 (uint8, 0 = black), resized to {size}×{size} and "
         "normalised by ferdist; `jobs/predict.py` finds and crops the faces of a photo first.",
         f"- Output: 7 probabilities in the order {', '.join(FER_CLASSES)} (`ferdist.constants.FER_CLASSES`).",

@@ -303,6 +303,44 @@ def test_the_card_names_the_data_and_its_terms(checkpoint: Path, tmp_path: Path)
     assert "could not be read when this card was written" in bundle_card("x", manifest=None, **common)
 
 
+def test_evaluate_scores_the_written_bundle_on_the_test_split_and_puts_it_in_the_card(
+    checkpoint: Path, synth_shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ferdist.data.loader import open_dataset
+    from ferdist.serve.evaluation import evaluate_split
+    from ferdist.serve.inference import Predictor
+
+    out = tmp_path / "scored"
+    export_bundle(checkpoint, out, "--evaluate", str(synth_shards))
+    model, cfg = load_classifier(checkpoint)
+    predictor = Predictor(model, image_size=cfg.model.image_size)
+    expected = evaluate_split(predictor, open_dataset(str(synth_shards)), "test")
+    card = (out / bundled.CARD_FILE).read_text()
+    assert f"## Results on the test split of {synth_shards} (single model, no TTA)" in card
+    assert f"Accuracy {expected.report.accuracy:.4f}, macro-F1 {expected.report.macro_f1:.4f} on 35 faces" in card
+    assert f"test accuracy {expected.report.accuracy:.4f}" in capsys.readouterr().err.replace("\n", " ")
+    assert bundled.check(out).ok  # the card is not part of what a load checks
+    # A shard set with no such split is refused before anything is written.
+    import export as job
+
+    assert job.main(["--model", str(checkpoint), "--format", "bundle", "--out", str(tmp_path / "never"),
+                     "--evaluate", str(tmp_path / "no-shards")]) == 2  # fmt: skip
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_card_of_a_distilled_model_names_its_teachers_and_what_the_peer_saw(checkpoint: Path) -> None:
+    from ferdist.track.model_card import teacher_lines
+
+    _, cfg = load_classifier(checkpoint)
+    assert teacher_lines(cfg) == []
+    taught = load_config(None, ["distill.teacher=['peer:fer', 'models:/big@champion']", "distill.kind=hard"])
+    (line,) = teacher_lines(taught)
+    assert line.startswith("- Distilled from: `peer:fer`, `models:/big@champion` (hard targets, weight 0.5)")
+    assert "learnt, through it, from the test split" in line
+    (soft,) = teacher_lines(load_config(None, ["distill.teacher=models:/big@champion", "distill.temperature=2"]))
+    assert "(soft targets, weight 0.5, temperature 2)" in soft and "test split" not in soft
+
+
 def test_a_bundle_exports_to_onnx(checkpoint: Path, bundle_root: Path, tmp_path: Path) -> None:
     for package in ("onnx", "onnxscript", "onnxruntime"):
         pytest.importorskip(package, reason='the ONNX export needs the export extra: pip install -e ".[export]"')
