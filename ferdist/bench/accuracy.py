@@ -336,10 +336,61 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
 
     results |= peer_and_majority(manifest, console)
     results.setdefault("bundled", {"model_uri": None, "test_acc": None})
+    for key, name, teacher in (("bundled", args.bundle, False), ("bundled_distilled", args.bundle_distilled, True)):
+        best = results["best_with_teacher" if teacher else "best_no_teacher"]
+        if not name or best is None:
+            continue
+        if teacher and (results["best_no_teacher"] or {}).get("val_acc", 0.0) >= best["val_acc"]:
+            console.print(f"{best['name']} is no better than {results['best_no_teacher']['name']} on PublicTest: "
+                          "not bundled", highlight=False)  # fmt: skip
+            continue
+        kept = saved.get(key) or {}
+        out, uri = bundle_target(name)
+        if kept.get("row") == best["name"] and bench_results.relative(uri) == kept.get("model_uri") and out.is_dir():
+            console.print(f"{uri}: kept from the results file", highlight=False)
+            results[key] = kept
+            continue
+        results[key] = bundle_row(best["name"], out, uri, run=storage / f"acc-{stamp}-{best['name']}",
+                                  manifest=manifest, console=console)  # fmt: skip
+        save()
     results["complete"] = True
     save()
     print_accuracy(results, console)
     return results
+
+
+def bundle_target(name: str) -> tuple[Path, str]:
+    """Where bundle ``name`` goes and the URI that loads it: ferdist/models/NAME and ``bundled:NAME``, or for a
+    ``name`` with a ``/``, that folder and its path."""
+    from ferdist.serve import bundled
+
+    if "/" in name:
+        return Path(name).resolve(), str(Path(name).resolve())
+    return bundled.ROOT / name, f"{bundled.PREFIX}{name}"
+
+
+def bundle_row(row: str, out: Path, uri: str, *, run: Path, manifest: Path, console: Console) -> dict[str, Any]:
+    """The row's best model shipped as the bundle ``out`` (by ``jobs/export.py --format bundle``, as a maintainer
+    would), then scored on PrivateTest through ``uri``, as a user loads it."""
+    command = [sys.executable, str(ROOT / "jobs" / "export.py"), "--model", str(best_model_folder(run)), "--format",
+               "bundle", "--out", str(out), "--force", "--evaluate", str(manifest)]  # fmt: skip
+    run_job(command, console)
+    score = score_uri(uri, manifest)
+    return {"model_uri": uri, "row": row, "test_acc": score["accuracy"], "test_macro_f1": score["macro_f1"],
+            "command": " ".join(command[1:])}  # fmt: skip
+
+
+def score_uri(uri: str, manifest: Path) -> dict[str, Any]:
+    """The model at ``uri`` (resolved as evaluate.py resolves it) on PrivateTest, single model, no TTA."""
+    from ferdist.data.loader import open_dataset
+    from ferdist.serve.inference import Predictor
+    from ferdist.track.registry import fetch_checkpoint
+    from ferdist.train.checkpoint import load_classifier
+
+    with tempfile.TemporaryDirectory(prefix="ferdist-bench-bundle-") as tmp:
+        folder, _ = fetch_checkpoint(uri, Path(tmp))
+        model, cfg = load_classifier(folder)
+    return timed_evaluation(Predictor(model, image_size=cfg.model.image_size), open_dataset(str(manifest)), "test")
 
 
 def peer_and_majority(manifest: Path, console: Console) -> dict[str, Any]:
@@ -394,5 +445,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", default="runs/benchmark", help="runs and the pretrained folder go here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every job")
     parser.add_argument("--json", type=Path, help="also write the results here (after every stage)")
+    parser.add_argument("--bundle", default=None, metavar="NAME",
+                        help="ship the best row without a teacher (PublicTest picks it) as ferdist/models/NAME and "
+                             "score it through bundled:NAME (a NAME with a / is a folder elsewhere)")  # fmt: skip
+    parser.add_argument("--bundle-distilled", default=None, metavar="NAME",
+                        help="the same for the best row with a teacher, if PublicTest says it beats the best without")
     parser.add_argument("--resume", action="store_true",
                         help="continue the --json file of a stopped run: finished stages kept, the stopped one resumed")

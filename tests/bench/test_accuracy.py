@@ -30,7 +30,7 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     monkeypatch.chdir(tmp_path)  # the runs and results go here; the JSON names them relative to it
     plan = write_plan(tmp_path / "plan.yaml", [{"name": "base"}, {"name": "slow-lr", "set": ["optim.lr=1e-5"]}])
     args = ["accuracy", "--plan", str(plan), "--manifest", str(synth_shards), "--storage", "runs", "--name", "t",
-            "--json", "acc.json"]  # fmt: skip
+            "--json", "acc.json", "--bundle", "models/acc-t"]  # fmt: skip
     assert benchmark.main(args) == 0
     text = (tmp_path / "acc.json").read_text()
     results = json.loads(text)
@@ -51,6 +51,10 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     assert results["majority"]["test_acc"] == pytest.approx(5 / 35, abs=0.03)  # balanced synthetic test split
     assert results["peer"] is None or results["peer"]["test_acc"] > 0  # absent here: said in peer_skipped
     assert results["stages"]["pretrain"]["epochs"] == 1
+    # The headline row is shipped as a bundle and scored through the URI a user gives predict.py and evaluate.py.
+    assert results["bundled"]["model_uri"] == "models/acc-t" and results["bundled"]["row"] == best["name"]
+    assert results["bundled"]["test_acc"] == pytest.approx(best["test_acc"], abs=1e-9)
+    assert "Results on the test split of" in (tmp_path / "models" / "acc-t" / "MODEL_CARD.md").read_text()
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
 
     # Resume: what ran is kept as it was (no job starts, nothing re-scored); a changed row is refused. (A row the
