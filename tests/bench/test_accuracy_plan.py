@@ -66,3 +66,25 @@ def test_a_malformed_teacher_in_a_plan_is_one_sentence(tmp_path: Path) -> None:
     plan.write_text("finetune: {config: jobs/configs/quickstart.yaml}\nrows:\n  - name: a\n    teacher: {x: 1}\n")
     with pytest.raises(FerdistError, match=r"a row's 'teacher' in the plan .* must be a URI or a list of URIs"):
         load_plan(plan)
+
+
+def test_the_final_rows_of_the_plan_are_the_shipped_configs_that_reproduce_them() -> None:
+    import dataclasses
+
+    from ferdist.config import load_config
+
+    plan = load_plan(PLAN)
+    rows = {r.name: r for r in plan.rows}
+    configs = PLAN.parents[1] / "configs"
+
+    def comparable(cfg):  # noqa: ANN001, ANN202
+        """Names, tracking, the pretrained folder and the teachers' URIs differ by design; the recipe must not."""
+        cfg = dataclasses.replace(cfg, name="x", model=dataclasses.replace(cfg.model, pretrained="p"))
+        return dataclasses.replace(cfg, tracking=load_config(None).tracking,
+                                   distill=dataclasses.replace(cfg.distill, teacher=()))  # fmt: skip
+
+    row = load_config(plan.finetune_config, [*plan.finetune_set, *rows["final"].set])
+    assert comparable(row) == comparable(load_config(configs / "fer2013-final-cpu.yaml"))
+    taught = rows["final-ensemble-teacher"]
+    row = load_config(plan.finetune_config, [*plan.finetune_set, *taught.set])
+    assert comparable(row) == comparable(load_config(configs / "fer2013-distilled-cpu.yaml"))
