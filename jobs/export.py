@@ -23,6 +23,7 @@ package, and `python jobs/predict.py photo.jpg --model NAME` uses it (ferdist.se
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -89,6 +90,29 @@ def fetch(args: argparse.Namespace) -> Source:
     return Source(model=model, cfg=cfg, summary=summary, what=f"{args.model} ({what})" if ref.version else what)
 
 
+def portable_path(path: str) -> str:
+    """``path`` relative to the working directory where it lies under it: a bundle ships to other machines, so its
+    config and card do not name this one's folders (``/home/me/ferdist/shards/fer2013`` becomes
+    ``shards/fer2013``)."""
+    local = Path(path)
+    if not local.is_absolute():
+        return path
+    try:
+        return str(local.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+def portable(cfg):  # noqa: ANN001, ANN201
+    """The run config with its local paths made `portable_path`s (data, pretrained source, teachers, storage)."""
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, manifest=portable_path(cfg.data.manifest)),
+        model=dataclasses.replace(cfg.model, pretrained=portable_path(cfg.model.pretrained)),
+        distill=dataclasses.replace(cfg.distill, teacher=tuple(portable_path(t) for t in cfg.distill.teacher)),
+        checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=portable_path(cfg.checkpoint.storage_path)),
+    )  # fmt: skip
+
+
 def to_onnx(args: argparse.Namespace, console: Console) -> list[str]:
     from ferdist.serve import export
 
@@ -133,6 +157,7 @@ def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
         print_error(console, f"MODEL_CARD.md cannot name the data the model learnt from ({exn})", label="warning")
         manifest = None
     model = source.model
+    source = dataclasses.replace(source, cfg=portable(source.cfg), what=portable_path(source.what))
     card = bundle_card(name, cfg=source.cfg, summary=source.summary, source=source.what, manifest=manifest,
                        backbone=model.backbone.config.to_dict(), parameters=sum(p.numel() for p in model.parameters()))
     console.print(f"bundling {source.what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px) as "

@@ -328,6 +328,17 @@ def test_evaluate_scores_the_written_bundle_on_the_test_split_and_puts_it_in_the
     assert not (tmp_path / "never").exists()
 
 
+def test_a_bundle_names_no_folder_of_the_machine_that_wrote_it(
+    checkpoint: Path, synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(synth_shards.parent)  # the shards lie under the working directory, as in a checkout
+    out = tmp_path / "portable"
+    export_bundle(checkpoint, out)
+    _, cfg = load_classifier(out)
+    assert cfg.data.manifest == synth_shards.name
+    assert str(synth_shards.parent) not in (out / CONFIG_FILE).read_text() + (out / bundled.CARD_FILE).read_text()
+
+
 def test_the_card_of_a_distilled_model_names_its_teachers_and_what_the_peer_saw(checkpoint: Path) -> None:
     from ferdist.track.model_card import teacher_lines
 
