@@ -176,7 +176,9 @@ def write_bundle(
     try:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(weights, str(partial / SAFE_MODEL_FILE), metadata={"format": "pt", "ferdist": __version__})
-        (partial / BACKBONE_FILE).write_text(json.dumps(model.backbone.config.to_dict(), indent=1, sort_keys=True))
+        # Without "_name_or_path": the folder the backbone was loaded from on the machine that trained it.
+        backbone = {k: v for k, v in model.backbone.config.to_dict().items() if k != "_name_or_path"}
+        (partial / BACKBONE_FILE).write_text(json.dumps(backbone, indent=1, sort_keys=True))
         (partial / CONFIG_FILE).write_text(to_yaml(cfg))
         if summary is not None:
             (partial / SUMMARY_FILE).write_text(json.dumps(summary, indent=1))
