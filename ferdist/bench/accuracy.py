@@ -82,15 +82,14 @@ def teacher_description(row: Row) -> str | None:
         return None
     if row.teacher_saw:
         return row.teacher_saw
-    from ferdist.serve.peers import FER_VERSION
+    from ferdist.serve.peers import PEER_SAW
 
     said = []
     for t in row.teachers:
         if t.startswith(ROW_TEACHER):
             said.append(f"row {t[len(ROW_TEACHER):]}: FER2013 train, its epoch picked on PublicTest")
         elif t == "peer:fer":
-            said.append(f"fer {FER_VERSION} mini-XCEPTION: its authors picked its checkpoint on PublicTest + "
-                        "PrivateTest loss (it has seen the test split)")  # fmt: skip
+            said.append(PEER_SAW)
         else:
             said.append(f"{t}: see its run")
     return "; ".join(said)

