@@ -129,6 +129,15 @@ def dataset_record(dataset: ShardedDataset) -> DatasetRecord:
     )  # fmt: skip
 
 
+def shard_command(dest: str) -> str:
+    """The command that writes the dataset at ``dest``, for an error to suggest: jobs/shard.py needs a --source, and
+    the generated set's (``synthetic``) is the one a folder name can tell."""
+    name = dest.rstrip("/").rsplit("/", 1)[-1].lower()
+    source = "synthetic" if "synthetic" in name else "FER2013.CSV"
+    where = "" if source == "synthetic" else ", FER2013.CSV being your fer2013.csv[.gz|.xz] or 'synthetic'"
+    return f"python jobs/shard.py --source {source} --dest {dest}{where}"
+
+
 def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float = 0.0) -> ShardedDataset:
     """Reads the manifest at ``uri`` (a dataset folder/prefix, or the manifest.json itself); ``outage_s``: how long
     this and every shard read waits out an unreachable store (see `ferdist.outage`)."""
@@ -141,7 +150,7 @@ def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float =
         data = storage.read_bytes(manifest_uri, endpoint_url=endpoint_url, outage_s=outage_s)
     except MissingError:
         raise FerdistError(
-            f"no manifest at '{manifest_uri}'; shard the data there first (python jobs/shard.py --dest {base}) — "
+            f"no manifest at '{manifest_uri}'; shard the data there first ({shard_command(base)}) — "
             "a folder of shards without manifest.json is an incomplete dataset"
         ) from None
     return ShardedDataset(manifest=manifest_from_json(data, uri=manifest_uri), base_uri=base, endpoint_url=endpoint_url,
@@ -294,7 +303,7 @@ class _ShardStream(IterableDataset):
             except MissingError:
                 raise FerdistError(
                     f"shard '{url}' is listed in the manifest but missing; re-create the dataset with "
-                    f"python jobs/shard.py --dest {refs[url].dataset} (it re-writes only what is missing)"
+                    f"{shard_command(refs[url].dataset)} (it re-writes only what is missing)"
                 ) from None
             shard = decode_shard(data, shard=url, sha256=refs[url].sha256,
                                  on_bad=lambda _s, why, r=reasons: r.append(why))  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from conftest import REAL_FER2013, ROOT
 
 from ferdist.config import DataConfig
 from ferdist.data.loader import build_loader, open_dataset
+from ferdist.errors import FerdistError
 
 
 def _read_all(uri: str, split: str, endpoint: str | None = None) -> list[tuple[int, int]]:
@@ -298,3 +300,17 @@ def test_numbers_on_the_command_line_are_read_strictly(
     err = capsys.readouterr().err.strip().splitlines()
     assert f"error: argument {flag}: '{value}' is not a " in err[-1]
     assert not (tmp_path / "s").exists()
+
+
+def test_the_command_a_missing_dataset_suggests_is_one_that_writes_it(tmp_path: Path) -> None:
+    # The sentence is what a new user copies: it must run as written (jobs/shard.py refuses a call without --source).
+    dest = tmp_path / "shards" / "synthetic"
+    with pytest.raises(FerdistError) as info:
+        open_dataset(str(dest))
+    suggested = str(info.value).split("shard the data there first (", 1)[1].split(")", 1)[0]
+    assert suggested == f"python jobs/shard.py --source synthetic --dest {dest}"
+    assert shard_job.main(shlex.split(suggested)[2:]) == 0
+    assert open_dataset(str(dest)).manifest.source.synthetic
+    with pytest.raises(FerdistError, match=r"\(python jobs/shard\.py --source FER2013\.CSV --dest \S*fer2013, "
+                                           r"FER2013\.CSV being your fer2013\.csv"):  # fmt: skip
+        open_dataset(str(tmp_path / "fer2013"))
