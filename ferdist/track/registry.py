@@ -225,11 +225,15 @@ def fetch_checkpoint(
         from mlflow.tracking import MlflowClient
 
         from ferdist.config import TrackingConfig
-        from ferdist.track.store import explained_refusal
+        from ferdist.track.store import explained_refusal, missing_sqlite_file
         from ferdist.track.store import tracking_uri as configured_uri
 
         # The same rule as runs: MLFLOW_TRACKING_URI, else ./mlflow.db.
         tracking_uri = tracking_uri or configured_uri(TrackingConfig())
+        if (absent := missing_sqlite_file(tracking_uri)) is not None:
+            raise FerdistError(f"cannot load the model {uri}: there is no tracking store at {absent} (nothing has been "
+                               "tracked from this directory); run from the directory that trained it, or set "
+                               "MLFLOW_TRACKING_URI to the store that holds it")  # fmt: skip
         ref = ModelRef(uri)
         try:
             if uri.startswith("models:/"):
@@ -281,4 +285,5 @@ def _checkpoint_in(folder: Path, uri: str) -> Path:
         # A model checkpoint or a bundle, or resume state (its frozen weights come from model.pretrained again).
         if any((candidate / name).is_file() for name in (MODEL_FILE, SAFE_MODEL_FILE, TRAINED_FILE)):
             return candidate
-    raise FerdistError(f"{uri} is neither a ferdist checkpoint (no {MODEL_FILE}) nor a ferdist MLflow model")
+    raise FerdistError(f"{uri} is neither a ferdist checkpoint (no {MODEL_FILE}) nor a ferdist MLflow model; point at "
+                       "a model_epoch_* folder of a run, or pass a models:/ or runs:/ URI")

@@ -34,6 +34,16 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def missing_sqlite_file(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store that does not exist yet, else None. Opening it would create an empty
+    store, so a reader (a model to load) is told instead of leaving a new mlflow.db behind."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = Path(uri[len(prefix) :].split("?", 1)[0])
+    return None if path.exists() else path
+
+
 def caller() -> str:
     """Who the requests are made as, for messages (never the secret itself)."""
     if user := os.environ.get("MLFLOW_TRACKING_USERNAME"):

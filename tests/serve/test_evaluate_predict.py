@@ -84,7 +84,15 @@ def test_evaluate_bad_input_is_one_sentence(
 ) -> None:
     import evaluate as job
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    assert job.main(["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot load the model models:/no-such-model@champion: there is no tracking store at {store}" in err
+    assert "Traceback" not in err and not store.exists()  # a reader never leaves an empty store behind
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # an existing store without that model
     future = tmp_path / "future"
     shutil.copytree(synth_shards, future)
     manifest = json.loads((future / "manifest.json").read_text())

@@ -228,5 +228,5 @@ def test_a_bad_teacher_is_one_sentence_before_ray_starts_and_nothing_is_written(
     assert rc == 2
     assert re.search(message, " ".join(err.split())), err
     assert "Traceback" not in err
-    assert not storage.exists()
+    assert not storage.exists() and not (tmp_path / "mlflow.db").exists()
 
