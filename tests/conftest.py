@@ -259,17 +259,33 @@ def running_ray_head(temp_dir: Path, node_env: dict[str, str] | None = None) -> 
     # A job's `python` is the first on the node's PATH: this environment's, as the runtime image arranges.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env |= node_env or {}
-    subprocess.run(
+    # In a session of its own, every process the head starts shares `ray start`'s process group, so the teardown
+    # ends this head and nothing else: `ray stop` would end every Ray of this user on the machine (a training job
+    # or benchmark running beside the suite).
+    start = subprocess.Popen(
         [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}", "--num-cpus=2",
          "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
          "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        check=True, capture_output=True, env=env, timeout=180,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
+        output, _ = start.communicate(timeout=180)
+        assert start.returncode == 0, output.decode(errors="replace")
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        subprocess.run([RAY, "stop"], capture_output=True, env=env, timeout=120)
+        stop_process_group(start.pid)
+
+
+def stop_process_group(pgid: int, *, grace_s: float = 60.0) -> None:
+    """SIGTERM to every process of the group (Ray's own graceful stop), SIGKILL to what is left after ``grace_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)  # raises once the group is empty
+            time.sleep(0.2)
+        os.killpg(pgid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
