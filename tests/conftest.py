@@ -277,8 +277,9 @@ def running_ray_head(temp_dir: Path, node_env: dict[str, str] | None = None) -> 
         stop_process_group(start.pid)
 
 
-def stop_process_group(pgid: int, *, grace_s: float = 60.0) -> None:
-    """SIGTERM to every process of the group (Ray's own graceful stop), SIGKILL to what is left after ``grace_s``."""
+def stop_process_group(pgid: int, *, grace_s: float = 16.0) -> None:
+    """SIGTERM to every process of the group, SIGKILL to what is left after ``grace_s`` (as `ray stop` does, with its
+    default grace: a GCS server can outlive its raylet's SIGTERM)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s

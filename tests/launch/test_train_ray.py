@@ -98,9 +98,12 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def _train_worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # This test's cluster, by address: with none the state API refuses a machine where another Ray runs too.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])  # fmt: skip
     return [a.pid for a in actors]
 
 
