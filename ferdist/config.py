@@ -883,6 +883,7 @@ def load_config(
         doc = {k: v for k, v in (doc or {}).items() if k not in SWEEP_SECTIONS}
         flat.update(_yaml_settings(doc, loaded, root, path))
         where.update(dict.fromkeys(flat, str(path)))
+    types_ = _leaf_types(root)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
@@ -892,6 +893,10 @@ def load_config(
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
             parsed = value
+        if parsed is not None and not isinstance(parsed, str) and _wants_text(types_.get(key.strip())):
+            # A text setting takes what was typed: `--set loop.compile=off` is 'off', not YAML's false, and
+            # `--set name=2024-05-01` a name, not a date (a file still needs quotes there, and says so).
+            parsed = value.strip()
         flat[key.strip()] = value if isinstance(parsed, (dict, list)) else parsed
         where[key.strip()] = "command line"
     origins = Origins(where, str(path) if path is not None else "command line")

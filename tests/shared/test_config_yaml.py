@@ -238,3 +238,14 @@ def test_the_train_job_refuses_a_repeated_section_in_one_line_before_anything_ru
     assert "Traceback" not in err
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "jobs", "jobs/configs", "jobs/configs/x.yaml"]  # fmt: skip
+
+
+def test_a_text_setting_on_the_command_line_takes_what_was_typed() -> None:
+    """Catches --set reading a text setting's value as YAML: `--set loop.compile=off` was refused as the boolean false
+    (quoting it in a shell does not reach YAML), a name of digits became a number and a dated name a date."""
+    cfg = load_config(None, ["loop.compile=off", "name=2024-05-01", "tracking.registered_model=1.5",
+                             "model.pretrained=no", "tracking.tracking_uri=null", "loop.epochs=3"])  # fmt: skip
+    assert (cfg.loop.compile, cfg.name, cfg.tracking.registered_model) == ("off", "2024-05-01", "1.5")
+    assert cfg.model.pretrained == "no" and cfg.tracking.tracking_uri is None and cfg.loop.epochs == 3
+    with pytest.raises(FerdistError, match=r"loop.compile must be one of 'off', 'default', 'max-autotune', got 'on'"):
+        load_config(None, ["loop.compile=on"])
