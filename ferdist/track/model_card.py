@@ -72,9 +72,13 @@ def model_card(
     """The card for a model trained by ``cfg`` whose best checkpoint's summary.json is ``best``, on the shards whose
     manifest is ``manifest``."""
     pretrained = cfg.model.pretrained
-    init = (f"**randomly initialised** (`{pretrained}`): not pretrained, so these numbers say nothing about what "
-            "the pretrained recipe reaches" if pretrained.startswith("random:")
-            else f"fine-tuned from `{pretrained}` (ImageNet-pretrained ViT-MAE)")  # fmt: skip
+    if pretrained.startswith("random:"):
+        init = (f"**randomly initialised** (`{pretrained}`): not pretrained, so these numbers say nothing about what "
+                "the pretrained recipe reaches")  # fmt: skip
+    elif pretrained.startswith("facebook/vit-mae"):
+        init = f"fine-tuned from `{pretrained}` (ImageNet-pretrained ViT-MAE)"
+    else:  # e.g. a backbone jobs/pretrain.py wrote: its images are whatever that run read, not ImageNet's
+        init = f"fine-tuned from `{pretrained}`"
     title = f"# {cfg.tracking.registered_model}" + (f" v{version}" if version else "")
     if manifest is not None and manifest.source.synthetic:
         title += " (SYNTHETIC data)"
@@ -92,6 +96,7 @@ def model_card(
         f"Training: {cfg.loop.epochs} epochs max, AdamW lr {cfg.optim.lr:g}, weight decay {cfg.optim.weight_decay:g}, "
         f"label smoothing {cfg.optim.label_smoothing:g}, class weights {cfg.optim.class_weights}, global batch "
         f"{cfg.loop.global_batch_size}, seed {cfg.seed}. Best epoch: {best['epoch']}.", "",
+        *(teacher_lines(cfg) + [""] if cfg.distill.on else []),
         results_section(best["confusion"], heading=f"Validation results (epoch {best['epoch']})"),
         *use_sections(),
     ])  # fmt: skip

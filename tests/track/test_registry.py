@@ -143,6 +143,22 @@ def test_the_model_card_says_synthetic_and_describes_the_shards_it_was_trained_o
                                                                     kind="kaggle-csv", name="fer2013.csv"))  # fmt: skip
     card = model_card(cfg, best=best, version="2", manifest=real)
     assert "SYNTHETIC" not in card and "val = PublicTest" in card and "`fer2013.csv` (kaggle-csv" in card
+    assert "Distilled from" not in card and "(ImageNet-pretrained ViT-MAE)" in card  # the default backbone
+
+
+def test_the_model_card_names_the_backbone_and_the_teachers_as_they_were() -> None:
+    """Catches a card that called every non-random backbone ImageNet-pretrained (one MAE-pretrained here on faces
+    too), and one that left out what a distilled model learnt from."""
+    from ferdist.track.model_card import model_card
+
+    best = {"epoch": 3, "confusion": np.diag([5, 1, 3, 10, 2, 4, 6]).tolist()}
+    own = model_card(load_config(None, ["model.pretrained=pretrained/mae-faces"]), best=best)
+    assert "fine-tuned from `pretrained/mae-faces`;" in own and "ImageNet" not in own
+    hub = model_card(load_config(None, ["model.pretrained=facebook/vit-mae-base"]), best=best)
+    assert "fine-tuned from `facebook/vit-mae-base` (ImageNet-pretrained ViT-MAE)" in hub
+    taught = model_card(load_config(None, ["distill.teacher=['peer:fer', 'models:/big@champion']"]), best=best)
+    assert "- Distilled from: `peer:fer`, `models:/big@champion` (soft targets, weight 0.5, temperature 4)" in taught
+    assert "learnt, through it, from the test split" in taught
 
 
 def test_publishing_a_finished_run_again_reuses_its_version(
