@@ -56,14 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         from ferdist.data.loader import open_dataset
         from ferdist.serve.evaluation import evaluate_split
         from ferdist.serve.inference import Predictor
-        from ferdist.track.registry import fetch_checkpoint
-        from ferdist.train.checkpoint import load_classifier
+        from ferdist.track.registry import load_model
 
         dataset = open_dataset(args.manifest, endpoint_url=args.endpoint_url)
         dataset.manifest.split(args.split)  # an absent split fails before the model is fetched
-        with tempfile.TemporaryDirectory(prefix="ferdist-eval-") as tmp:
-            folder, ref = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)
-            model, cfg = load_classifier(folder)
+        loaded = load_model(args.model, endpoint_url=args.endpoint_url)
+        model, cfg, ref = loaded.model, loaded.cfg, loaded.ref
         import torch
 
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")

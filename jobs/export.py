@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,16 +76,12 @@ class Source:
 
 
 def fetch(args: argparse.Namespace) -> Source:
-    from ferdist.track.registry import fetch_checkpoint
-    from ferdist.train.checkpoint import load_classifier
-    from ferdist.train.runs import SUMMARY_FILE
+    from ferdist.track.registry import load_model
 
-    with tempfile.TemporaryDirectory(prefix="ferdist-export-") as tmp:
-        folder, ref = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)
-        model, cfg = load_classifier(folder)
-        summary = json.loads((folder / SUMMARY_FILE).read_text()) if (folder / SUMMARY_FILE).is_file() else None
-    what = f"{ref.name} v{ref.version}" if ref.version else args.model
-    return Source(model=model, cfg=cfg, summary=summary, what=f"{args.model} ({what})" if ref.version else what)
+    loaded = load_model(args.model, endpoint_url=args.endpoint_url)
+    ref = loaded.ref
+    what = f"{args.model} ({ref.name} v{ref.version})" if ref.version else args.model
+    return Source(model=loaded.model, cfg=loaded.cfg, summary=loaded.summary, what=what)
 
 
 def portable_path(path: str) -> str:

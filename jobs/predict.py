@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from rich.console import Console
@@ -85,12 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from ferdist.serve.inference import Predictor
-        from ferdist.track.registry import fetch_checkpoint
-        from ferdist.train.checkpoint import load_classifier
+        from ferdist.track.registry import load_model
 
-        with tempfile.TemporaryDirectory(prefix="ferdist-predict-") as tmp:
-            folder, _ = fetch_checkpoint(args.model, Path(tmp), endpoint_url=args.endpoint_url)
-            model, cfg = load_classifier(folder)
+        loaded = load_model(args.model, endpoint_url=args.endpoint_url)
+        model, cfg = loaded.model, loaded.cfg
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
         predictor = Predictor(model, image_size=cfg.model.image_size, batch_size=args.batch_size, tta=args.tta)
         rows = predict_files(predictor, files, detect=args.detect)

@@ -383,13 +383,11 @@ def score_uri(uri: str, manifest: Path) -> dict[str, Any]:
     """The model at ``uri`` (resolved as evaluate.py resolves it) on PrivateTest, single model, no TTA."""
     from ferdist.data.loader import open_dataset
     from ferdist.serve.inference import Predictor
-    from ferdist.track.registry import fetch_checkpoint
-    from ferdist.train.checkpoint import load_classifier
+    from ferdist.track.registry import load_model
 
-    with tempfile.TemporaryDirectory(prefix="ferdist-bench-bundle-") as tmp:
-        folder, _ = fetch_checkpoint(uri, Path(tmp))
-        model, cfg = load_classifier(folder)
-    return timed_evaluation(Predictor(model, image_size=cfg.model.image_size), open_dataset(str(manifest)), "test")
+    loaded = load_model(uri)
+    predictor = Predictor(loaded.model, image_size=loaded.cfg.model.image_size)
+    return timed_evaluation(predictor, open_dataset(str(manifest)), "test")
 
 
 def peer_and_majority(manifest: Path, console: Console) -> dict[str, Any]:

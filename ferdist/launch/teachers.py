@@ -7,9 +7,7 @@ classes is one sentence then, with nothing written); each worker calls `make_tea
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,24 +52,21 @@ def load_member(uri: str, cfg: RunConfig) -> tuple[Member, TeacherInfo]:
             return (x - 0.5) * 2.0
 
         return Member(model, to_peer, name=uri, answers_probabilities=True), TeacherInfo(uri, PEER_SAW)
-    from ferdist.track.registry import fetch_checkpoint
-    from ferdist.train.checkpoint import load_classifier
+    from ferdist.track.registry import load_model
 
-    with tempfile.TemporaryDirectory(prefix="ferdist-teacher-") as tmp:
-        try:
-            folder, _ = fetch_checkpoint(uri, Path(tmp), endpoint_url=cfg.data.endpoint_url)
-            summary_file = folder / "summary.json"
-            classes = json.loads(summary_file.read_text()).get("classes") if summary_file.is_file() else None
-            model, teacher_cfg = load_classifier(folder)
-        except FerdistError as exn:
-            raise FerdistError(f"distill.teacher {uri}: {exn}") from None
-        except RuntimeError as exn:  # load_state_dict: a head of another size is another set of classes
-            found = re.search(r"head\.weight: copying a param with shape torch\.Size\(\[(\d+)", str(exn))
-            if found is None:
-                raise FerdistError(f"distill.teacher {uri} is not a ferdist classifier of the FER2013 classes "
-                                   f"({str(exn).splitlines()[0]}); give a model trained by jobs/train.py") from None
-            raise FerdistError(f"distill.teacher {uri} answers {found.group(1)} classes, not FER2013's "
-                               f"{list(FER_CLASSES)}; distil only from a model trained on the same classes") from None
+    try:
+        loaded = load_model(uri, endpoint_url=cfg.data.endpoint_url)
+    except FerdistError as exn:
+        raise FerdistError(f"distill.teacher {uri}: {exn}") from None
+    except RuntimeError as exn:  # load_state_dict: a head of another size is another set of classes
+        found = re.search(r"head\.weight: copying a param with shape torch\.Size\(\[(\d+)", str(exn))
+        if found is None:
+            raise FerdistError(f"distill.teacher {uri} is not a ferdist classifier of the FER2013 classes "
+                               f"({str(exn).splitlines()[0]}); give a model trained by jobs/train.py") from None
+        raise FerdistError(f"distill.teacher {uri} answers {found.group(1)} classes, not FER2013's "
+                           f"{list(FER_CLASSES)}; distil only from a model trained on the same classes") from None
+    model, teacher_cfg = loaded.model, loaded.cfg
+    classes = (loaded.summary or {}).get("classes")
     answers = model.head.out_features
     if classes is None:  # checkpoints before the class list was recorded: ferdist only ever trained FER's order
         classes = list(FER_CLASSES) if answers == len(FER_CLASSES) else None

@@ -278,6 +278,40 @@ def fetch_checkpoint(
     return _checkpoint_in(local, uri), ModelRef(uri)
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A classifier read from a model URI, on the CPU in eval mode."""
+
+    model: Any
+    """The `ferdist.train.model.FerClassifier`."""
+    cfg: Any
+    """The `ferdist.config.RunConfig` it was trained with."""
+    summary: dict[str, Any] | None
+    """Its checkpoint's summary.json (epoch, scores, classes), where it has one."""
+    ref: ModelRef
+
+
+def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str | None = None) -> LoadedModel:
+    """The classifier behind ``uri``, resolved as `fetch_checkpoint` resolves it: what every job that takes
+    ``--model`` (evaluate, predict, export, a distillation teacher, the benchmarks) loads, the one way.
+
+    Raises:
+        FerdistError: as `fetch_checkpoint`, or the folder's files cannot be read as a ferdist classifier.
+    """
+    import json
+    import tempfile
+
+    from ferdist.train.checkpoint import load_classifier
+    from ferdist.train.runs import SUMMARY_FILE
+
+    with tempfile.TemporaryDirectory(prefix="ferdist-model-") as tmp:
+        folder, ref = fetch_checkpoint(uri, Path(tmp), tracking_uri=tracking_uri, endpoint_url=endpoint_url)
+        summary_file = folder / SUMMARY_FILE
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        model, cfg = load_classifier(folder)
+    return LoadedModel(model=model, cfg=cfg, summary=summary, ref=ref)
+
+
 def _checkpoint_in(folder: Path, uri: str) -> Path:
     from ferdist.train.checkpoint import MODEL_FILE, SAFE_MODEL_FILE, TRAINED_FILE
 
