@@ -26,9 +26,8 @@ import argparse
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -39,7 +38,7 @@ from ferdist.errors import FerdistError  # noqa: E402
 
 if TYPE_CHECKING:
     from ferdist.config import RunConfig
-    from ferdist.train.model import FerClassifier
+    from ferdist.track.registry import LoadedModel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,25 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@dataclass(frozen=True)
-class Source:
-    """The model --model names, loaded on the CPU."""
-
-    model: FerClassifier
-    cfg: RunConfig
-    summary: dict[str, Any] | None
-    """Its checkpoint's summary.json (epoch, scores, confusion), where it has one."""
-    what: str
-    """How to name it: the URI, or NAME vVERSION for the registry."""
-
-
-def fetch(args: argparse.Namespace) -> Source:
+def fetch(args: argparse.Namespace) -> tuple[LoadedModel, str]:
+    """The model --model names, and how to name it: the URI, with NAME vVERSION for the registry."""
     from ferdist.track.registry import load_model
 
     loaded = load_model(args.model, endpoint_url=args.endpoint_url)
     ref = loaded.ref
-    what = f"{args.model} ({ref.name} v{ref.version})" if ref.version else args.model
-    return Source(model=loaded.model, cfg=loaded.cfg, summary=loaded.summary, what=what)
+    return loaded, f"{args.model} ({ref.name} v{ref.version})" if ref.version else args.model
 
 
 def portable_path(path: str) -> str:
@@ -113,10 +100,10 @@ def to_onnx(args: argparse.Namespace, console: Console) -> list[str]:
     export.check_destination(args.out, force=args.force)
     export.check_opset(args.opset)
     export.require_packages()
-    source = fetch(args)
+    source, what = fetch(args)
     cfg, size = source.cfg, source.cfg.model.image_size
-    metadata = export.onnx_metadata(image_size=size, model_uri=source.what, backbone=cfg.model.pretrained)
-    console.print(f"exporting {source.what} ({cfg.model.pretrained} at {size} px) to ONNX opset {args.opset}…")
+    metadata = export.onnx_metadata(image_size=size, model_uri=what, backbone=cfg.model.pretrained)
+    console.print(f"exporting {what} ({cfg.model.pretrained} at {size} px) to ONNX opset {args.opset}…")
     result = export.export_checked(source.model, args.out, image_size=size, metadata=metadata, opset=args.opset)
     return [
         f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset})",
@@ -144,17 +131,17 @@ def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
         raise FerdistError(f"a bundle in {bundled.ROOT} is named by its folder, not --name {name}; drop --name or "
                            f"write to {bundled.ROOT / name}")  # fmt: skip
     bundled.check_destination(args.out, force=args.force)
-    source = fetch(args)
+    source, what = fetch(args)
     try:  # the card names the data and its terms from the shards' own manifest
         manifest = open_dataset(source.cfg.data.manifest, endpoint_url=source.cfg.data.endpoint_url).manifest
     except FerdistError as exn:
         print_error(console, f"MODEL_CARD.md cannot name the data the model learnt from ({exn})", label="warning")
         manifest = None
     model = source.model
-    source = dataclasses.replace(source, cfg=portable(source.cfg), what=portable_path(source.what))
-    card = bundle_card(name, cfg=source.cfg, summary=source.summary, source=source.what, manifest=manifest,
+    source, what = dataclasses.replace(source, cfg=portable(source.cfg)), portable_path(what)
+    card = bundle_card(name, cfg=source.cfg, summary=source.summary, source=what, manifest=manifest,
                        backbone=model.backbone.config.to_dict(), parameters=sum(p.numel() for p in model.parameters()))
-    console.print(f"bundling {source.what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px) as "
+    console.print(f"bundling {what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px) as "
                   f"{name}…", highlight=False)  # fmt: skip
     test = None
     if args.evaluate:  # opened first: a wrong manifest is refused before anything is written
