@@ -23,5 +23,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 MANIFEST_NAME = "manifest.json"
+DEFAULT_SAMPLES_PER_SHARD = 64
+"""jobs/shard.py's samples per tar: FER2013 train → 449 shards, 7 per rank even at 64 GPUs."""
+SYNTHETIC_DEFAULT_ROWS = 3000
+"""jobs/shard.py's size of the generated SYNTHETIC set."""
 SHARD_FORMAT = "ferdist-fer-shards"
 SHARD_FORMAT_VERSION = 1

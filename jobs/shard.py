@@ -20,7 +20,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.console import print_error  # noqa: E402
-from ferdist.constants import FER_CLASSES  # noqa: E402
+from ferdist.constants import DEFAULT_SAMPLES_PER_SHARD, FER_CLASSES, SYNTHETIC_DEFAULT_ROWS  # noqa: E402
 from ferdist.data.sharding import ShardingResult, write_shards  # noqa: E402
 from ferdist.data.sources import open_source, synthetic_source  # noqa: E402
 from ferdist.errors import FerdistError, Interrupted  # noqa: E402
@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--samples-per-shard",
         type=positive_int,
-        default=64,
-        help="samples per tar (default 64: FER2013 train → 449 shards, 7 per rank even at 64 GPUs)",
+        default=DEFAULT_SAMPLES_PER_SHARD,
+        help=f"samples per tar (default {DEFAULT_SAMPLES_PER_SHARD}: FER2013 train → 449 shards, 7 per rank even at 64 "
+        "GPUs)",
     )
     p.add_argument(
         "--endpoint-url",
@@ -99,7 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="--source is a folder of face images without labels (any sub-folders, any sizes): they become the "
         "'unlabeled' split, which only MAE pretraining reads (jobs/pretrain.py, data.extra)",
     )
-    p.add_argument("--synthetic-rows", type=positive_int, default=3000, help="size of the SYNTHETIC set (default 3000)")
+    p.add_argument("--synthetic-rows", type=positive_int, default=SYNTHETIC_DEFAULT_ROWS,
+                   help=f"size of the SYNTHETIC set (default {SYNTHETIC_DEFAULT_ROWS})")  # fmt: skip
     return p.parse_args(argv)
 
 

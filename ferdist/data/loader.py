@@ -20,6 +20,8 @@ import functools
 import hashlib
 import itertools
 import logging
+import re
+import shlex
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +33,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ferdist import storage
 from ferdist.config import DataConfig, redact_uri
-from ferdist.constants import MANIFEST_NAME, PRETRAIN_SPLITS
+from ferdist.constants import (
+    DEFAULT_SAMPLES_PER_SHARD,
+    MANIFEST_NAME,
+    PRETRAIN_SPLITS,
+    SYNTHETIC_DEFAULT_ROWS,
+    UNLABELED_SPLIT,
+)
 from ferdist.data.shards import DecodedShard, Manifest, decode_shard, manifest_from_json
 from ferdist.errors import CorruptDataError, FerdistError, MissingError
 
@@ -47,6 +55,8 @@ class ShardRef:
     sha256: str
     dataset: str
     """The dataset folder or prefix it belongs to (named when the shard is missing)."""
+    remake: str = ""
+    """The command that wrote that dataset (`shard_command`), for the sentence when the shard is missing."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,8 @@ class ShardedDataset:
         info = self.manifest.split(split, labelled=labelled)
         uris = self.manifest.shard_uris(self.base_uri, split)
         pairs = zip(uris, info.shards, strict=True)
-        refs = tuple(ShardRef(uri, s.samples, s.sha256, self.base_uri) for uri, s in pairs)
+        remake = shard_command(self.base_uri, self.manifest, endpoint_url=self.endpoint_url)
+        refs = tuple(ShardRef(uri, s.samples, s.sha256, self.base_uri, remake) for uri, s in pairs)
         return Selection(name=f"split '{split}'", shards=refs, class_counts=tuple(info.class_counts),
                          endpoint_url=self.endpoint_url, outage_s=self.outage_s)  # fmt: skip
 
@@ -129,13 +140,31 @@ def dataset_record(dataset: ShardedDataset) -> DatasetRecord:
     )  # fmt: skip
 
 
-def shard_command(dest: str) -> str:
-    """The command that writes the dataset at ``dest``, for an error to suggest: jobs/shard.py needs a --source, and
-    the generated set's (``synthetic``) is the one a folder name can tell."""
-    name = dest.rstrip("/").rsplit("/", 1)[-1].lower()
-    source = "synthetic" if "synthetic" in name else "FER2013.CSV"
-    where = "" if source == "synthetic" else ", FER2013.CSV being your fer2013.csv[.gz|.xz] or 'synthetic'"
-    return f"python jobs/shard.py --source {source} --dest {dest}{where}"
+def shard_command(dest: str, manifest: Manifest | None = None, *, endpoint_url: str | None = None) -> str:
+    """The jobs/shard.py command that writes the dataset at ``dest``, for an error to suggest. With its manifest
+    (a shard gone missing) it is the command that wrote it: the same source and options give the same shards, so a
+    re-run writes only what is missing. Without one, a guess from the folder's name (jobs/shard.py needs --source)."""
+    where = ""
+    if manifest is None:
+        name = dest.rstrip("/").rsplit("/", 1)[-1].lower()
+        source = "synthetic" if "synthetic" in name else "FER2013.CSV"
+        if source != "synthetic":
+            where = ", FER2013.CSV being your fer2013.csv[.gz|.xz] or 'synthetic'"
+        options = []
+    elif generated := re.fullmatch(r"synthetic-(\d+)-seed(\d+)\.csv", manifest.source.name):
+        source, (rows, seed) = "synthetic", generated.groups()  # the set --source synthetic generates, by its name
+        options = [] if int(rows) == SYNTHETIC_DEFAULT_ROWS else ["--synthetic-rows", rows]
+        options += [] if seed == "0" else ["--seed", seed]
+    else:
+        source = f"PATH/{manifest.source.name}"
+        where = f", PATH being the folder of the {manifest.source.name} it was sharded from"
+        options = ["--unlabeled"] if UNLABELED_SPLIT in manifest.splits else []
+    if manifest is not None and manifest.samples_per_shard != DEFAULT_SAMPLES_PER_SHARD:
+        options += ["--samples-per-shard", str(manifest.samples_per_shard)]
+    if endpoint_url:
+        options += ["--endpoint-url", endpoint_url]
+    command = shlex.join(["python", "jobs/shard.py", "--source", source, "--dest", dest, *options])
+    return command + where
 
 
 def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float = 0.0) -> ShardedDataset:
@@ -150,7 +179,8 @@ def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float =
         data = storage.read_bytes(manifest_uri, endpoint_url=endpoint_url, outage_s=outage_s)
     except MissingError:
         raise FerdistError(
-            f"no manifest at '{manifest_uri}'; shard the data there first ({shard_command(base)}) — "
+            f"no manifest at '{manifest_uri}'; shard the data there first "
+            f"({shard_command(base, endpoint_url=endpoint_url)}) — "
             "a folder of shards without manifest.json is an incomplete dataset"
         ) from None
     return ShardedDataset(manifest=manifest_from_json(data, uri=manifest_uri), base_uri=base, endpoint_url=endpoint_url,
@@ -303,7 +333,7 @@ class _ShardStream(IterableDataset):
             except MissingError:
                 raise FerdistError(
                     f"shard '{url}' is listed in the manifest but missing; re-create the dataset with "
-                    f"{shard_command(refs[url].dataset)} (it re-writes only what is missing)"
+                    f"{refs[url].remake} (it re-writes only what is missing)"
                 ) from None
             shard = decode_shard(data, shard=url, sha256=refs[url].sha256,
                                  on_bad=lambda _s, why, r=reasons: r.append(why))  # fmt: skip

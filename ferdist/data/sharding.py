@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ferdist import storage
-from ferdist.constants import MANIFEST_NAME, NUM_CLASSES, SPLITS, UNLABELED_SPLIT
+from ferdist.constants import DEFAULT_SAMPLES_PER_SHARD, MANIFEST_NAME, NUM_CLASSES, SPLITS, UNLABELED_SPLIT
 from ferdist.data.shards import Manifest, ShardInfo, build_shard, encode_pngs, sha256_hex, shard_name, split_info
 from ferdist.data.sources import Source
 from ferdist.errors import Interrupted, MissingError
@@ -145,7 +145,7 @@ def write_shards(
     source: Source,
     dest: str,
     *,
-    samples_per_shard: int = 64,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
     workers: int | None = None,
     endpoint_url: str | None = None,
     on_encoded: ProgressFn = lambda n: None,

@@ -205,7 +205,9 @@ def test_loader_worker_errors_are_the_one_sentence(synth_shards: Path, tmp_path:
             pass
     message = str(info.value)
     assert message.startswith(f"shard '{dest / 'train-000005.tar'}' is listed in the manifest but missing; ")
-    assert f"python jobs/shard.py --source FER2013.CSV --dest {dest}," in message
+    remake = f"python jobs/shard.py --source PATH/synth.csv --dest {dest} --samples-per-shard 16"
+    assert (f"re-create the dataset with {remake}, PATH being the folder of the synth.csv it was sharded from (it "
+            "re-writes only what is missing)") in message  # fmt: skip
     assert "\n" not in message and "Traceback" not in message
     (dest / "train-000005.tar").write_bytes((synth_shards / "train-000005.tar").read_bytes())
     strict = DataConfig(loader_workers=workers, max_bad_samples=3)

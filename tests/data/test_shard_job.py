@@ -311,6 +311,18 @@ def test_the_command_a_missing_dataset_suggests_is_one_that_writes_it(tmp_path: 
     assert suggested == f"python jobs/shard.py --source synthetic --dest {dest}"
     assert shard_job.main(shlex.split(suggested)[2:]) == 0
     assert open_dataset(str(dest)).manifest.source.synthetic
+    # A shard gone missing: the sentence gives the command that wrote the set, which re-writes that shard alone.
+    lost = dest / "train-000003.tar"
+    kept = lost.read_bytes()
+    lost.unlink()
+    with pytest.raises(FerdistError) as info:
+        _read_all(str(dest), "train")
+    suggested = str(info.value).split("re-create the dataset with ", 1)[1].split(" (it re-writes", 1)[0]
+    assert suggested == f"python jobs/shard.py --source synthetic --dest {dest}"
+    others = {p.name: p.stat().st_mtime_ns for p in dest.glob("*.tar")}
+    assert shard_job.main(shlex.split(suggested)[2:]) == 0
+    assert lost.read_bytes() == kept
+    assert {p.name: p.stat().st_mtime_ns for p in dest.glob("*.tar") if p != lost} == others
     with pytest.raises(FerdistError, match=r"\(python jobs/shard\.py --source FER2013\.CSV --dest \S*fer2013, "
                                            r"FER2013\.CSV being your fer2013\.csv"):  # fmt: skip
         open_dataset(str(tmp_path / "fer2013"))
