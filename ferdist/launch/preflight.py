@@ -11,6 +11,7 @@ from pathlib import Path
 from ferdist import storage
 from ferdist.config import PretrainConfig, PretrainDataConfig, RunConfig, redacted, to_flat_dict
 from ferdist.errors import FerdistError
+from ferdist.track.store import absolute_uri, tracking_uri
 from ferdist.track.tracking import check_registration, open_run, prepare_tracking
 
 AnyConfig = RunConfig | PretrainConfig
@@ -96,6 +97,10 @@ def with_absolute_paths(cfg: AnyConfig) -> AnyConfig:
     extra = {}
     if isinstance(cfg, RunConfig):  # a teacher given as a local checkpoint folder
         extra["distill"] = dataclasses.replace(cfg.distill, teacher=tuple(absolute(t) for t in cfg.distill.teacher))
+        if any(t.startswith(("models:/", "runs:/")) for t in cfg.distill.teacher):
+            # A worker runs in another directory (and on a cluster without the driver's environment): it reads a
+            # registry teacher from the store the driver resolved, even where the run itself tracks nothing.
+            extra["tracking"] = dataclasses.replace(cfg.tracking, tracking_uri=absolute_uri(tracking_uri(cfg.tracking)))
     return dataclasses.replace(
         cfg,
         data=data,

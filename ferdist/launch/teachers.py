@@ -7,7 +7,6 @@ classes is one sentence then, with nothing written); each worker calls `make_tea
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,18 +52,13 @@ def load_member(uri: str, cfg: RunConfig) -> tuple[Member, TeacherInfo]:
 
         return Member(model, to_peer, name=uri, answers_probabilities=True), TeacherInfo(uri, PEER_SAW)
     from ferdist.track.registry import load_model
+    from ferdist.track.store import tracking_uri
 
     try:
-        loaded = load_model(uri, endpoint_url=cfg.data.endpoint_url)
-    except FerdistError as exn:
-        raise FerdistError(f"distill.teacher {uri}: {exn}") from None
-    except RuntimeError as exn:  # load_state_dict: a head of another size is another set of classes
-        found = re.search(r"head\.weight: copying a param with shape torch\.Size\(\[(\d+)", str(exn))
-        if found is None:
-            raise FerdistError(f"distill.teacher {uri} is not a ferdist classifier of the FER2013 classes "
-                               f"({str(exn).splitlines()[0]}); give a model trained by jobs/train.py") from None
-        raise FerdistError(f"distill.teacher {uri} answers {found.group(1)} classes, not FER2013's "
-                           f"{list(FER_CLASSES)}; distil only from a model trained on the same classes") from None
+        loaded = load_model(uri, endpoint_url=cfg.data.endpoint_url, tracking_uri=tracking_uri(cfg.tracking))
+    except FerdistError as exn:  # "URI answers 5 classes…" reads on as "distill.teacher URI answers 5 classes…"
+        said = str(exn) if str(exn).startswith(uri) else f"{uri}: {exn}"
+        raise FerdistError(f"distill.teacher {said}") from None
     model, teacher_cfg = loaded.model, loaded.cfg
     classes = (loaded.summary or {}).get("classes")
     answers = model.head.out_features

@@ -296,11 +296,14 @@ def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str |
     ``--model`` (evaluate, predict, export, a distillation teacher, the benchmarks) loads, the one way.
 
     Raises:
-        FerdistError: as `fetch_checkpoint`, or the folder's files cannot be read as a ferdist classifier.
+        FerdistError: as `fetch_checkpoint`, or the weights do not fit a ferdist classifier of FER2013's classes
+            (a head of another size is another set of classes).
     """
     import json
+    import re
     import tempfile
 
+    from ferdist.constants import FER_CLASSES
     from ferdist.train.checkpoint import load_classifier
     from ferdist.train.runs import SUMMARY_FILE
 
@@ -308,7 +311,15 @@ def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str |
         folder, ref = fetch_checkpoint(uri, Path(tmp), tracking_uri=tracking_uri, endpoint_url=endpoint_url)
         summary_file = folder / SUMMARY_FILE
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-        model, cfg = load_classifier(folder)
+        try:
+            model, cfg = load_classifier(folder)
+        except RuntimeError as exn:  # load_state_dict's size mismatches
+            found = re.search(r"head\.weight: copying a param with shape torch\.Size\(\[(\d+)", str(exn))
+            if found is None:
+                raise FerdistError(f"{uri} is not a ferdist classifier of the FER2013 classes "
+                                   f"({str(exn).splitlines()[0]}); give a model trained by jobs/train.py") from None
+            raise FerdistError(f"{uri} answers {found.group(1)} classes, not FER2013's {list(FER_CLASSES)}; give a "
+                               "model trained on the same classes") from None  # fmt: skip
     return LoadedModel(model=model, cfg=cfg, summary=summary, ref=ref)
 
 

@@ -93,6 +93,11 @@ def test_evaluate_bad_input_is_one_sentence(
     from mlflow.tracking import MlflowClient
 
     MlflowClient(f"sqlite:///{store}").search_experiments()  # an existing store without that model
+    five = tmp_path / "five-classes"  # a head of another size: another set of classes, not a traceback
+    shutil.copytree(checkpoint, five)
+    state = torch.load(five / "model.pt", weights_only=True)
+    state["head.weight"], state["head.bias"] = state["head.weight"][:5], state["head.bias"][:5]
+    torch.save(state, five / "model.pt")
     future = tmp_path / "future"
     shutil.copytree(synth_shards, future)
     manifest = json.loads((future / "manifest.json").read_text())
@@ -103,6 +108,7 @@ def test_evaluate_bad_input_is_one_sentence(
          "cannot load the model models:/no-such-model@champion"),
         (["--model", str(tmp_path / "nothing"), "--manifest", str(synth_shards)], "no model at"),
         (["--model", str(tmp_path), "--manifest", str(synth_shards)], "is neither a ferdist checkpoint"),
+        (["--model", str(five), "--manifest", str(synth_shards)], f"{five} answers 5 classes, not FER2013's"),
         (["--model", str(checkpoint), "--manifest", str(synth_shards), "--split", "dev"], "has no 'dev' split"),
     ]  # fmt: skip
     for argv, message in cases:

@@ -230,3 +230,28 @@ def test_a_bad_teacher_is_one_sentence_before_ray_starts_and_nothing_is_written(
     assert "Traceback" not in err
     assert not storage.exists() and not (tmp_path / "mlflow.db").exists()
 
+
+
+def test_a_registry_teacher_is_read_from_the_store_the_driver_resolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a worker (which runs in another directory) looking for a models:/ teacher in its own ./mlflow.db
+    rather than the driver's store, where the driver's check had found it."""
+    from mlflow.tracking import MlflowClient
+
+    from ferdist.launch.preflight import with_absolute_paths
+    from ferdist.launch.teachers import load_member
+
+    driver, worker = tmp_path / "driver", tmp_path / "worker"
+    driver.mkdir(), worker.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(driver)
+    MlflowClient(f"sqlite:///{driver / 'mlflow.db'}").search_experiments()  # the driver's default store
+    cfg = with_absolute_paths(load_config(None, ["distill.teacher=models:/teacher@champion", "tracking.backend=none"]))
+    assert cfg.tracking.tracking_uri == f"sqlite:///{driver / 'mlflow.db'}"
+    monkeypatch.chdir(worker)
+    with pytest.raises(FerdistError, match=rf"from the tracking store sqlite:///{driver}/mlflow\.db \(Registered Model "
+                                           r"with name=teacher not found\)"):  # fmt: skip
+        load_member("models:/teacher@champion", cfg)
+    assert not (worker / "mlflow.db").exists()
+    assert with_absolute_paths(load_config(None, [f"distill.teacher={tmp_path}"])).tracking.tracking_uri is None
