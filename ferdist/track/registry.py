@@ -232,8 +232,8 @@ def fetch_checkpoint(
         tracking_uri = tracking_uri or configured_uri(TrackingConfig())
         if (absent := missing_sqlite_file(tracking_uri)) is not None:
             raise FerdistError(f"cannot load the model {uri}: there is no tracking store at {absent} (nothing has been "
-                               "tracked from this directory); run from the directory that trained it, or set "
-                               "MLFLOW_TRACKING_URI to the store that holds it")  # fmt: skip
+                               "tracked there); run from the directory that trained it, or set MLFLOW_TRACKING_URI "
+                               "to the store that holds it")  # fmt: skip
         ref = ModelRef(uri)
         try:
             if uri.startswith("models:/"):

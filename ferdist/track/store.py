@@ -40,8 +40,10 @@ def missing_sqlite_file(uri: str) -> Path | None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return None
-    path = Path(uri[len(prefix) :].split("?", 1)[0])
-    return None if path.exists() else path
+    name, _, query = uri[len(prefix) :].partition("?")
+    if name in ("", ":memory:") or name.startswith("file:") or "uri=true" in query.lower():
+        return None  # in memory, or SQLite's own URI form: not a plain file to look for
+    return None if Path(name).exists() else Path(name)
 
 
 def caller() -> str:

@@ -104,3 +104,19 @@ def test_a_loop_handed_no_tracker_refuses_a_config_that_asks_for_tracking(synth_
     with pytest.raises(FerdistError, match="asks for tracking.backend=mlflow but its loop was given no tracker"):
         run_training(cfg, LocalSession(tmp_path / "ck"))
     assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").rglob("model_epoch_*"))
+
+
+def test_only_a_plain_sqlite_file_that_is_not_there_counts_as_a_missing_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a reader refusing stores that need no file (in memory, SQLite's own URI form) or missing a relative or
+    absolute file that is not there (which MLflow would create, empty, on the first read)."""
+    from ferdist.track.store import missing_sqlite_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here.db").write_bytes(b"")
+    assert missing_sqlite_file("sqlite:///gone.db") == Path("gone.db")
+    assert missing_sqlite_file(f"sqlite:///{tmp_path / 'gone.db'}?timeout=5") == tmp_path / "gone.db"
+    for present in ("sqlite:///here.db", f"sqlite:///{tmp_path / 'here.db'}", "sqlite:///:memory:",
+                    "sqlite:///file:gone.db?mode=memory&uri=true", "postgresql://u@db/mlflow", "http://127.0.0.1:5000"):
+        assert missing_sqlite_file(present) is None, present
