@@ -274,12 +274,17 @@ def running_ray_head(temp_dir: Path, node_env: dict[str, str] | None = None) -> 
         assert start.returncode == 0, output.decode(errors="replace")
         yield f"http://127.0.0.1:{dashboard}"
     finally:
-        stop_process_group(start.pid)
+        stop_process_group(start)
 
 
-def stop_process_group(pgid: int, *, grace_s: float = 16.0) -> None:
-    """SIGTERM to every process of the group, SIGKILL to what is left after ``grace_s`` (as `ray stop` does, with its
-    default grace: a GCS server can outlive its raylet's SIGTERM)."""
+def stop_process_group(leader: subprocess.Popen, *, grace_s: float = 16.0) -> None:
+    """SIGTERM to every process of ``leader``'s group (a `ray start` run in a session of its own, whose daemons
+    outlive it in its group), SIGKILL to what is left after ``grace_s``, as `ray stop` does with its default grace: a
+    GCS server can outlive its raylet's SIGTERM."""
+    pgid = leader.pid
+    if leader.poll() is None:  # `ray start` itself still running (it timed out): it is part of the group too
+        leader.kill()
+    leader.wait()  # reaped, so a zombie never keeps the group alive
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s

@@ -111,11 +111,11 @@ def test_a_reclaimed_worker_node_is_replaced_and_the_run_finishes(
          *node_ports()],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
-    output, _ = head.communicate(timeout=180)
-    assert head.returncode == 0, output.decode(errors="replace")
     nodes: list[subprocess.Popen] = []
     observer: Observer | None = None
     try:
+        output, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, output.decode(errors="replace")
         nodes.append(start_worker_node(gcs, env))
         observer = Observer(gcs, env)
         wait_until(lambda: observer.ask()[0] == 2, "the worker node joining")
@@ -143,7 +143,7 @@ def test_a_reclaimed_worker_node_is_replaced_and_the_run_finishes(
         for node in nodes:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(node.pid, signal.SIGKILL)
-        stop_process_group(head.pid)  # this head only: `ray stop` would end every Ray of the user on the machine
+        stop_process_group(head)  # this head only: `ray stop` would end every Ray of the user on the machine
         shutil.rmtree(temp, ignore_errors=True)
     state = read_history(max(run_dir.glob("checkpoint_epoch_*")))
     assert [int(h["epoch"]) for h in state.history] == list(range(1, EPOCHS + 1))
