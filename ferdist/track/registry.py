@@ -225,7 +225,7 @@ def fetch_checkpoint(
         from mlflow.tracking import MlflowClient
 
         from ferdist.config import TrackingConfig
-        from ferdist.track.store import explained_refusal, missing_sqlite_file
+        from ferdist.track.store import check_server, explained_refusal, missing_sqlite_file
         from ferdist.track.store import tracking_uri as configured_uri
 
         # The same rule as runs: MLFLOW_TRACKING_URI, else ./mlflow.db.
@@ -234,6 +234,10 @@ def fetch_checkpoint(
             raise FerdistError(f"cannot load the model {uri}: there is no tracking store at {absent} (nothing has been "
                                "tracked there); run from the directory that trained it, or set MLFLOW_TRACKING_URI "
                                "to the store that holds it")  # fmt: skip
+        try:
+            check_server(tracking_uri, fix="start it, or set MLFLOW_TRACKING_URI to the store that holds the model")
+        except FerdistError as exn:
+            raise FerdistError(f"cannot load the model {uri}: {exn}") from None
         ref = ModelRef(uri)
         try:
             if uri.startswith("models:/"):

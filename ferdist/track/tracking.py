@@ -27,7 +27,7 @@ import pyarrow.fs
 from ferdist.config import RunConfig, TrackingConfig, redact_uri
 from ferdist.data.loader import DatasetRecord
 from ferdist.errors import FerdistError
-from ferdist.track.store import absolute_uri, caller, explained_refusal, tracking_uri
+from ferdist.track.store import absolute_uri, caller, check_server, explained_refusal, tracking_uri
 from ferdist.train.tracker import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -191,16 +191,8 @@ def check_tracking(cfg: TrackingConfig) -> None:
     uri = tracking_uri(cfg)
     if not uri.startswith(("http://", "https://")):
         return
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-    except requests.RequestException as exn:
-        raise FerdistError(
-            f"cannot reach the MLflow tracking server at {redact_uri(uri)} ({type(exn).__name__}); start it "
-            "(mlflow server --host 127.0.0.1 --port 5000), fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set "
-            "tracking.backend=none"
-        ) from None
+    check_server(uri, fix="start it (mlflow server --host 127.0.0.1 --port 5000), fix tracking.tracking_uri / "
+                          "MLFLOW_TRACKING_URI, or set tracking.backend=none")  # fmt: skip
     # /health answers anyone; a search is the cheapest request a server with authentication checks the login of.
     with explained_refusal(uri, action="search experiments", permission="an account"):
         _client(uri).search_experiments(max_results=1)

@@ -90,8 +90,15 @@ def test_evaluate_bad_input_is_one_sentence(
     err = capsys.readouterr().err
     assert f"cannot load the model models:/no-such-model@champion: there is no tracking store at {store}" in err
     assert "Traceback" not in err and not store.exists()  # a reader never leaves an empty store behind
+    from conftest import free_port
     from mlflow.tracking import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down := f"http://127.0.0.1:{free_port()}")  # a server that is not up
+    assert job.main(["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards)]) == 2
+    err = capsys.readouterr().err  # at once, not after MLflow's minutes of retries
+    assert f"models:/no-such-model@champion: cannot reach the MLflow tracking server at {down}" in err
+    assert "Retrying" not in err and "Traceback" not in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     MlflowClient(f"sqlite:///{store}").search_experiments()  # an existing store without that model
     five = tmp_path / "five-classes"  # a head of another size: another set of classes, not a traceback
     shutil.copytree(checkpoint, five)
