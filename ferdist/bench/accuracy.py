@@ -199,8 +199,16 @@ def score_best(run_path: Path, manifest: Path, *, tta_modes: tuple[str, ...]) ->
         "epochs": len(history), "best_epoch": int(best.summary["epoch"]), "val_acc": best.summary["metrics"]["val/acc"],
         "wall_s": epochs_wall_s(history), "params": sum(p.numel() for p in model.parameters()),
         "train_img_s": statistics.median(rates) if rates else None, "scores": scores,
-        "curve": [{"epoch": h["epoch"], "train_loss": h["train/loss"], "val_acc": h.get("val/acc")} for h in history],
+        "curve": [curve_point(h) for h in history],
     }  # fmt: skip
+
+
+def curve_point(h: dict[str, Any]) -> dict[str, Any]:
+    """One epoch of a run's history as the results keep it: the losses and accuracies that tell underfitting from
+    overfitting (train accuracy is on augmented batches), and the epoch's own seconds, which show a busy machine."""
+    keys = {"train_loss": "train/loss", "train_acc": "train/acc", "val_acc": "val/acc", "val_ema_acc": "val_ema/acc"}
+    point = {"epoch": h["epoch"], **{name: h[key] for name, key in keys.items() if key in h}}
+    return point | {"epoch_s": round(h.get("perf/cycle_s", h.get("perf/epoch_s", 0.0)), 1)}
 
 
 def best_model_folder(run_path: Path) -> Path:
@@ -307,6 +315,7 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
                 "wall_s": epochs_wall_s(history),
                 "img_s": statistics.median(h["perf/samples_per_s"] for h in history),
                 "loss": [round(h["train/loss"], 5) for h in history], "output": str(output),
+                "epoch_s": [round(h.get("perf/cycle_s", h.get("perf/epoch_s", 0.0)), 1) for h in history],
             }  # fmt: skip
             save()
         else:

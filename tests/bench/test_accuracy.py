@@ -50,7 +50,9 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     assert results["best_with_teacher"] is None and results["complete"] is True
     assert results["majority"]["test_acc"] == pytest.approx(5 / 35, abs=0.03)  # balanced synthetic test split
     assert results["peer"] is None or results["peer"]["test_acc"] > 0  # absent here: said in peer_skipped
-    assert results["stages"]["pretrain"]["epochs"] == 1
+    assert results["stages"]["pretrain"]["epochs"] == 1 and len(results["stages"]["pretrain"]["epoch_s"]) == 1
+    curve = results["stages"]["row:base"]["curve"]  # what tells underfitting from overfitting, and a busy machine
+    assert [p["epoch"] for p in curve] == [1, 2] and all(p["epoch_s"] > 0 and 0 <= p["train_acc"] <= 1 for p in curve)
     # The headline row is shipped as a bundle and scored through the URI a user gives predict.py and evaluate.py.
     assert results["bundled"]["model_uri"] == "models/acc-t" and results["bundled"]["row"] == best["name"]
     assert results["bundled"]["test_acc"] == pytest.approx(best["test_acc"], abs=1e-9)
