@@ -652,7 +652,8 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
             hint = ("; YAML reads an unquoted yes, no, on or off as a boolean, so quote the text"
                     + (f": '{spelled[0]}'" if spelled else ""))  # fmt: skip
         elif isinstance(value, (int, float)) and key.startswith("model.unfreeze"):  # [5:2] is [302] to YAML
-            hint = "; YAML reads an unquoted EPOCH:BLOCKS as a base-60 number, so quote each item: '5:2'"
+            hint = ("; YAML reads an unquoted EPOCH:BLOCKS as a base-60 number, so quote each item in a file: ['5:2'] "
+                    "(on the command line, --set model.unfreeze=[5:2,10:0] needs no quotes)")  # fmt: skip
         return FerdistError(f"{origin}: {key} must be {expected}, got {value!r}{hint}")
 
     args = typing.get_args(tp)
@@ -662,8 +663,8 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
             text = value.strip()
             if text.startswith("(") and text.endswith(")"):  # str() of a tuple, as MLflow params hold it
                 text = f"[{text[1:-1]}]"
-            try:
-                items = [] if not text else yaml.safe_load(text) if text.startswith("[") else [text]
+            try:  # every item as text, as typed (YAML's BaseLoader resolves no numbers, booleans or dates)
+                items = [] if not text else yaml.load(text, Loader=yaml.BaseLoader) if text.startswith("[") else [text]
             except yaml.YAMLError:
                 raise wrong("a list such as [shards/a, s3://bucket/b]") from None
         if not isinstance(items, (list, tuple)):
@@ -893,9 +894,13 @@ def load_config(
             parsed = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
             parsed = value
-        if parsed is not None and not isinstance(parsed, str) and _wants_text(types_.get(key.strip())):
+        tp = types_.get(key.strip())
+        if typing.get_origin(tp) is tuple or (
+            parsed is not None and not isinstance(parsed, str) and _wants_text(tp)
+        ):  # fmt: skip
             # A text setting takes what was typed: `--set loop.compile=off` is 'off', not YAML's false, and
-            # `--set name=2024-05-01` a name, not a date (a file still needs quotes there, and says so).
+            # `--set name=2024-05-01` a name, not a date (a file still needs quotes there, and says so); a list of
+            # text keeps its items as typed (`--set model.unfreeze=[5:2,10:0]`: no base-60 numbers).
             parsed = value.strip()
         flat[key.strip()] = value if isinstance(parsed, (dict, list)) else parsed
         where[key.strip()] = "command line"

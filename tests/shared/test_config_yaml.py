@@ -249,3 +249,14 @@ def test_a_text_setting_on_the_command_line_takes_what_was_typed() -> None:
     assert cfg.model.pretrained == "no" and cfg.tracking.tracking_uri is None and cfg.loop.epochs == 3
     with pytest.raises(FerdistError, match=r"loop.compile must be one of 'off', 'default', 'max-autotune', got 'on'"):
         load_config(None, ["loop.compile=on"])
+
+
+def test_a_list_of_text_on_the_command_line_keeps_its_items_as_typed() -> None:
+    """Catches --set reading a list's items as YAML: `--set model.unfreeze=[5:2,10:0]` became the base-60 numbers
+    [302, 600] and one step `5:2` the number 302, refused, and shell quotes never reached YAML."""
+    steps = ["model.freeze_blocks=4", "loop.epochs=20"]
+    assert load_config(None, [*steps, "model.unfreeze=[5:2,10:0]"]).model.unfreeze == ("5:2", "10:0")
+    assert load_config(None, [*steps, "model.unfreeze=5:2"]).model.unfreeze == ("5:2",)
+    assert load_config(None, [*steps, "model.unfreeze=['5:2', '10:0']"]).model.unfreeze == ("5:2", "10:0")
+    assert load_config(None, ["distill.teacher=[peer:fer, models:/big@1]"]).distill.teacher == ("peer:fer",
+                                                                                                "models:/big@1")
