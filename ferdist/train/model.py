@@ -17,14 +17,17 @@ This module imports no Ray, torch.distributed or MLflow: distribution is applied
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from torch import nn
@@ -256,7 +259,8 @@ def load_weights(
     transformers_logging.disable_progress_bar()
     try:
         model, info = cls.from_pretrained(source, config=config, output_loading_info=True,
-                                          attn_implementation=attention)  # fmt: skip
+                                          attn_implementation=attention,
+                                          local_files_only=hub_unreachable(source))  # fmt: skip
     except OSError as exn:
         raise FerdistError(
             f"cannot load the weights of model.pretrained={display!r} ({str(exn).splitlines()[0]}); "
@@ -317,6 +321,24 @@ def config_folder(source: str, *, endpoint_url: str | None = None) -> Iterator[s
         yield tmp
 
 
+def hub_unreachable(source: str) -> bool:
+    """Whether ``source`` is a Hugging Face id while the Hub cannot be reached from here (checked once, 5 s): then
+    only its cached copy is read. Asked anyway, the Hub client retries for half a minute, printing each retry."""
+    if Path(source).exists() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    return not _hub_answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+@functools.cache
+def _hub_answers(endpoint: str) -> bool:
+    parts = urlsplit(endpoint)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 443), timeout=5):
+            return True
+    except OSError:  # no route, no name resolution, refused, timed out
+        return False
+
+
 def load_backbone_config(source: str, *, display: str, image_size: int | None = None) -> ViTMAEConfig:
     """The ViTMAEConfig at a local folder or Hugging Face id, with masking off.
 
@@ -331,19 +353,26 @@ def load_backbone_config(source: str, *, display: str, image_size: int | None = 
         raise FerdistError(
             f"model.pretrained={display!r} is a folder without config.json; write it with save_pretrained"
         )
+    offline = hub_unreachable(source)
     try:
-        values, _ = ViTMAEConfig.get_config_dict(source)
+        values, _ = ViTMAEConfig.get_config_dict(source, local_files_only=offline)
     except OSError as exn:
         first = str(exn).splitlines()[0]
+        if offline:
+            hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+            first = f"the Hub at {hub} cannot be reached and no copy is cached"
         if local:
             raise FerdistError(
                 f"cannot read model.pretrained={display!r} ({first}); re-save it with save_pretrained"
             ) from None
+        # A missing local folder looks like a Hub id (org/name) too: say both, the user knows which was meant.
+        first_part = Path(source.split("/", 1)[0]).expanduser()
+        path_like = source.startswith((".", "/", "~")) or source.count("/") != 1 or first_part.is_dir()
+        folder = f"there is no folder {source} here, and " if path_like else ""
         raise FerdistError(
-            f"cannot load pretrained weights {display!r} ({first}); on a machine without "
-            "internet download them elsewhere (huggingface-cli download facebook/vit-mae-base) and pass "
-            "--set model.pretrained=PATH or s3://BUCKET/PREFIX, or use model.pretrained=random:tiny / random:base "
-            "for a randomly initialised backbone"
+            f"cannot load pretrained weights {display!r} ({folder}{first}); on a machine without internet download "
+            f"them elsewhere (hf download {source} --local-dir DIR) and pass --set model.pretrained=DIR or "
+            "s3://BUCKET/PREFIX, or use model.pretrained=random:tiny / random:base for a randomly initialised backbone"
         ) from None
     kind = values.get("model_type", ViTMAEConfig.model_type)  # a config without one cannot be told apart
     if kind != ViTMAEConfig.model_type:

@@ -176,7 +176,20 @@ def test_unavailable_sources_get_one_sentence_naming_the_alternatives(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FerdistError) as info:
         check_pretrained(ModelConfig(pretrained="facebook/vit-mae-base-not-cached"))
-    assert "random:tiny" in str(info.value) and "model.pretrained=PATH" in str(info.value)
+    assert "random:tiny" in str(info.value) and "model.pretrained=DIR" in str(info.value)
+    assert "hf download facebook/vit-mae-base-not-cached --local-dir DIR" in str(info.value)  # the Hub's own CLI
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    from conftest import free_port
+
+    # A Hub that does not answer (no internet): the cache is read at once, not after half a minute of retries.
+    monkeypatch.setenv("HF_ENDPOINT", hub := f"http://127.0.0.1:{free_port()}")
+    (tmp_path / "pretrained").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FerdistError) as info:
+        check_pretrained(ModelConfig(pretrained="pretrained/mistyped"))  # a folder that is not there, or a Hub id
+    assert str(info.value).startswith(f"cannot load pretrained weights 'pretrained/mistyped' (there is no folder "
+                                      f"pretrained/mistyped here, and the Hub at {hub} cannot be reached and no copy "
+                                      "is cached)")  # fmt: skip
     (tmp_path / "empty").mkdir()
     with pytest.raises(FerdistError, match="folder without config.json"):
         build_model(ModelConfig(pretrained=str(tmp_path / "empty")), seed=0)
