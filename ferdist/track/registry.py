@@ -259,7 +259,8 @@ def fetch_checkpoint(
                     raise
             first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
             raise FerdistError(f"cannot load the model {uri} from the tracking store {tracking_uri} ({first}); "
-                               "check the name, version or alias in `mlflow ui`, and MLFLOW_TRACKING_URI") from None
+                               f"check the name, version or alias in {browse(tracking_uri)}, and that this is the "
+                               "store that holds it") from None
         return _checkpoint_in(local, uri), ref
     if uri.startswith("s3://"):
         from ferdist import storage
@@ -325,6 +326,16 @@ def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str |
             raise FerdistError(f"{uri} answers {found.group(1)} classes, not FER2013's {list(FER_CLASSES)}; give a "
                                "model trained on the same classes") from None  # fmt: skip
     return LoadedModel(model=model, cfg=cfg, summary=summary, ref=ref)
+
+
+def browse(tracking_uri: str) -> str:
+    """How to look at the models in ``tracking_uri``: its web UI, or `mlflow ui` on that store (a bare `mlflow ui`
+    opens ./mlflow.db, which need not be it)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        from ferdist.config import redact_uri
+
+        return f"the server's web UI ({redact_uri(tracking_uri)})"
+    return f"`mlflow ui --backend-store-uri {tracking_uri}`"
 
 
 def _checkpoint_in(folder: Path, uri: str) -> Path:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow.fs
 
@@ -191,8 +192,10 @@ def check_tracking(cfg: TrackingConfig) -> None:
     uri = tracking_uri(cfg)
     if not uri.startswith(("http://", "https://")):
         return
-    check_server(uri, fix="start it (mlflow server --host 127.0.0.1 --port 5000), fix tracking.tracking_uri / "
-                          "MLFLOW_TRACKING_URI, or set tracking.backend=none")  # fmt: skip
+    parts = urlsplit(uri)
+    local = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    start = f"start it (mlflow server --host {parts.hostname} --port {parts.port or 80})" if local else "start it"
+    check_server(uri, fix=f"{start}, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.backend=none")
     # /health answers anyone; a search is the cheapest request a server with authentication checks the login of.
     with explained_refusal(uri, action="search experiments", permission="an account"):
         _client(uri).search_experiments(max_results=1)

@@ -100,6 +100,8 @@ def test_evaluate_bad_input_is_one_sentence(
     assert "Retrying" not in err and "Traceback" not in err
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     MlflowClient(f"sqlite:///{store}").search_experiments()  # an existing store without that model
+    assert job.main(["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards)]) == 2
+    assert f"in `mlflow ui --backend-store-uri sqlite:///{store}`" in capsys.readouterr().err  # that store, not ./
     five = tmp_path / "five-classes"  # a head of another size: another set of classes, not a traceback
     shutil.copytree(checkpoint, five)
     state = torch.load(five / "model.pt", weights_only=True)
@@ -112,7 +114,7 @@ def test_evaluate_bad_input_is_one_sentence(
     cases = [
         (["--model", str(checkpoint), "--manifest", str(future)], "shard format version 99"),
         (["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards)],
-         "cannot load the model models:/no-such-model@champion"),
+         "cannot load the model models:/no-such-model@champion from the tracking store sqlite:///"),
         (["--model", str(tmp_path / "nothing"), "--manifest", str(synth_shards)], "no model at"),
         (["--model", str(tmp_path), "--manifest", str(synth_shards)], "is neither a ferdist checkpoint"),
         (["--model", str(five), "--manifest", str(synth_shards)], f"{five} answers 5 classes, not FER2013's"),
