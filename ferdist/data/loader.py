@@ -206,11 +206,8 @@ def open_pretraining_data(
             dataset = open_dataset(uri, endpoint_url=endpoint_url, outage_s=outage_s)
         except FerdistError as exn:
             if _is_image_folder(uri):
-                name = uri.rstrip("/").rsplit("/", 1)[-1]
-                raise FerdistError(
-                    f"{where}: {uri} is a folder of images, not a sharded dataset; shard it first with python "
-                    f"jobs/shard.py --source {uri} --unlabeled --dest shards/{name}-unlabeled and list that"
-                ) from None
+                raise FerdistError(f"{where}: {uri} is a folder of images, not a sharded dataset; "
+                                   f"{_shard_folder_advice(uri)}") from None  # fmt: skip
             raise type(exn)(f"{where}: {exn}") from None
         source = dataset.manifest.source
         if source.sha256 in sources:
@@ -229,6 +226,24 @@ def open_pretraining_data(
         records.append(dataset_record(dataset))
     name = "the pretraining data (" + ", ".join(f"{p.name} of {p.shards[0].dataset}" for p in parts if p.shards) + ")"
     return dataclasses.replace(union(parts, name=name), datasets=tuple(records))
+
+
+def _shard_folder_advice(uri: str) -> str:
+    """How to shard the image folder at ``uri`` for pretraining: a labelled one (train/, test/, … of classes) as
+    itself, so its val and test faces stay held out (pretraining reads only its train split); any other as unlabeled
+    faces, every image in it."""
+    from ferdist.data.sources import SPLIT_FOLDERS
+
+    path = storage.parse_uri(uri).path
+    assert path is not None  # `_is_image_folder` said it is a local folder
+    name = path.resolve().name
+    spellings = {s for names in SPLIT_FOLDERS.values() for s in names}
+    if any(p.is_dir() and p.name.lower() in spellings for p in path.iterdir()):
+        command = shlex.join(["python", "jobs/shard.py", "--source", str(path), "--dest", f"shards/{name}"])
+        return f"it holds split folders, so shard it as labelled faces ({command}) and list that"
+    command = shlex.join(["python", "jobs/shard.py", "--source", str(path), "--unlabeled", "--dest",
+                          f"shards/{name}-unlabeled"])  # fmt: skip
+    return f"shard it first with {command} and list that"
 
 
 def _is_image_folder(uri: str) -> bool:

@@ -178,9 +178,15 @@ def test_bad_extra_data_is_one_sentence_and_starts_nothing(
     del doc["splits"]["train"]
     doc["source"]["sha256"] = "0" * 64
     (held_out / "manifest.json").write_text(json.dumps(doc))
+    labelled = tmp_path / "labelled"  # train/<class>/, test/<class>/: --unlabeled would pretrain on its test faces
+    for split in ("Train", "test"):
+        (labelled / split / "happy").mkdir(parents=True)
+        Image.fromarray(np.full((48, 48), 90, np.uint8)).save(labelled / split / "happy" / "a.png")
     cases = [
         (faces, f"data.extra[1]: {faces} is a folder of images, not a sharded dataset; shard it first with python "
                 f"jobs/shard.py --source {faces} --unlabeled --dest shards/raw-unlabeled"),
+        (labelled, f"data.extra[1]: {labelled} is a folder of images, not a sharded dataset; it holds split folders, "
+                   f"so shard it as labelled faces (python jobs/shard.py --source {labelled} --dest shards/labelled)"),
         (copy, f"data.extra[1] ({copy}) holds the same faces as data.manifest ({synth_shards})"),
         (held_out, f"data.extra[1] ({held_out}) has no train or unlabeled split (it has: test, val)"),
         (tmp_path / "nothing", "data.extra[1]: no manifest at"),
