@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from ferdist.tune import tuning
 
         cluster.check(cluster.address())  # before any check that takes time or opens a run
-        base, steps = preflight.prepare(sweep.base, sweep=True)
+        base = preflight.with_absolute_paths(sweep.base)
+        steps = preflight.preflight(base)
         path, filesystem = tuning.experiment_path(base)
         import ray.tune
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                "or --name NEW for a new sweep")  # fmt: skip
         if args.resume and not exists:
             raise FerdistError(f"there is no sweep named '{base.name}' to resume at {path}; drop --resume to start it")
+        base = preflight.with_tracking(base, sweep=True)  # only now: a refused sweep leaves no experiment behind
         parent = None
         if base.tracking.backend == "mlflow":
             parent = tracking.open_sweep_run(base.tracking, sweep_name=base.name, params=tuning.sweep_params(sweep))

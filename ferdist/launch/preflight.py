@@ -26,13 +26,20 @@ def prepare(cfg: AnyConfig, *, sweep: bool = False) -> tuple[AnyConfig, int]:
     sentence now, not a worker's failure after Ray's start-up."""
     cfg = with_absolute_paths(cfg)
     steps = preflight(cfg)
+    return with_tracking(cfg, sweep=sweep), steps
+
+
+def with_tracking(cfg: AnyConfig, *, sweep: bool = False) -> AnyConfig:
+    """The second half of `prepare`, for a checked ``cfg``: the tracking store prepared (and, ``sweep`` aside, the
+    run opened). It writes to the store, so a job with checks of its own (tune.py: the sweep to resume exists) runs
+    them between the halves."""
     cfg = dataclasses.replace(cfg, tracking=prepare_tracking(cfg.tracking))
     if cfg.tracking.backend != "none":
         if isinstance(cfg, RunConfig):
             check_registration(cfg.tracking)
         if not sweep:
             open_run(cfg.tracking, run_name=cfg.name, params=redacted(to_flat_dict(cfg)))
-    return cfg, steps
+    return cfg
 
 
 def preflight(cfg: AnyConfig) -> int:

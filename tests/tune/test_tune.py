@@ -192,3 +192,19 @@ def test_tracking_server_down_is_one_sentence_before_ray_starts(synth_shards: Pa
     assert "cannot reach the MLflow tracking server at http://127.0.0.1:" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()
     assert time.monotonic() - started < 60
+
+
+def test_resuming_a_sweep_that_does_not_exist_is_refused_and_leaves_the_store_untouched(
+    synth_shards: Path, tmp_path: Path
+) -> None:
+    """Catches the refusal coming after the tracking store was prepared: a mistyped --resume left an experiment and a
+    registered model named after the sweep behind."""
+    config = sweep_file(tmp_path, synth_shards, name="typo", epochs=1, workers=1, sweep="{samples: 1}",
+                        search="optim.lr: {choice: [1.0e-3]}")  # fmt: skip
+    store = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{store}").search_experiments()  # the store exists, with nothing in it
+    proc = subprocess.run([sys.executable, TUNE, "--config", str(config), "--resume"], capture_output=True, text=True,
+                          timeout=300, env=tune_env(f"sqlite:///{store}"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "there is no sweep named 'typo' to resume" in proc.stderr, proc.stderr
+    client = MlflowClient(f"sqlite:///{store}")
+    assert client.get_experiment_by_name("typo") is None and client.search_registered_models() == []
