@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
         dataset = open_dataset(args.manifest, endpoint_url=args.endpoint_url)
         dataset.manifest.split(args.split)  # an absent split fails before the model is fetched
+        if not args.no_track:  # a store that is down is said now, not after the scoring and minutes of retries
+            from ferdist.config import TrackingConfig
+            from ferdist.track.store import check_server, tracking_uri
+
+            check_server(tracking_uri(TrackingConfig()), fix="start it, set MLFLOW_TRACKING_URI, or pass --no-track")
         loaded = load_model(args.model, endpoint_url=args.endpoint_url)
         model, cfg, ref = loaded.model, loaded.cfg, loaded.ref
         import torch
@@ -82,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             console.print(f"wrote {', '.join(str(f) for f in files)}")
         if not args.no_track:
-            run_id = track(result, ref, files, manifest=args.manifest, dataset=dataset, synthetic=synthetic)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                run_id = track(result, ref, files, manifest=args.manifest, dataset=dataset, synthetic=synthetic)
+            except (FerdistError, MlflowException) as exn:  # e.g. a login that may read the model but not log runs
+                first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+                print_error(console, f"the evaluation above was not logged to MLflow ({first}); pass --no-track to "
+                                     "skip logging")  # fmt: skip
+                return 2
             console.print(f"logged to MLflow experiment '{EXPERIMENT}', run {run_id}")
     return 0
 

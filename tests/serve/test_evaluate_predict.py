@@ -94,10 +94,15 @@ def test_evaluate_bad_input_is_one_sentence(
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", down := f"http://127.0.0.1:{free_port()}")  # a server that is not up
-    assert job.main(["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards)]) == 2
+    assert job.main(["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards), "--no-track"]) == 2
     err = capsys.readouterr().err  # at once, not after MLflow's minutes of retries
     assert f"models:/no-such-model@champion: cannot reach the MLflow tracking server at {down}" in err
     assert "Retrying" not in err and "Traceback" not in err
+    # The same for a model that needs no store (a checkpoint folder): the store the evaluation is logged to is down.
+    assert job.main(["--model", str(checkpoint), "--manifest", str(synth_shards)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the MLflow tracking server at {down}" in err and "--no-track" in err, err
+    assert "accuracy" not in err and "Retrying" not in err and "Traceback" not in err  # before the model is scored
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     MlflowClient(f"sqlite:///{store}").search_experiments()  # an existing store without that model
     assert job.main(["--model", "models:/no-such-model@champion", "--manifest", str(synth_shards)]) == 2
