@@ -14,6 +14,7 @@ of a run (stopped or still running elsewhere) without training, e.g. to fine-tun
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -88,11 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     last = result.metrics or {}
     console.print(f"\n[bold]{cfg.name}[/]: {last.get('epoch', cfg.loop.epochs)} epochs, reconstruction loss "
                   f"{last.get('train/loss', float('nan')):.4f}", highlight=False)  # fmt: skip
-    console.print(
-        f"fine-tune from it: python jobs/train.py --config CONFIG --set model.pretrained={written} "
-        f"--set model.image_size={cfg.model.image_size}",
-        highlight=False,
-    )
+    command = shlex.join(["python", "jobs/train.py", "--config", "CONFIG", "--set", f"model.pretrained={written}",
+                          "--set", f"model.image_size={cfg.model.image_size}"])  # fmt: skip
+    console.print(f"fine-tune from it: {command}", highlight=False, markup=False)  # any folder name, as typed
     print(written)  # the last stdout line: scripts capture the path with `| tail -1`
     return 0
 

@@ -158,6 +158,8 @@ def shard_command(dest: str, manifest: Manifest | None = None, *, endpoint_url: 
     else:
         source = f"PATH/{manifest.source.name}"
         where = f", PATH being the folder of the {manifest.source.name} it was sharded from"
+        if manifest.source.kind == "image-folder":  # its held-out slices depend on options the manifest does not keep
+            where += ", with the --val-fraction, --test-fraction and --seed it was sharded with"
         options = ["--unlabeled"] if UNLABELED_SPLIT in manifest.splits else []
     if manifest is not None and manifest.samples_per_shard != DEFAULT_SAMPLES_PER_SHARD:
         options += ["--samples-per-shard", str(manifest.samples_per_shard)]
