@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 LOG_WIDTH = 160
 # Libraries whose INFO lines are noise in a job's output ("Found credentials in environment variables.").
@@ -21,11 +21,20 @@ def setup_logging() -> None:
 
 
 def job_console(*, stderr: bool = False) -> Console:
-    console = Console(stderr=stderr, soft_wrap=True)
-    return console if console.is_terminal else Console(stderr=stderr, soft_wrap=True, width=LOG_WIDTH)
+    """The console every job prints with. Strings are printed as they are, never read as rich markup or emoji codes:
+    a run folder named ``runs/[faces]`` or a file ``:smile:.jpg`` would otherwise print as ``runs/`` or an emoji, and
+    ferdist's sentences hold brackets ("takes [low, high]", "data.extra[0]"). Styles go in `Text` (`bold`)."""
+    console = Console(stderr=stderr, soft_wrap=True, markup=False, emoji=False)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, soft_wrap=True, markup=False, emoji=False, width=LOG_WIDTH)
+
+
+def bold(text: str, style: str = "bold") -> Text:
+    """``text`` in ``style``, to assemble into a line (``Text.assemble(bold(name), ": 10 epochs")``)."""
+    return Text(text, style=style)
 
 
 def print_error(console: Console, message: object, *, label: str = "error") -> None:
-    """``label: message`` as the job's last line. The message is printed as text, never as rich markup: ferdist's
-    sentences hold brackets ("takes [low, high]", "data.extra[0]") that markup would silently swallow."""
-    console.print(f"[bold red]{label}:[/] {escape(str(message))}", highlight=False)
+    """``label: message`` as the job's last line, the message as text (see `job_console`)."""
+    console.print(Text.assemble(bold(f"{label}:", "bold red"), " ", str(message)), highlight=False)

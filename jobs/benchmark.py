@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print_error(console, exn)
         return 2
     except subprocess.CalledProcessError as exn:
-        console.print(f"[bold red]error:[/] {' '.join(map(str, exn.cmd[1:3]))} failed with exit code "
-                      f"{exn.returncode}; its output is above", highlight=False)  # fmt: skip
+        print_error(console, f"{' '.join(map(str, exn.cmd[1:3]))} failed with exit code {exn.returncode}; its output "
+                             "is above")  # fmt: skip
         return 2
     if args.json:
         bench_results.write(args.json, results)

@@ -18,13 +18,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.syntax import Syntax
+from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import PretrainConfig, load_config, to_yaml, worker_overrides  # noqa: E402
-from ferdist.console import print_error, setup_logging  # noqa: E402
+from ferdist.console import bold, job_console, print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    console = Console(stderr=True, soft_wrap=True)
+    console = job_console(stderr=True)
     setup_logging()
     try:
         args = parse_args(argv)
@@ -87,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print_error(console, exn)
         return 2
     last = result.metrics or {}
-    console.print(f"\n[bold]{cfg.name}[/]: {last.get('epoch', cfg.loop.epochs)} epochs, reconstruction loss "
-                  f"{last.get('train/loss', float('nan')):.4f}", highlight=False)  # fmt: skip
+    console.print(Text.assemble("\n", bold(cfg.name), f": {last.get('epoch', cfg.loop.epochs)} epochs, reconstruction "
+                                f"loss {last.get('train/loss', float('nan')):.4f}"), highlight=False)  # fmt: skip
     command = shlex.join(["python", "jobs/train.py", "--config", "CONFIG", "--set", f"model.pretrained={written}",
                           "--set", f"model.image_size={cfg.model.image_size}"])  # fmt: skip
-    console.print(f"fine-tune from it: {command}", highlight=False, markup=False)  # any folder name, as typed
+    console.print(f"fine-tune from it: {command}", highlight=False)
     print(written)  # the last stdout line: scripts capture the path with `| tail -1`
     return 0
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import print_error  # noqa: E402
+from ferdist.console import bold, job_console, print_error  # noqa: E402
 from ferdist.constants import DEFAULT_SAMPLES_PER_SHARD, FER_CLASSES, SYNTHETIC_DEFAULT_ROWS  # noqa: E402
 from ferdist.data.sharding import ShardingResult, write_shards  # noqa: E402
 from ferdist.data.sources import open_source, synthetic_source  # noqa: E402
@@ -107,10 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def summary(result: ShardingResult, console: Console) -> None:
     m = result.manifest
-    title = f"{m.source.name} → {result.dest}" + (
-        "   [bold yellow](SYNTHETIC data, not FER2013)[/]" if m.source.synthetic else ""
-    )
-    console.print(title)
+    synthetic = bold("   (SYNTHETIC data, not FER2013)", "bold yellow") if m.source.synthetic else ""
+    console.print(Text.assemble(f"{m.source.name} → {result.dest}", synthetic))
     table = Table()
     table.add_column("")
     for name in m.splits:
@@ -131,7 +130,7 @@ def summary(result: ShardingResult, console: Console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=True, soft_wrap=True)  # one error = one line, whatever the terminal width
+    console = job_console(stderr=True)  # soft wrap: one error = one line, whatever the terminal width
     try:
         if args.source == "synthetic" and args.unlabeled:
             raise FerdistError("--unlabeled takes a folder of face images, not the SYNTHETIC set")

@@ -14,13 +14,13 @@ import os
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.syntax import Syntax
+from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import RunConfig, load_config, to_yaml, worker_overrides  # noqa: E402
-from ferdist.console import print_error, setup_logging  # noqa: E402
+from ferdist.console import bold, job_console, print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -45,7 +45,7 @@ SCORE_NAMES = {"val/acc": "val accuracy", "val/macro_f1": "val macro-F1"}
 def main(argv: list[str] | None = None) -> int:
     # MLflow draws a progress bar for every artefact download while it validates the logged model.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    console = Console(stderr=True, soft_wrap=True)
+    console = job_console(stderr=True)
     setup_logging()
     try:
         cfg = config_from_args(parse_args(argv))
@@ -66,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print_error(console, exn)
         return 2
     last = summary.last_metrics
-    console.print(
-        f"\n[bold]{cfg.name}[/]: {summary.last_epoch} epochs; best epoch {summary.best_epoch} with "
+    console.print(Text.assemble(
+        "\n", bold(cfg.name), f": {summary.last_epoch} epochs; best epoch {summary.best_epoch} with "
         f"{SCORE_NAMES[cfg.checkpoint.select_by]} {summary.best_metrics[cfg.checkpoint.select_by]:.4f} "
         f"(last: val acc {last['val/acc']:.4f}, macro-F1 {last['val/macro_f1']:.4f})",
-        highlight=False,
-    )
+    ), highlight=False)  # fmt: skip
     if cfg.model.pretrained.startswith("random:"):
         console.print(f"(backbone {cfg.model.pretrained}: randomly initialised, not pretrained)")
     console.print(f"best checkpoint: {summary.best_checkpoint}\nrun folder:      {summary.run_path}", highlight=False)

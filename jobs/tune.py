@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print_error(console, exn)
         return 2
     if summary.best is None:
-        console.print("[bold red]no trial finished an epoch[/]; see the errors above")
+        print_error(console, "no trial finished an epoch; see the errors above")
         return 1
     return 0
 

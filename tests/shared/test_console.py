@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 
+import pytest
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-from ferdist.console import print_error
+from ferdist.console import bold, job_console, print_error
 
 
 def test_an_error_sentence_with_brackets_is_printed_whole() -> None:
@@ -20,3 +23,20 @@ def test_an_error_sentence_with_brackets_is_printed_whole() -> None:
         "error: search.optim.lr takes [low, high] with low < high; data.extra[0]: [bold]x[/bold]",
         "stopped: interrupted while reading a[1].csv",
     ]
+
+
+def test_the_jobs_console_prints_folder_and_file_names_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a job console that reads its lines as rich markup and emoji codes: a run folder `runs/[faces]` printed
+    as `runs/`, `:smile:.jpg` as an emoji, `[literature]` vanished from a results table's label."""
+    out = io.StringIO()
+    console = job_console()
+    monkeypatch.setattr(console, "file", out)
+    console.print("best checkpoint: runs/[faces]/model_epoch_0003 from :smile:.jpg", highlight=False)
+    console.print(Text.assemble(bold("[run]"), ": 3 epochs"), highlight=False)
+    table = Table()
+    table.add_column("model")
+    table.add_row("VGGNet [literature]")
+    console.print(table)
+    text = out.getvalue()
+    assert "best checkpoint: runs/[faces]/model_epoch_0003 from :smile:.jpg\n" in text
+    assert "[run]: 3 epochs\n" in text and "VGGNet [literature]" in text
