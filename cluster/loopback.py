@@ -84,6 +84,23 @@ def check_prerequisites() -> None:
         with socket.socket() as sock:
             if sock.connect_ex((ip, 22)) == 0:
                 raise LaunchError(f"something already listens on {ip}:22 (the {name} host's SSH port); stop it first")
+    if busy := busy_head_port():
+        raise LaunchError(busy)
+
+
+HEAD_PORTS = {6379: "GCS", 8265: "dashboard and job API"}
+"""The ports cluster/local.yaml's head takes on its address; the hosts share this machine's network."""
+
+
+def busy_head_port() -> str | None:
+    """Why the head cannot start here, if another process (another Ray: one started by ray.init keeps the dashboard's
+    8265 while its job runs) already listens on one of its ports; else None."""
+    for port, what in HEAD_PORTS.items():
+        with socket.socket() as sock:
+            if sock.connect_ex((HOSTS["head"], port)) == 0:
+                return (f"something already listens on {HOSTS['head']}:{port}, the head's {what} port (another Ray on "
+                        "this machine?); stop it first")  # fmt: skip
+    return None
 
 
 def write_host(state: Path, name: str, ip: str) -> Path:

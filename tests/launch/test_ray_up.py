@@ -34,7 +34,7 @@ def missing_prerequisite() -> str | None:
     for tool in (loopback.SSHD, "rsync", "unshare", "ssh-keygen"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (apt-get install openssh-server rsync; .ci/run does)"
-    return None
+    return loopback.busy_head_port()  # e.g. a training job beside the suite holds the dashboard's port
 
 
 @pytest.fixture(scope="module")
