@@ -208,9 +208,20 @@ def run_id_of(cfg: TrackingConfig, run_name: str) -> str | None:
     return found.info.run_id if found else None
 
 
+def still_there(cfg: TrackingConfig, *, what: str, kept: str | None = None) -> None:
+    """After a run, before recording it: a server that went down while it trained is one sentence at once (MLflow's
+    client would retry each call for minutes), saying what is kept and how to record it later."""
+    where = f"the checkpoints are kept in {kept}" if kept else "nothing is lost"
+    check_server(tracking_uri(cfg), fix=f"{what} was not recorded ({where}); start the server and run the same "
+                                        "command again, which records the finished run without training it again")
+
+
 def tag_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> None:
     """Sets ``tags`` on ferdist run ``run_name``'s MLflow run (nothing when tracking is off or the run is absent)."""
-    if cfg.backend == "none" or (run_id := run_id_of(cfg, run_name)) is None:
+    if cfg.backend == "none":
+        return
+    still_there(cfg, what=f"run {run_name}")
+    if (run_id := run_id_of(cfg, run_name)) is None:
         return
     client = _client(tracking_uri(cfg))
     for key, value in tags.items():
@@ -269,6 +280,7 @@ def finalize_run(
 
     if cfg.backend == "none":
         return None, None
+    still_there(cfg, what=f"run {run_name}", kept=run_path)
     client = _client(tracking_uri(cfg))
     run_id = run_id_of(cfg, run_name)
     if run_id is None:  # the run died before its first epoch was tracked

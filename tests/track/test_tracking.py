@@ -123,3 +123,21 @@ def test_only_a_plain_sqlite_file_that_is_not_there_counts_as_a_missing_store(
     for present in ("sqlite:///here.db", f"sqlite:///{tmp_path / 'here.db'}", "sqlite:///:memory:",
                     "sqlite:///file:gone.db?mode=memory&uri=true", "postgresql://u@db/mlflow", "http://127.0.0.1:5000"):
         assert missing_sqlite_file(present) is None, present
+
+
+def test_a_server_gone_after_training_is_one_sentence_that_keeps_the_run(tmp_path: Path) -> None:
+    """Catches recording a finished run into a server that went down while it trained: MLflow's client retried each
+    call for minutes, then a traceback; the sentence now says the checkpoints are kept and how to record them."""
+    from ferdist.track.tracking import finalize_run, tag_run
+
+    port = free_port()
+    cfg = TrackingConfig(backend="mlflow", tracking_uri=f"http://127.0.0.1:{port}")
+    with pytest.raises(FerdistError) as info:
+        finalize_run(cfg, run_name="r", run_path=str(tmp_path / "runs" / "r"), filesystem=None, status="completed",
+                     config_yaml="")  # fmt: skip
+    assert str(info.value).startswith(f"cannot reach the MLflow tracking server at http://127.0.0.1:{port} ")
+    kept = tmp_path / "runs" / "r"
+    assert f"run r was not recorded (the checkpoints are kept in {kept}); start the server and run the same command " \
+           "again" in str(info.value)  # fmt: skip
+    with pytest.raises(FerdistError, match="run r was not recorded \\(nothing is lost\\)"):
+        tag_run(cfg, "r", {"k": "v"})
