@@ -895,9 +895,7 @@ def load_config(
         except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
             parsed = value
         tp = types_.get(key.strip())
-        if typing.get_origin(tp) is tuple or (
-            parsed is not None and not isinstance(parsed, str) and _wants_text(tp)
-        ):  # fmt: skip
+        if parsed is not None and (typing.get_origin(tp) is tuple or (not isinstance(parsed, str) and _wants_text(tp))):
             # A text setting takes what was typed: `--set loop.compile=off` is 'off', not YAML's false, and
             # `--set name=2024-05-01` a name, not a date (a file still needs quotes there, and says so); a list of
             # text keeps its items as typed (`--set model.unfreeze=[5:2,10:0]`: no base-60 numbers).

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.source == "synthetic":
             source = synthetic_source(args.synthetic_rows, seed=args.seed)
         else:
-            with console.status(f"reading {args.source}"):
+            with console.status(Text(f"reading {args.source}")):  # Text: a spinner reads str as markup
                 source = open_source(
                     args.source, val_fraction=args.val_fraction, seed=args.seed, test_fraction=args.test_fraction,
                     unlabeled=args.unlabeled,

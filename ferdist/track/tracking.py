@@ -194,7 +194,8 @@ def check_tracking(cfg: TrackingConfig) -> None:
         return
     parts = urlsplit(uri)
     local = parts.hostname in ("127.0.0.1", "localhost", "::1")
-    start = f"start it (mlflow server --host {parts.hostname} --port {parts.port or 80})" if local else "start it"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    start = f"start it (mlflow server --host {parts.hostname} --port {port})" if local else "start it"
     check_server(uri, fix=f"{start}, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or set tracking.backend=none")
     # /health answers anyone; a search is the cheapest request a server with authentication checks the login of.
     with explained_refusal(uri, action="search experiments", permission="an account"):
@@ -208,12 +209,17 @@ def run_id_of(cfg: TrackingConfig, run_name: str) -> str | None:
     return found.info.run_id if found else None
 
 
-def still_there(cfg: TrackingConfig, *, what: str, kept: str | None = None) -> None:
+def still_there(
+    cfg: TrackingConfig,
+    *,
+    what: str,
+    kept: str | None = None,
+    again: str = "run the same command again, which records the finished run without training it again",
+) -> None:
     """After a run, before recording it: a server that went down while it trained is one sentence at once (MLflow's
-    client would retry each call for minutes), saying what is kept and how to record it later."""
+    client would retry each call for minutes), saying what is kept and how to record it later (``again``)."""
     where = f"the checkpoints are kept in {kept}" if kept else "nothing is lost"
-    check_server(tracking_uri(cfg), fix=f"{what} was not recorded ({where}); start the server and run the same "
-                                        "command again, which records the finished run without training it again")
+    check_server(tracking_uri(cfg), fix=f"{what} was not recorded ({where}); start the server and {again}")
 
 
 def tag_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str]) -> None:

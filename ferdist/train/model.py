@@ -331,9 +331,14 @@ def hub_unreachable(source: str) -> bool:
 
 @functools.cache
 def _hub_answers(endpoint: str) -> bool:
+    import urllib.request
+
     parts = urlsplit(endpoint)
+    if urllib.request.getproxies():  # reached through a proxy: only the Hub client's own requests can tell
+        return True
     try:
-        with socket.create_connection((parts.hostname or "", parts.port or 443), timeout=5):
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+        with socket.create_connection((parts.hostname or "", port), timeout=5):
             return True
     except OSError:  # no route, no name resolution, refused, timed out
         return False

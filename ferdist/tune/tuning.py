@@ -249,6 +249,9 @@ def publish_best(sweep: Sweep, summary: SweepSummary, *, parent_run_id: str) -> 
     from ferdist.train import runs
 
     cfg = sweep.base.tracking
+    storage, _ = storage_target(sweep.base)
+    tracking.still_there(cfg, what=f"sweep {sweep.base.name}", kept=f"{storage}/{sweep.base.name}",
+                         again="resume the sweep (the same command with --resume)")  # fmt: skip
     tags: dict[str, str] = {}
     registration = None
     if (best := summary.best) is not None:

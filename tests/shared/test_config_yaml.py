@@ -260,3 +260,5 @@ def test_a_list_of_text_on_the_command_line_keeps_its_items_as_typed() -> None:
     assert load_config(None, [*steps, "model.unfreeze=['5:2', '10:0']"]).model.unfreeze == ("5:2", "10:0")
     assert load_config(None, ["distill.teacher=[peer:fer, models:/big@1]"]).distill.teacher == ("peer:fer",
                                                                                                 "models:/big@1")
+    with pytest.raises(FerdistError, match=r"distill.teacher must be a list"):  # not a teacher named 'null'
+        load_config(None, ["distill.teacher=null"])
