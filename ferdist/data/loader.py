@@ -234,13 +234,12 @@ def _shard_folder_advice(uri: str) -> str:
     """How to shard the image folder at ``uri`` for pretraining: a labelled one (train/, test/, … of classes) as
     itself, so its val and test faces stay held out (pretraining reads only its train split); any other as unlabeled
     faces, every image in it."""
-    from ferdist.data.sources import SPLIT_FOLDERS
+    from ferdist.data.sources import SPLIT_OF_FOLDER
 
     path = storage.parse_uri(uri).path
     assert path is not None  # `_is_image_folder` said it is a local folder
     name = path.resolve().name
-    spellings = {s for names in SPLIT_FOLDERS.values() for s in names}
-    if any(p.is_dir() and p.name.lower() in spellings for p in path.iterdir()):
+    if any(p.is_dir() and p.name.lower() in SPLIT_OF_FOLDER for p in path.iterdir()):
         command = shlex.join(["python", "jobs/shard.py", "--source", str(path), "--dest", f"shards/{name}"])
         return f"it holds split folders, so shard it as labelled faces ({command}) and list that"
     command = shlex.join(["python", "jobs/shard.py", "--source", str(path), "--unlabeled", "--dest",

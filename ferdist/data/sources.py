@@ -231,6 +231,8 @@ SPLIT_FOLDERS = {
     "val": ("val", "valid", "validation"),
     "test": ("test", "testing"),
 }
+SPLIT_OF_FOLDER = {alias: split for split, aliases in SPLIT_FOLDERS.items() for alias in aliases}
+"""A top-level folder's name (lower case) → the split it holds."""
 
 
 class ImageFolder(Source):
@@ -294,10 +296,9 @@ class ImageFolder(Source):
     @staticmethod
     def _split_folders(root: Path) -> dict[str, Path]:
         """Split name → its folder under ``root``; any other top-level folder is an error (one sentence)."""
-        by_name = {alias: split for split, aliases in SPLIT_FOLDERS.items() for alias in aliases}
         folders: dict[str, Path] = {}
         for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            split = by_name.get(child.name.lower())
+            split = SPLIT_OF_FOLDER.get(child.name.lower())
             if split is None:
                 expected = ", ".join(f"{a[0]}/" for a in SPLIT_FOLDERS.values())
                 raise FerdistError(

@@ -326,7 +326,12 @@ def hub_unreachable(source: str) -> bool:
     only its cached copy is read. Asked anyway, the Hub client retries for half a minute, printing each retry."""
     if Path(source).exists() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
-    return not _hub_answers(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return not _hub_answers(hub_endpoint())
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face Hub this process talks to (``HF_ENDPOINT``, as the Hub client reads it)."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
 @functools.cache
@@ -364,8 +369,7 @@ def load_backbone_config(source: str, *, display: str, image_size: int | None = 
     except OSError as exn:
         first = str(exn).splitlines()[0]
         if offline:
-            hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-            first = f"the Hub at {hub} cannot be reached and no copy is cached"
+            first = f"the Hub at {hub_endpoint()} cannot be reached and no copy is cached"
         if local:
             raise FerdistError(
                 f"cannot read model.pretrained={display!r} ({first}); re-save it with save_pretrained"
