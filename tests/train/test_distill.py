@@ -250,8 +250,8 @@ def test_a_registry_teacher_is_read_from_the_store_the_driver_resolved(
     cfg = with_absolute_paths(load_config(None, ["distill.teacher=models:/teacher@champion", "tracking.backend=none"]))
     assert cfg.tracking.tracking_uri == f"sqlite:///{driver / 'mlflow.db'}"
     monkeypatch.chdir(worker)
-    with pytest.raises(FerdistError, match=rf"from the tracking store sqlite:///{driver}/mlflow\.db \(Registered Model "
-                                           r"with name=teacher not found\)"):  # fmt: skip
+    # MLflow's own reason differs by version (the name, or the alias, not found); the store it names is the point.
+    with pytest.raises(FerdistError, match=rf"from the tracking store sqlite:///{driver}/mlflow\.db \([^)]*not found"):
         load_member("models:/teacher@champion", cfg)
     assert not (worker / "mlflow.db").exists()
     assert with_absolute_paths(load_config(None, [f"distill.teacher={tmp_path}"])).tracking.tracking_uri is None
