@@ -158,9 +158,11 @@ def shard_command(dest: str, manifest: Manifest | None = None, *, endpoint_url: 
     else:
         source = f"PATH/{manifest.source.name}"
         where = f", PATH being the folder of the {manifest.source.name} it was sharded from"
-        if manifest.source.kind == "image-folder":  # its held-out slices depend on options the manifest does not keep
-            where += ", with the --val-fraction, --test-fraction and --seed it was sharded with"
         options = ["--unlabeled"] if UNLABELED_SPLIT in manifest.splits else []
+        # An image folder's held-out slices depend on the options that carved them out of train/ (none when it
+        # has val/ and test/ folders).
+        for option, value in sorted(manifest.source.split_options.items()):
+            options += [f"--{option.replace('_', '-')}", str(value)]
     if manifest is not None and manifest.samples_per_shard != DEFAULT_SAMPLES_PER_SHARD:
         options += ["--samples-per-shard", str(manifest.samples_per_shard)]
     if endpoint_url:

@@ -372,6 +372,14 @@ class SourceInfo:
     """sha256 of the source file as given (compressed bytes for .xz/.gz), or of the sorted file list for folders."""
     synthetic: bool = False
     """True for the generated synthetic set: never report its accuracy as FER2013 accuracy."""
+    split_options: dict[str, float | int] = field(default_factory=dict)
+    """The jobs/shard.py options (``val_fraction``, ``test_fraction``, ``seed``) that carved held-out splits out of an
+    image folder's train/, so the command that re-writes a lost shard is exact. Empty, and left out of the manifest,
+    for every other source: their manifests (and so their dataset digests) are as before."""
+
+
+SPLIT_OPTIONS = ("val_fraction", "test_fraction", "seed")
+"""The jobs/shard.py options a manifest may keep as ``source.split_options``."""
 
 
 @dataclass(frozen=True)
@@ -386,7 +394,10 @@ class Manifest:
 
     def to_json(self) -> bytes:
         """Deterministic JSON (sorted keys, no timestamps) so re-running gives an identical manifest."""
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        fields = asdict(self)
+        if not self.source.split_options:
+            del fields["source"]["split_options"]
+        return (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode()
 
     def shard_uris(self, base_uri: str, split: str) -> list[str]:
         """The URIs of a split's shards, resolved against the folder or prefix that holds the manifest."""
@@ -466,6 +477,11 @@ def _manifest_problem(m: Manifest) -> str | None:
         return f"classes {m.classes} are not FER2013's {list(FER_CLASSES)} in that order"
     if not (_count(m.samples_per_shard) and m.samples_per_shard > 0):
         return f"samples_per_shard is {m.samples_per_shard!r}"
+    options = m.source.split_options
+    if not isinstance(options, dict) or not all(
+        k in SPLIT_OPTIONS and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in options.items()
+    ):  # they become a command line
+        return f"source.split_options {options!r} are not {', '.join(SPLIT_OPTIONS)} with numbers"
     for name, split in m.splits.items():
         if not _count(split.samples):
             return f"split {name}: samples is {split.samples!r}"

@@ -277,19 +277,22 @@ class ImageFolder(Source):
         if test_fraction and "test" not in folders:
             # Part of the source's identity: the same folder split another way is another dataset.
             digest.update(f"test_fraction={test_fraction}".encode())
-        self.info = SourceInfo(name=root.name, kind="image-folder", sha256=digest.hexdigest())
         split_of = np.asarray([s for s, _, _ in files])
         train = np.flatnonzero(split_of == "train")
         self.splits = {}
+        options: dict[str, float | int] = {}  # the ones that decided which faces are held out
         if "test" in folders:
             self.splits["test"] = np.flatnonzero(split_of == "test")
         else:
             # Test is carved first (seed + 1), so changing val_fraction never moves a face into or out of test.
             train, self.splits["test"] = stratified_split(train, self.labels[train], test_fraction or 0.0, seed + 1)
+            options |= {"test_fraction": test_fraction or 0.0, "seed": seed}
         if (split_of == "val").any():
             self.splits["val"] = np.flatnonzero(split_of == "val")
         else:
             train, self.splits["val"] = stratified_split(train, self.labels[train], val_fraction, seed)
+            options |= {"val_fraction": val_fraction, "seed": seed}
+        self.info = SourceInfo(name=root.name, kind="image-folder", sha256=digest.hexdigest(), split_options=options)
         self.splits["train"] = train
         self.splits = {k: self.splits[k] for k in ("train", "val", "test") if self.splits[k].size}
 

@@ -326,3 +326,28 @@ def test_the_command_a_missing_dataset_suggests_is_one_that_writes_it(tmp_path: 
     with pytest.raises(FerdistError, match=r"\(python jobs/shard\.py --source FER2013\.CSV --dest \S*fer2013, "
                                            r"FER2013\.CSV being your fer2013\.csv"):  # fmt: skip
         open_dataset(str(tmp_path / "fer2013"))
+
+
+def test_a_lost_shard_of_a_carved_image_folder_is_rewritten_by_the_command_suggested(tmp_path: Path) -> None:
+    """Catches a manifest that forgets the options which carved val and test out of an image folder's train/: the
+    suggested command would then re-shard with the defaults, moving faces between splits (here, test into train)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "faces"
+    for c, cls in enumerate(("happy", "sad")):
+        (folder / "train" / cls).mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(np.full((48, 48), c * 100 + i, np.uint8)).save(folder / "train" / cls / f"{i:02d}.png")
+    dest = tmp_path / "shards"
+    carved = ["--val-fraction", "0.2", "--test-fraction", "0.3", "--seed", "7", "--samples-per-shard", "8"]
+    assert shard_job.main(["--source", str(folder), "--dest", str(dest), *carved]) == 0
+    written = {p.name: p.read_bytes() for p in dest.iterdir()}
+    (dest / "test-000001.tar").unlink()
+    with pytest.raises(FerdistError) as info:
+        _read_all(str(dest), "test")
+    suggested = str(info.value).split("re-create the dataset with ", 1)[1].split(", PATH being", 1)[0]
+    assert suggested == (f"python jobs/shard.py --source PATH/faces --dest {dest} --seed 7 --test-fraction 0.3 "
+                         "--val-fraction 0.2 --samples-per-shard 8")  # fmt: skip
+    assert shard_job.main(shlex.split(suggested.replace("PATH/faces", str(folder)))[2:]) == 0
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == written

@@ -192,6 +192,8 @@ def test_manifest_rejects_other_format_or_version(synth_shards: Path) -> None:
         (lambda m: m["splits"]["val"]["shards"][0].update(sha256="abc"), "has no valid sha256"),
         (lambda m: m.update(classes=list(reversed(m["classes"]))), "are not FER2013's"),
         (lambda m: m["splits"]["test"]["shards"].pop(), "its shards hold"),
+        (lambda m: m["source"].update(split_options={"seed": "7; rm -rf ~"}), "source.split_options {'seed': '7;"),
+        (lambda m: m["source"].update(split_options={"dest": 1}), "are not val_fraction, test_fraction, seed with"),
     ],
 )
 def test_manifest_numbers_and_names_must_add_up(synth_shards: Path, change: Any, problem: str) -> None:
