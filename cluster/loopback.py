@@ -174,7 +174,8 @@ def up(state: Path) -> dict[str, float]:
     # they were there before.
     ours = [str(f) for f in BOOTSTRAP_FILES if not f.exists()]
     pids = {name: start_host(write_host(state, name, ip), ip) for name, ip in HOSTS.items()}
-    (state / "hosts.json").write_text(json.dumps({"pids": pids, "remove": ours}))
+    started = {name: [pid, process_start(pid)] for name, pid in pids.items()}
+    (state / "hosts.json").write_text(json.dumps({"pids": started, "remove": ours}))
     start = time.monotonic()
     # From the checkout, as a user runs it: the shipped file_mounts sync "." (this checkout) to every host.
     done = subprocess.run([RAY, "up", "-y", "--no-config-cache", str(config)], cwd=CHECKOUT, env=launcher_env())
@@ -221,12 +222,26 @@ def ssh(auth: dict[str, str], ip: str, command: str) -> subprocess.CompletedProc
                           timeout=120)  # fmt: skip
 
 
+def process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat's 22nd field), or None if it is gone: a
+    pid with the same start is the same process, where a pid alone may since have been given to another."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # the fields after the command name, which may hold spaces
+
+
 def stop_hosts(state: Path) -> None:
+    """Stops the hosts `up` started: only processes still the ones it recorded (after a reboot, or once they ended,
+    their pids may belong to anything else of the user's)."""
     hosts = state / "hosts.json"
     if not hosts.exists():
         return
     started = json.loads(hosts.read_text())
-    for pid in started["pids"].values():
+    for pid, start in started["pids"].values():
+        if process_start(pid) != start:
+            continue
         try:
             os.killpg(pid, signal.SIGTERM)  # unshare --kill-child takes the host's PID 1, and so its namespace, along
         except ProcessLookupError:
