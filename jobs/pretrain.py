@@ -14,6 +14,7 @@ of a run (stopped or still running elsewhere) without training, e.g. to fine-tun
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         from ferdist.launch import cluster, preflight
         from ferdist.launch import trainer as launch
         from ferdist.train import backbone_output
+        from ferdist.train.runs import SUMMARY_FILE
 
         cluster.check(cluster.address())  # before any check that takes time or opens a run
         output = args.output or str(Path("pretrained") / cfg.name)
@@ -80,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             raise FerdistError(f"run {cfg.name} finished without a checkpoint in {result.path}; re-submit it")
         with result.checkpoint.as_directory() as folder:  # [ray] the last epoch's state, from storage_path
             written = backbone_output.publish(Path(folder), output, mine=mine, endpoint_url=cfg.checkpoint_endpoint)
+            history = json.loads((Path(folder) / SUMMARY_FILE).read_text())["history"]
         from ferdist.track import tracking
 
+        tracking.record_finished(cfg.tracking, cfg.name, history, kept=result.path)
         tracking.tag_run(cfg.tracking, cfg.name, {"ferdist.output": written})
     except FerdistError as exn:
         print_error(console, exn)

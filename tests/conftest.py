@@ -187,10 +187,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_mlflow(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """A real `mlflow server` process on an ephemeral loopback port (SQLite store under ``root``, artefacts proxied
-    over HTTP, ``args`` added), stopped with its whole process group; yields its URI."""
-    port = free_port()
+def running_mlflow(root: Path, *args: str, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` process on ``port`` of loopback (default: an ephemeral one), SQLite store under
+    ``root``, artefacts proxied over HTTP, ``args`` added; stopped with its whole process group; yields its URI."""
+    port = port or free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),

@@ -46,19 +46,24 @@ def missing_sqlite_file(uri: str) -> Path | None:
     return None if Path(name).exists() else Path(name)
 
 
-def check_server(uri: str, *, fix: str) -> None:
-    """An http(s) store answers its /health within 5 s, else one sentence ending with ``fix``: MLflow's own client
-    retries a refused connection for minutes before it says so."""
+def server_problem(uri: str) -> str | None:
+    """Why an http(s) store does not answer its /health within 5 s (the exception's name), or None when it answers
+    or is not a server. One request, no retries: MLflow's own client retries a refused connection for minutes."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     import requests
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as exn:
-        raise FerdistError(
-            f"cannot reach the MLflow tracking server at {redact_uri(uri)} ({type(exn).__name__}); {fix}"
-        ) from None
+        return type(exn).__name__
+    return None
+
+
+def check_server(uri: str, *, fix: str) -> None:
+    """An http(s) store answers its /health within 5 s, else one sentence ending with ``fix``."""
+    if problem := server_problem(uri):
+        raise FerdistError(f"cannot reach the MLflow tracking server at {redact_uri(uri)} ({problem}); {fix}")
 
 
 def caller() -> str:

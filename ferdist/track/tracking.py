@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +30,7 @@ import pyarrow.fs
 from ferdist.config import RunConfig, TrackingConfig, redact_uri
 from ferdist.data.loader import DatasetRecord
 from ferdist.errors import FerdistError
-from ferdist.track.store import absolute_uri, caller, check_server, explained_refusal, tracking_uri
+from ferdist.track.store import absolute_uri, caller, check_server, explained_refusal, server_problem, tracking_uri
 from ferdist.train.tracker import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -118,10 +120,21 @@ def find_run(client: Any, experiment: str, tag: str, value: str) -> Any | None:
 
 
 class MlflowTracker:
-    """One MLflow run per ferdist run: params once, metrics with ``step=epoch``, final status as run status + tag."""
+    """One MLflow run per ferdist run: params once, metrics with ``step=epoch``, final status as run status + tag.
+
+    Training never waits for the server. The run is opened when the tracker is made (the driver opened it moments
+    before); after that every call goes, in order, through one background thread, which asks the server's /health
+    first (one request, no retries). While it does not answer, calls are dropped, with one warning per outage,
+    where MLflow's client would have held each epoch for minutes of retries and then failed the run. The driver
+    records the epochs a run missed from its checkpoints when the run ends (`finalize_run`, `record_finished`).
+    """
+
+    CLOSE_WAIT_S = 60.0
+    """How long `close` waits for calls still queued (a server that accepts connections and never answers)."""
 
     def __init__(self, cfg: TrackingConfig, *, run_name: str, params: dict[str, Any]) -> None:
-        self.client = _client(tracking_uri(cfg))
+        self.uri = tracking_uri(cfg)
+        self.client = _client(self.uri)
         self.run_id, found = open_run(cfg, run_name=run_name, params=params)
         self.logged_through = 0
         """The last epoch already in the run: a resumed run re-trains the epochs after its last resume state, with
@@ -140,10 +153,35 @@ class MlflowTracker:
                                                        resume_logging=found,
                                                        tracking_uri=tracking_uri(cfg))  # fmt: skip
             self.system_metrics.start()
+        self.down: str | None = None
+        """Why the server stopped answering (one warning per outage), or None."""
+        self.calls: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+        # A daemon: a worker process that ends never waits for a server that does not answer.
+        self.sender = threading.Thread(target=self._send, name="ferdist-tracker", daemon=True)
+        self.sender.start()
+
+    def _send(self) -> None:
+        while (call := self.calls.get()) is not None:
+            if problem := server_problem(self.uri):
+                if self.down is None:
+                    log.warning("the MLflow tracking server at %s does not answer (%s); training goes on, and the "
+                                "epochs it misses are recorded from the run's checkpoints when the run ends",
+                                redact_uri(self.uri), problem)  # fmt: skip
+                self.down = problem
+                continue
+            if self.down is not None:
+                log.warning("the MLflow tracking server at %s answers again", redact_uri(self.uri))
+                self.down = None
+            try:
+                call()
+            except Exception as exn:  # noqa: BLE001 (a log that fails must not stop training; the checkpoints keep it)
+                log.warning("an MLflow call for run %s failed and was skipped (%s)", self.run_id,
+                            str(exn).splitlines()[0] if str(exn) else type(exn).__name__)  # fmt: skip
 
     def log_datasets(self, records: Sequence[DatasetRecord], *, context: str) -> None:
         """Each record as an MLflow dataset input of the run (the UI's Dataset column), tagged with ``context``."""
-        self.client.log_inputs(self.run_id, datasets=[dataset_input(r, context=context) for r in records])
+        inputs = [dataset_input(r, context=context) for r in records]
+        self.calls.put(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         from mlflow.entities import Metric
@@ -152,13 +190,22 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.calls.put(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_image(self, image: Any, path: str) -> None:
         """``image`` (a uint8 array) as the PNG artefact ``path`` of the run."""
-        self.client.log_image(self.run_id, image, artifact_file=path)
+        self.calls.put(lambda: self.client.log_image(self.run_id, image, artifact_file=path))
 
     def close(self, *, status: str) -> None:
+        """Queues the end of the run after every call before it, and waits for them (at most `CLOSE_WAIT_S`)."""
+        self.calls.put(lambda: self._finish(status))
+        self.calls.put(None)
+        self.sender.join(timeout=self.CLOSE_WAIT_S)
+        if self.sender.is_alive() or self.down is not None:
+            log.warning("run %s ended without the MLflow tracking server at %s; the job records it from its "
+                        "checkpoints", self.run_id, redact_uri(self.uri))  # fmt: skip
+
+    def _finish(self, status: str) -> None:
         if (monitor := self.system_metrics) is not None:
             monitor.finish()  # joins its thread
             # One last sample, so a run shorter than the sampling interval still says what machine it ran on.
@@ -291,11 +338,13 @@ def finalize_run(
     run_id = run_id_of(cfg, run_name)
     if run_id is None:  # the run died before its first epoch was tracked
         return None, None
-    best = None
+    best = last = None
     try:
         best, last = runs.best_and_last(run_path, filesystem, select_by=select_by)
     except FerdistError as exn:
         log.warning("%s: no reports (%s)", run_name, exn)
+    if last is not None:
+        record_missed_epochs(client, run_id, last.summary["history"])
     with tempfile.TemporaryDirectory(prefix="ferdist-reports-") as tmp:
         folder = Path(tmp)
         (folder / "config.yaml").write_text(config_yaml)
@@ -306,6 +355,39 @@ def finalize_run(
     client.set_tag(run_id, STATUS_TAG, status)
     client.set_terminated(run_id, status="FAILED" if status == FAILED else "FINISHED")
     return run_id, best
+
+
+def record_missed_epochs(client: Any, run_id: str, history: Sequence[dict[str, Any]]) -> int:
+    """Logs the epochs of ``history`` (a checkpoint's, one dict of metrics per epoch) that the run's tracker could
+    not (the server was down while they trained); returns how many. The epochs it logged are found by their
+    ``epoch`` metric, which every epoch logs first."""
+    from mlflow.entities import Metric
+
+    logged = {m.step for m in client.get_metric_history(run_id, "epoch")}
+    now = int(time.time() * 1000)
+    missed = [h for h in history if int(h["epoch"]) not in logged]
+    batch = [Metric(k, float(v), now, int(h["epoch"])) for h in missed for k, v in h.items()
+             if isinstance(v, (int, float))]  # fmt: skip
+    for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a request
+        client.log_batch(run_id, metrics=batch[start : start + 1000])
+    if missed:
+        log.info("run %s: recorded %d epochs the tracking server missed while they trained", run_id, len(missed))
+    return len(missed)
+
+
+def record_finished(cfg: TrackingConfig, run_name: str, history: Sequence[dict[str, Any]], *, kept: str) -> None:
+    """After a run that finished (pretraining, whose job has no reports to log): the epochs its tracker missed, and
+    its end, if the tracker could not record that either (``kept``: where its checkpoints are)."""
+    if cfg.backend == "none":
+        return
+    still_there(cfg, what=f"run {run_name}", kept=kept)
+    if (run_id := run_id_of(cfg, run_name)) is None:
+        return
+    client = _client(tracking_uri(cfg))
+    record_missed_epochs(client, run_id, history)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, STATUS_TAG, COMPLETED)
+        client.set_terminated(run_id, status="FINISHED")
 
 
 def publish_model(run: RunConfig, *, run_id: str, best: Any, tags: dict[str, str]) -> Any:

@@ -3,19 +3,23 @@ training run, params once, metrics with step=epoch, the same run continued after
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, running_mlflow
 from mlflow.tracking import MlflowClient
 from sessions import CrashingSession
 
 from ferdist.config import RunConfig, TrackingConfig, load_config
 from ferdist.errors import FerdistError
 from ferdist.track.tracking import RUN_TAG, check_tracking, make_tracker
+from ferdist.train.checkpoint import Snapshot
 from ferdist.train.loop import LocalSession, run_training
 
 
@@ -141,3 +145,48 @@ def test_a_server_gone_after_training_is_one_sentence_that_keeps_the_run(tmp_pat
            "again" in str(info.value)  # fmt: skip
     with pytest.raises(FerdistError, match="run r was not recorded \\(nothing is lost\\)"):
         tag_run(cfg, "r", {"k": "v"})
+
+
+@pytest.mark.slow  # two starts of the server: about a minute
+def test_a_server_down_while_a_run_trains_holds_no_epoch_and_the_job_records_the_epochs_it_missed(
+    synth_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Catches the tracker waiting on a tracking server that went down mid-run: MLflow's client retried each
+    epoch's log for minutes (about 4 here), then failed the run. Training now goes on, and the driver's
+    finalize_run logs the epochs the tracker missed from the run's checkpoints, with the values the loop had."""
+    from ferdist.track.tracking import COMPLETED, finalize_run
+
+    port, server = free_port(), contextlib.ExitStack()
+    uri = server.enter_context(running_mlflow(tmp_path / "mlflow", port=port))
+    cfg = tracked_run(synth_shards, uri, "name=outage", "tracking.system_metrics_s=0")
+    client = MlflowClient(uri)
+
+    @dataclass
+    class ServerStopsAfterEpoch1(LocalSession):
+        def report(self, metrics: dict[str, float], resume: Snapshot | None, *, mode: str) -> None:
+            super().report(metrics, resume, mode=mode)
+            if metrics["epoch"] == 1:
+                run_id = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                            filter_string=f"tags.`{RUN_TAG}` = 'outage'")[0].info.run_id  # fmt: skip
+                deadline = time.monotonic() + 120
+                while not client.get_metric_history(run_id, "epoch"):  # epoch 1 is in before the server goes
+                    assert time.monotonic() < deadline, "epoch 1 was never logged"
+                    time.sleep(0.1)
+                server.close()
+
+    with caplog.at_level(logging.WARNING, logger="ferdist.track.tracking"):
+        state = run_training(cfg, ServerStopsAfterEpoch1(tmp_path / "runs"), make_tracker=make_tracker)
+    assert state.epochs_done == 3
+    assert sum("does not answer (ConnectionError); training goes on" in r.message for r in caplog.records) == 1
+    with running_mlflow(tmp_path / "mlflow", port=port) as again:  # the same store back, where the run expects it
+        client = MlflowClient(again)
+        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                    filter_string=f"tags.`{RUN_TAG}` = 'outage'")  # fmt: skip
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")] == [1]
+        assert run.info.status == "RUNNING"  # the tracker could not end it either
+        finalize_run(TrackingConfig(backend="mlflow", tracking_uri=again, experiment="tests"), run_name="outage",
+                     run_path=str(tmp_path / "runs"), filesystem=None, status=COMPLETED, config_yaml="")  # fmt: skip
+        history = client.get_metric_history(run.info.run_id, "val/acc")
+        assert [(m.step, m.value) for m in history] == [(h["epoch"], h["val/acc"]) for h in state.history]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+        assert client.get_run(run.info.run_id).info.status == "FINISHED"
