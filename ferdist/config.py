@@ -427,6 +427,7 @@ class RunConfig(_Stored):
 
     def __post_init__(self) -> None:
         _check_name_and_batch(self.name, self.loop, self.workers)
+        _check_seed(self.seed)
         late = [e for e, _ in self.model.unfreeze_schedule() if e >= self.loop.epochs]
         if late:
             raise ValueError(f"model.unfreeze releases blocks after {late[0]} epochs, but loop.epochs="
@@ -434,6 +435,16 @@ class RunConfig(_Stored):
         if self.checkpoint.best_weights == "ema" and self.optim.ema_decay is None:
             raise ValueError("checkpoint.best_weights=ema needs optim.ema_decay (the EMA it picks by); set it, e.g. "
                              "0.9998, or keep best_weights=trained")  # fmt: skip
+
+
+def _check_seed(seed: int) -> None:
+    # Every generator the run seeds (numpy's, torch's, the shard order's) takes this range; outside it a worker would
+    # fail after Ray starts.
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+
+
+MAX_SEED = 2**32 - 1
 
 
 def _check_name_and_batch(name: str, loop: LoopConfig, workers: WorkersConfig) -> None:
@@ -533,6 +544,7 @@ class PretrainConfig(_Stored):
 
     def __post_init__(self) -> None:
         _check_name_and_batch(self.name, self.loop, self.workers)
+        _check_seed(self.seed)
         sections = {f.name: f.default_factory for f in dataclasses.fields(self)}
         for key, why in _FINE_TUNING_ONLY.items():
             section, attr = key.split(".")
@@ -640,6 +652,8 @@ def _build(cls: type, flat: dict[str, Any], prefix: str, origins: Origins) -> An
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+_PLAIN_NUMBER = re.compile(r"\s*[+-]?(0|[1-9][0-9]*|(0|[1-9][0-9]*)?\.[0-9]+|(0|[1-9][0-9]*)\.)([eE][+-]?[0-9]+)?\s*")
+"""A number YAML and a reader agree on: decimal, no leading zero, no ':' (base 60) or '_'."""
 
 
 def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
@@ -688,14 +702,14 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip()):
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):  # not \d: int("٣") is 3
             return int(value)
         raise wrong("an integer")
     if tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
-        elif isinstance(value, str) and "_" not in value:  # float() would read "1_0" as 10
+        elif isinstance(value, str) and "_" not in value and value.isascii():  # float() reads "1_0" as 10, "٣" as 3
             try:
                 number = float(value)
             except ValueError:
@@ -895,6 +909,10 @@ def load_config(
         except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
             parsed = value
         tp = types_.get(key.strip())
+        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) and not _PLAIN_NUMBER.fullmatch(value):
+            # A number as typed, in decimal: YAML would read 017 as octal 15, 1:30 as base-60 90 and 1_0 as 10
+            # (a file refuses those, naming the line; here parse_value reads or refuses the text itself).
+            parsed = value.strip()
         if parsed is not None and (typing.get_origin(tp) is tuple or (not isinstance(parsed, str) and _wants_text(tp))):
             # A text setting takes what was typed: `--set loop.compile=off` is 'off', not YAML's false, and
             # `--set name=2024-05-01` a name, not a date (a file still needs quotes there, and says so); a list of

@@ -4,6 +4,7 @@ sentence that names the file and the line(s) and says what to write instead; wha
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,17 @@ def test_a_list_of_text_on_the_command_line_keeps_its_items_as_typed() -> None:
                                                                                                 "models:/big@1")
     with pytest.raises(FerdistError, match=r"distill.teacher must be a list"):  # not a teacher named 'null'
         load_config(None, ["distill.teacher=null"])
+
+
+def test_a_number_on_the_command_line_is_read_as_typed_in_decimal() -> None:
+    """Catches --set reading numbers as YAML 1.1 does: `loop.epochs=017` ran 15 epochs (octal), `optim.lr=1:30` was
+    90 (base-60) and `optim.lr=1_0` was 10, silently; a file refuses each with its line. A non-ASCII digit (int("٣")
+    is 3) is refused as well."""
+    assert load_config(None, ["loop.epochs=017"]).loop.epochs == 17
+    assert load_config(None, ["optim.lr=3e-4", "seed=+5"]).optim.lr == 3e-4
+    for override, expected in [("optim.lr=1:30", "a finite number"), ("optim.lr=1_0", "a finite number"),
+                               ("loop.epochs=1_000", "an integer"), ("loop.epochs=٣", "an integer"),
+                               ("optim.lr=٣", "a finite number"), ("optim.lr=0x10", "a finite number")]:  # fmt: skip
+        key, _, value = override.partition("=")
+        with pytest.raises(FerdistError, match=re.escape(f"command line: {key} must be {expected}, got '{value}'")):
+            load_config(None, [override])
