@@ -3,7 +3,9 @@ default there is 80, which cuts trial names and parameter values out of the tabl
 
 from __future__ import annotations
 
+import argparse
 import logging
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.text import Text
@@ -38,3 +40,16 @@ def bold(text: str, style: str = "bold") -> Text:
 def print_error(console: Console, message: object, *, label: str = "error") -> None:
     """``label: message`` as the job's last line, the message as text (see `job_console`)."""
     console.print(Text.assemble(bold(f"{label}:", "bold red"), " ", str(message)), highlight=False)
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= ``minimum``, read strictly ("1e3", "2.5", "1_0", "٣" are refused, not
+    rounded or read as something else)."""
+
+    def parse(text: str) -> int:
+        digits = text.strip()
+        if not (digits.isascii() and digits.isdigit()) or int(digits) < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least {minimum}")
+        return int(digits)
+
+    return parse

@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console, print_error  # noqa: E402
+from ferdist.console import job_console, print_error, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 EXPERIMENT = "ferdist-evaluation"
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="test-time augmentation, reported apart: flip (the face and its mirror averaged; a bare "
                         "--tta) or crops (ten views: the four corners and the centre, 42 of 48 pixels square, each "
                         "mirrored)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=whole_number(1), default=256)
     p.add_argument("--out", type=Path, default=None, help="folder for the PNG, Markdown and JSON results")
     p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--endpoint-url", default=None,
@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from ferdist.serve.inference import Predictor
         from ferdist.track.registry import load_model
 
+        if args.out is not None:  # said now, not after the split was scored
+            from ferdist.serve.photos import check_writable
+
+            check_writable(args.out, what="--out", folder=True)
         dataset = open_dataset(args.manifest, endpoint_url=args.endpoint_url)
         dataset.manifest.split(args.split)  # an absent split fails before the model is fetched
         if not args.no_track:  # a store that is down is said now, not after the scoring and minutes of retries

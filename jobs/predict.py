@@ -32,7 +32,7 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console  # noqa: E402
+from ferdist.console import job_console, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.serve.faces import DETECT_MODES  # noqa: E402
 from ferdist.serve.photos import (  # noqa: E402
@@ -43,12 +43,6 @@ from ferdist.serve.photos import (  # noqa: E402
     shown_name,
     write_rows,
 )
-
-
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
-    return int(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="test-time augmentation, reported apart: flip (the face and its mirror averaged; a bare "
                         "--tta) or crops (ten views: the four corners and the centre, 42 of 48 pixels square, each "
                         "mirrored)")  # fmt: skip
-    p.add_argument("--batch-size", type=positive, default=256)
+    p.add_argument("--batch-size", type=whole_number(1), default=256)
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// --model (default: AWS_ENDPOINT_URL)")
     return p.parse_args(argv)
 

@@ -20,24 +20,11 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import bold, job_console, print_error  # noqa: E402
+from ferdist.console import bold, job_console, print_error, whole_number  # noqa: E402
 from ferdist.constants import DEFAULT_SAMPLES_PER_SHARD, FER_CLASSES, SYNTHETIC_DEFAULT_ROWS  # noqa: E402
 from ferdist.data.sharding import ShardingResult, write_shards  # noqa: E402
 from ferdist.data.sources import open_source, synthetic_source  # noqa: E402
 from ferdist.errors import FerdistError, Interrupted  # noqa: E402
-
-
-def whole_number(minimum: int):  # noqa: ANN201
-    """argparse type: a whole number >= ``minimum``, read strictly ("1e3", "2.5", "1_0" are refused, not rounded)."""
-
-    def parse(text: str) -> int:
-        digits = text.strip()
-        if not (digits.isascii() and digits.isdigit()) or int(digits) < minimum:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least {minimum}")
-        return int(digits)
-
-    return parse
-
 
 positive_int = whole_number(1)
 

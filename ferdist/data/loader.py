@@ -175,6 +175,9 @@ def open_dataset(uri: str, *, endpoint_url: str | None = None, outage_s: float =
     """Reads the manifest at ``uri`` (a dataset folder/prefix, or the manifest.json itself); ``outage_s``: how long
     this and every shard read waits out an unreachable store (see `ferdist.outage`)."""
     base = uri.rstrip("/")
+    if not base.endswith(".json") and (local := storage.parse_uri(base).path) is not None and local.is_file():
+        raise FerdistError(f"'{uri}' is a file, not a dataset; give the folder jobs/shard.py wrote (the one that holds "
+                           "manifest.json), or that manifest.json itself")  # fmt: skip
     if base.endswith(".json"):
         manifest_uri, base = base, base.rsplit("/", 1)[0] if "/" in base else "."
     else:

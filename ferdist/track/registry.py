@@ -309,16 +309,28 @@ def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str |
     import tempfile
 
     from ferdist.constants import FER_CLASSES
-    from ferdist.train.checkpoint import load_classifier
+    from ferdist.train.checkpoint import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, SAFE_MODEL_FILE, load_classifier
     from ferdist.train.runs import SUMMARY_FILE
 
     with tempfile.TemporaryDirectory(prefix="ferdist-model-") as tmp:
         folder, ref = fetch_checkpoint(uri, Path(tmp), tracking_uri=tracking_uri, endpoint_url=endpoint_url)
+        weights = any((folder / name).is_file() for name in (MODEL_FILE, SAFE_MODEL_FILE))
+        if missing := [n for n in (CONFIG_FILE, *([BACKBONE_FILE] if weights else [])) if not (folder / n).is_file()]:
+            raise FerdistError(f"{uri} is an incomplete model folder (no {' or '.join(missing)} beside its weights); "
+                               "copy the whole folder again: a model folder holds its weights, backbone.json and "
+                               "config.yaml")  # fmt: skip
         summary_file = folder / SUMMARY_FILE
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
         try:
+            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
             model, cfg = load_classifier(folder)
-        except RuntimeError as exn:  # load_state_dict's size mismatches
+        except FerdistError:
+            raise
+        except Exception as exn:  # noqa: BLE001 (a file cut short or overwritten fails in whichever reader reads it)
+            if not (isinstance(exn, RuntimeError) and "state_dict" in str(exn)):
+                said = re.split(r"(?<=\.)\s", str(exn).strip())[0][:200] if str(exn).strip() else type(exn).__name__
+                raise FerdistError(f"{uri} holds a damaged model file ({said}); copy the model folder again, or "
+                                   "export it again") from None  # fmt: skip
+            # load_state_dict's mismatches: weights of another shape
             found = re.search(r"head\.weight: copying a param with shape torch\.Size\(\[(\d+)", str(exn))
             if found is None:
                 raise FerdistError(f"{uri} is not a ferdist classifier of the FER2013 classes "

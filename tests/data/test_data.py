@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -240,3 +241,15 @@ def test_steps_per_epoch() -> None:
     assert steps_per_epoch(28709, batch_size=64, world_size=8) == 56
     assert steps_per_epoch(511, batch_size=64, world_size=8) == 0
     assert np.array_equal([steps_per_epoch(n, batch_size=10, world_size=1) for n in (9, 10, 19, 20)], [0, 1, 1, 2])
+
+
+def test_a_dataset_path_that_is_a_file_is_one_sentence(tmp_path: Path) -> None:
+    """Catches a file given where a dataset folder goes (data.manifest, --manifest, --evaluate): a traceback of
+    NotADirectoryError from reading FILE/manifest.json."""
+    photo = tmp_path / "face.png"
+    photo.write_bytes(b"png")
+    said = f"'{photo}' is a file, not a dataset; give the folder jobs/shard.py wrote (the one that holds manifest.json)"
+    with pytest.raises(FerdistError, match=re.escape(said)):
+        open_dataset(str(photo))
+    with pytest.raises(FerdistError, match=re.escape(f"cannot exist: {photo} is a file, not a folder")):
+        open_dataset(str(photo / "shards"))

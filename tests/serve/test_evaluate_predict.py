@@ -125,10 +125,28 @@ def test_evaluate_bad_input_is_one_sentence(
         (["--model", str(five), "--manifest", str(synth_shards)], f"{five} answers 5 classes, not FER2013's"),
         (["--model", str(checkpoint), "--manifest", str(synth_shards), "--split", "dev"], "has no 'dev' split"),
     ]  # fmt: skip
+    # A model folder copied in part, or damaged: one sentence, whichever reader meets it (torch, safetensors, JSON).
+    for name, damage in [("cut", lambda f: (f / "model.pt").write_bytes((f / "model.pt").read_bytes()[:3000])),
+                         ("noise", lambda f: (f / "model.pt").write_bytes(bytes(range(256)) * 20)),
+                         ("json", lambda f: (f / "backbone.json").write_text("{")),
+                         ("unbundled", lambda f: (f / "backbone.json").unlink())]:  # fmt: skip
+        shutil.copytree(checkpoint, broken := tmp_path / name)
+        damage(broken)
+        said = "is an incomplete model folder (no backbone.json" if name == "unbundled" else "holds a damaged model"
+        cases.append((["--model", str(broken), "--manifest", str(synth_shards)], f"{broken} {said}"))
+    photo = tmp_path / "face.png"
+    photo.write_bytes(b"png")
+    cases += [(["--model", str(checkpoint), "--manifest", str(synth_shards), "--out", str(photo)],
+               f"--out {photo} is a file; name a folder"),
+              (["--model", str(checkpoint), "--manifest", str(synth_shards), "--out", str(photo / "results")],
+               "is a file, not a folder")]  # fmt: skip
     for argv, message in cases:
         assert job.main(argv) == 2
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err, err
+        assert message in err and "Traceback" not in err and "accuracy" not in err, err  # before any scoring
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--model", str(checkpoint), "--manifest", str(synth_shards), "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "'0' is not a whole number of at least 1" in capsys.readouterr().err
 
 
 def face_png(face: np.ndarray, size: int = 48, mode: str = "L") -> bytes:
