@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
+import os
 import shutil
 import subprocess
 import tarfile
@@ -115,6 +116,9 @@ class KaggleCsv(Source):
                 f"{name}: line 1: missing column(s) {', '.join(missing)} in the header {shown}{separator}; "
                 "expected the Kaggle layout emotion,pixels,Usage, comma-separated"
             )
+        if twice := [c for c in KAGGLE_COLUMNS if header.count(c) > 1]:
+            raise FerdistError(f"{name}: line 1: the header names {twice[0]} {header.count(twice[0])} times; keep "
+                               "one column of each name (which one holds the data is not for ferdist to guess)")
         self.ncols = len(header)
         self.col = {c: header.index(c) for c in KAGGLE_COLUMNS}
         self.lines = lines[1:]
@@ -329,7 +333,8 @@ def files_digest(root: Path, paths: Sequence[Path], *, kind: bytes = b"") -> Any
             data = path.read_bytes()
         except OSError as exn:
             raise FerdistError(f"{path}: cannot be read ({exn.strerror}); fix or remove it") from None
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + data)
+        # os.fsencode: the name's own bytes, also for one that is not UTF-8 (str.encode refuses its surrogates).
+        digest.update(os.fsencode(path.relative_to(root)) + b"\0" + data)
     return digest
 
 

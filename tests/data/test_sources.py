@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from ferdist.constants import FER_CLASSES
-from ferdist.data.sources import ImageFolder, open_source, stratified_split
+from ferdist.data.sources import ImageFolder, files_digest, open_source, stratified_split
 from ferdist.errors import FerdistError
 
 HEADER = "emotion,pixels,Usage"
@@ -75,6 +75,8 @@ def test_header_variants_icml_layout(tmp_path: Path) -> None:
         ([_row(label=-2)], HEADER, "line 2: emotion '-2' is not a whole number in 0-6"),
         ([_row(), _row(usage="Validation")], HEADER, "line 3: unknown Usage 'Validation'"),
         ([_row()], "emotion,pixels", "line 1: missing column(s) usage"),
+        ([_row() + ",Training"], HEADER + ",Usage", "line 1: the header names usage 2 times; keep one column"),
+        ([_row() + ",3"], HEADER + ",emotion", "line 1: the header names emotion 2 times"),  # the first was used
         ([], HEADER, "has a header but no rows"),
     ],
 )
@@ -301,3 +303,22 @@ def test_an_unreadable_image_file_is_named(tmp_path: Path) -> None:
     dangling.symlink_to(tmp_path / "elsewhere.png")  # a link whose target was moved away
     with pytest.raises(FerdistError, match=re.escape(f"{dangling}: cannot be read (No such file or directory)")):
         open_source(tmp_path)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_named(tmp_path: Path) -> None:
+    """Catches a face whose file name is not UTF-8 (a Latin-1 `café.png` from an old archive) stopping the shard
+    job with a UnicodeEncodeError from the folder's digest; a UTF-8 name's digest stays what it was."""
+    import hashlib
+    import os
+
+    _face_folder(tmp_path, "train", "happy", 2)
+    _face_folder(tmp_path, "test", "happy", 1)
+    latin = os.fsdecode(bytes(tmp_path / "train" / "happy") + "/caf\xe9.png".encode("latin-1"))
+    Image.fromarray(np.full((48, 48), 99, np.uint8)).save(latin)
+    src = open_source(tmp_path, val_fraction=0.0)
+    assert sorted(src.load(src.splits["train"]).images[:, 0, 0].tolist()) == [0, 1, 99]
+    utf8 = tmp_path / "utf8"
+    _face_folder(utf8, "train", "happy", 1)
+    (utf8 / "train" / "happy" / "000.png").rename(face := utf8 / "train" / "happy" / "sourire-é.png")
+    expected = hashlib.sha256("train/happy/sourire-é.png".encode() + b"\0" + face.read_bytes())
+    assert files_digest(utf8, [face]).hexdigest() == expected.hexdigest()
