@@ -59,7 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="replace --out if it exists (a folder only if it holds a bundle)")  # fmt: skip
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// --model (default: AWS_ENDPOINT_URL)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.format == "onnx" and (ignored := [f for f in ("name", "evaluate") if getattr(args, f) is not None]):
+        p.error(f"--{ignored[0]} is for --format bundle; an ONNX file has no name or model card to score into")
+    for flag in ("name", "evaluate"):
+        if getattr(args, flag) is not None and not getattr(args, flag).strip():
+            p.error(f"--{flag} is empty; give a value or leave it out")
+    return args
 
 
 def fetch(args: argparse.Namespace) -> tuple[LoadedModel, str]:

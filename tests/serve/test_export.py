@@ -137,6 +137,13 @@ def test_bad_input_is_one_sentence_and_overwrites_nothing(
         assert job.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+    # Bundle-only flags were silently dropped from an ONNX export (no score, no name): refused by the parser.
+    for flags, message in [(["--evaluate", str(tmp_path)], "--evaluate is for --format bundle"),
+                           (["--name", "mine"], "--name is for --format bundle"),
+                           (["--format", "bundle", "--name", " "], "--name is empty")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            job.main([*model, "--out", str(tmp_path / "d.onnx"), *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: import raises ImportError
     assert job.main([*model, "--out", str(tmp_path / "c.onnx")]) == 2
     assert '(onnxruntime missing); install them with pip install -e ".[export]"' in capsys.readouterr().err
