@@ -296,6 +296,11 @@ class ImageFolder(Source):
         else:
             train, self.splits["val"] = stratified_split(train, self.labels[train], val_fraction, seed)
             options |= {"val_fraction": val_fraction, "seed": seed}
+        carved = (("test", "--test-fraction", test_fraction), ("val", "--val-fraction", val_fraction))
+        for split, flag, fraction in carved:
+            if split not in folders and fraction and not self.splits[split].size:
+                raise FerdistError(f"{root}: {flag} {fraction} holds out no face of train/ (every class rounds to 0 "
+                                   f"faces); raise it, add a {split}/ folder, or add faces")  # fmt: skip
         self.info = SourceInfo(name=root.name, kind="image-folder", sha256=digest.hexdigest(), split_options=options)
         self.splits["train"] = train
         self.splits = {k: self.splits[k] for k in ("train", "val", "test") if self.splits[k].size}

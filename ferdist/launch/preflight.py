@@ -61,7 +61,11 @@ def preflight(cfg: AnyConfig) -> int:
             storage.check_reachable(uri, endpoint_url=cfg.data.endpoint_url)
         data = open_pretraining_data(cfg.data.manifest, cfg.data.extra, endpoint_url=cfg.data.endpoint_url)
     else:
-        data = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url).select("train")
+        dataset = open_dataset(cfg.data.manifest, endpoint_url=cfg.data.endpoint_url)
+        if "val" not in dataset.manifest.splits:  # the loop picks the best epoch on it: a worker would fail there
+            raise FerdistError(f"{cfg.data.manifest} has no val split, which fine-tuning scores every epoch on to keep "
+                               "the best; re-shard it with --val-fraction (e.g. 0.1) or a val/ folder")  # fmt: skip
+        data = dataset.select("train")
     # Building (not iterating) the loader runs its checks: enough samples and shards for every worker.
     build_loader(data, None, cfg.data, batch_size=cfg.loop.batch_per_worker(world), rank=0, world_size=world,
                  training=True)  # fmt: skip

@@ -322,3 +322,16 @@ def test_a_file_name_that_is_not_utf8_is_read_and_named(tmp_path: Path) -> None:
     (utf8 / "train" / "happy" / "000.png").rename(face := utf8 / "train" / "happy" / "sourire-é.png")
     expected = hashlib.sha256("train/happy/sourire-é.png".encode() + b"\0" + face.read_bytes())
     assert files_digest(utf8, [face]).hexdigest() == expected.hexdigest()
+
+
+def test_a_fraction_that_holds_out_no_face_is_refused(tmp_path: Path) -> None:
+    """Catches a small folder sharded with the default --val-fraction 0.1 getting no val split at all (4 faces a
+    class round to 0), silently: fine-tuning then had nothing to pick its epoch on."""
+    _face_folder(tmp_path, "train", "happy", 4)
+    _face_folder(tmp_path, "test", "happy", 2)
+    with pytest.raises(FerdistError, match=re.escape(f"{tmp_path}: --val-fraction 0.1 holds out no face of train/ "
+                                                     "(every class rounds to 0 faces); raise it, add a val/ folder")):
+        open_source(tmp_path, val_fraction=0.1)
+    assert {k: v.size for k, v in open_source(tmp_path, val_fraction=0.25).splits.items()} == {
+        "train": 3, "val": 1, "test": 2}  # fmt: skip
+    assert "val" not in open_source(tmp_path, val_fraction=0.0).splits  # asked for: none

@@ -95,3 +95,25 @@ def test_the_failure_policy_ends_a_run_on_a_deterministic_error_and_retries_tran
     assert decision(ConnectionError("node lost"), MissingError("shard x is missing")) == FailureDecision.RAISE
     assert decision(StorageOutage("the store was down for 10 s")) == FailureDecision.RETRY
     assert decision(ConnectionError("node lost")) == FailureDecision.RETRY
+
+
+def test_a_dataset_without_val_is_refused_before_ray_starts(
+    capsys: pytest.CaptureFixture[str], synth_shards: Path, tmp_path: Path
+) -> None:
+    """Catches a dataset sharded without a val split (an image folder with --val-fraction 0) passing every check
+    before Ray starts and failing in the worker, at the first epoch's evaluation."""
+    import json
+    import shutil
+
+    import ray
+
+    no_val = tmp_path / "no-val"
+    shutil.copytree(synth_shards, no_val)
+    manifest = json.loads((no_val / "manifest.json").read_text())
+    del manifest["splits"]["val"]
+    (no_val / "manifest.json").write_text(json.dumps(manifest))
+    assert train_job.main(["--config", QUICKSTART, "--set", f"data.manifest={no_val}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {no_val} has no val split, which fine-tuning scores every epoch on to keep the best; re-shard it " \
+           "with --val-fraction" in err  # fmt: skip
+    assert "Traceback" not in err and not ray.is_initialized()
