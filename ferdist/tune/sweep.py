@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ class SweepConfig:
     scheduler: Literal["asha", "fifo"] = "asha"
     """asha: stop trials whose val accuracy trails at a rung; fifo: run every trial to loop.epochs."""
     grace_period: int = 10
-    """Epochs every trial runs before ASHA may stop it."""
+    """Epochs every trial runs before ASHA may stop it (left unset, at most loop.epochs)."""
     reduction_factor: float = 3.0
     """ASHA keeps the top 1/reduction_factor of trials at each rung (rungs at grace_period · rf^k epochs)."""
     max_concurrent_trials: int = 0
@@ -96,6 +97,14 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     base = load_config(path, run_overrides)
     sweep = _sweep_settings(doc.get("sweep") or {}, sweep_overrides, origin)
     search = parse_search(doc.get("search") or {}, base, origin=origin)
+    set_here = "grace_period" in (doc.get("sweep") or {}) or any(o.startswith("sweep.grace_period=") for o in overrides)
+    if not set_here and sweep.grace_period > base.loop.epochs:  # the default, for runs of fewer epochs than it
+        sweep = dataclasses.replace(sweep, grace_period=base.loop.epochs)
+    if sweep.scheduler == "asha" and sweep.grace_period > base.loop.epochs:  # ASHA's own check fails after Ray starts
+        said = "command line" if any(o.startswith("sweep.grace_period=") for o in sweep_overrides) else origin
+        raise FerdistError(f"{said}: sweep.grace_period={sweep.grace_period} epochs is past loop.epochs="
+                           f"{base.loop.epochs}, so ASHA could never compare trials; use at most {base.loop.epochs}, "
+                           "or sweep.scheduler=fifo")  # fmt: skip
     if base.loop.eval_every != 1:
         # Tune needs the metric in every report, and stale values would let ASHA compare trials at other epochs.
         raise FerdistError(f"{origin}: loop.eval_every must be 1 in a sweep (ASHA reads "
@@ -109,9 +118,11 @@ def _sweep_settings(section: Any, overrides: list[str], origin: str) -> SweepCon
     import yaml
 
     values = dict(section)
+    where = dict.fromkeys(values, origin)  # each setting's source, for the sentence that refuses it
     for item in overrides:
         key, _, value = item.partition("=")
-        values[key.strip().removeprefix("sweep.")] = yaml.safe_load(value) if value.strip() else ""
+        key = key.strip().removeprefix("sweep.")
+        values[key], where[key] = (yaml.safe_load(value) if value.strip() else ""), "command line"
     hints = typing.get_type_hints(SweepConfig)
     known = [f.name for f in dataclasses.fields(SweepConfig)]
     kwargs = {}
@@ -119,12 +130,13 @@ def _sweep_settings(section: Any, overrides: list[str], origin: str) -> SweepCon
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean 'sweep.{close[0]}'?)" if close else f"; known: {', '.join(known)}"
-            raise FerdistError(f"{origin}: unknown key 'sweep.{key}'{hint}")
-        kwargs[key] = parse_value(value, hints[key], key=f"sweep.{key}", origin=origin)
+            raise FerdistError(f"{where[key]}: unknown key 'sweep.{key}'{hint}")
+        kwargs[key] = parse_value(value, hints[key], key=f"sweep.{key}", origin=where[key])
     try:
         return SweepConfig(**kwargs)
     except ValueError as exn:
-        raise FerdistError(f"{origin}: {exn}") from None
+        named = re.match(r"sweep\.(\w+)", str(exn))
+        raise FerdistError(f"{where.get(named.group(1), origin) if named else origin}: {exn}") from None
 
 
 def parse_search(section: Any, base: RunConfig, *, origin: str) -> tuple[Dimension, ...]:

@@ -49,6 +49,28 @@ def param_space(sweep: Sweep) -> dict[str, Any]:
     return to_flat_dict(sweep.base) | {dim.key: domain(dim) for dim in sweep.search}
 
 
+SOURCE_KEYS = ("model.pretrained", "data.manifest", "distill.teacher")
+"""Settings that name something to load: a searched value of one is checked as the base config is."""
+
+
+def check_searched_sources(base: RunConfig, search: tuple[Dimension, ...]) -> None:
+    """Before Ray starts: every choice of a searched `SOURCE_KEYS` setting passes the checks the base config passed
+    (`ferdist.launch.preflight.preflight`), so a mistyped backbone among the choices is one sentence now, not a
+    failed trial an hour in."""
+    from ferdist.errors import FerdistError
+    from ferdist.launch import preflight
+
+    for dim in search:
+        if dim.key not in SOURCE_KEYS or dim.kind not in ("choice", "grid"):
+            continue
+        for value in dim.values:
+            cfg = from_flat_dict({**to_flat_dict(base), dim.key: value}, origin=f"search.{dim.key}")
+            try:
+                preflight.preflight(preflight.with_absolute_paths(cfg))
+            except FerdistError as exn:
+                raise FerdistError(f"search.{dim.key} = {value!r}: {exn}") from None
+
+
 def trials_root(base: RunConfig) -> str:
     """Where the trials' Train runs (checkpoints) live: ``<storage_path>/<sweep>/trials``."""
     return f"{base.checkpoint.storage_path.rstrip('/')}/{base.name}/trials"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -74,11 +75,28 @@ def test_bad_dimension_is_one_sentence_naming_file_and_key(tmp_path: Path, searc
         ("{reduction_factor: 1}", r"sweep\.reduction_factor must be > 1"),
         ("{scheduler: pbt}", r"sweep\.scheduler must be one of 'asha', 'fifo'"),
         ("{driver_cpus: 0}", r"sweep\.driver_cpus must be > 0"),
+        # ASHAScheduler's own assertion failed after Ray had started and the sweep's MLflow run was opened.
+        ("{grace_period: 81}", r"sweep\.grace_period=81 epochs is past loop\.epochs=80, so ASHA could never compare"),
     ],
 )
 def test_bad_sweep_setting(tmp_path: Path, sweep: str, message: str) -> None:
     with pytest.raises(FerdistError, match=message):
-        load_sweep(write(tmp_path, f"sweep: {sweep}\n"))
+        load_sweep(write(tmp_path, f"loop: {{epochs: 80}}\nsweep: {sweep}\n"))
+    load_sweep(write(tmp_path, "loop: {epochs: 80}\nsweep: {scheduler: fifo, grace_period: 81}\n"))  # no rungs
+
+
+def test_a_bad_sweep_setting_names_where_it_came_from(tmp_path: Path) -> None:
+    """Catches `tune.py --config nosweep.yaml --samples 0` blaming nosweep.yaml, which has no sweep: section."""
+    path = write(tmp_path, "loop: {epochs: 4}\nsweep: {samples: 2}\n")
+    assert load_sweep(path).sweep.grace_period == 4  # the default 10, at most the run's epochs when not set
+    for override, said in [("sweep.samples=0", "command line: sweep.samples must be >= 1, got 0"),
+                           ("sweep.grace_period=5", "command line: sweep.grace_period=5 epochs is past loop.epochs=4"),
+                           ("sweep.sampels=3", "command line: unknown key 'sweep.sampels'"),
+                           ("sweep.scheduler=pbt", "command line: sweep.scheduler must be one of")]:  # fmt: skip
+        with pytest.raises(FerdistError, match=re.escape(said)):
+            load_sweep(path, [override])
+    with pytest.raises(FerdistError, match=re.escape(f"{path}: sweep.reduction_factor must be > 1")):
+        load_sweep(write(tmp_path, "sweep: {reduction_factor: 1}\n"), ["sweep.samples=3"])
 
 
 def test_trials_fit_the_cluster_gpus_or_cpus() -> None:

@@ -194,6 +194,21 @@ def test_tracking_server_down_is_one_sentence_before_ray_starts(synth_shards: Pa
     assert time.monotonic() - started < 60
 
 
+def test_a_searched_backbone_that_does_not_exist_is_one_sentence_before_ray_starts(
+    synth_shards: Path, tmp_path: Path
+) -> None:
+    """Catches preflight checking the base config's backbone only: a mistyped one among the search's choices
+    failed its trial after Ray had started and the sweep's MLflow run was opened."""
+    missing = tmp_path / "pretrained" / "typo"
+    config = sweep_file(tmp_path, synth_shards, name="choices", epochs=1, workers=1, sweep="{samples: 1}",
+                        search=f"model.pretrained: {{choice: ['random:tiny', '{missing}']}}")  # fmt: skip
+    store = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, TUNE, "--config", str(config)], capture_output=True, text=True,
+                          timeout=300, env=tune_env(f"sqlite:///{store}"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and f"search.model.pretrained = '{missing}': " in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists() and not store.exists()
+
+
 def test_resuming_a_sweep_that_does_not_exist_is_refused_and_leaves_the_store_untouched(
     synth_shards: Path, tmp_path: Path
 ) -> None:
