@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -104,34 +103,87 @@ class Plan:
     rows: tuple[Row, ...] = field(default_factory=tuple)
 
 
+PLAN_KEYS = {"plan": ("pretrain", "finetune", "rows"), "pretrain": ("config", "set"), "finetune": ("config", "set"),
+             "row": ("name", "set", "teacher", "teacher_saw")}  # fmt: skip
+"""The keys each part of a plan may have: a misspelled one (``sett:``) would otherwise be dropped silently."""
+
+
 def load_plan(path: Path) -> Plan:
-    """The plan at ``path`` (paths in it relative to the repository).
+    """The plan at ``path`` (paths in it relative to the repository), checked whole before anything runs: its shape,
+    every row's config (the fine-tuning config with the plan's and the row's overrides) and every ``row:NAME``
+    teacher, since a mistake found after the plan's hours of pretraining costs those hours.
 
     Raises:
-        FerdistError: the file is missing, not YAML, or not a plan (with what to fix).
+        FerdistError: the file is missing, not YAML, or not a valid plan (naming the part, with what to fix).
     """
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exn:
-        raise FerdistError(f"cannot read the plan {path} ({exn.strerror})") from None
-    except yaml.YAMLError as exn:
-        raise FerdistError(f"the plan {path} is not YAML ({str(exn).splitlines()[0]})") from None
+    from ferdist.config import PretrainConfig, load_config, read_yaml
+
+    if not path.is_file():
+        raise FerdistError(f"the plan {path} {'is a folder' if path.is_dir() else 'does not exist'}; see "
+                           "jobs/plans/accuracy-cpu.yaml for one")  # fmt: skip
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("finetune"), dict) or not raw.get("rows"):
         raise FerdistError(f"the plan {path} needs a 'finetune: {{config: …}}' section and a list of 'rows'")
-    names = [row.get("name") for row in raw["rows"] if isinstance(row, dict)]
-    if len(names) != len(raw["rows"]) or not all(isinstance(n, str) and n for n in names):
+    if not isinstance(raw["rows"], list) or not all(isinstance(row, dict) for row in raw["rows"]):
+        raise FerdistError(f"the plan {path}: 'rows' must be a list of rows, each a mapping with a 'name'")
+    pretrain = raw.get("pretrain") or {}
+    parts = [("plan", raw), ("finetune", raw["finetune"]), ("pretrain", pretrain)]
+    for what, part in [*parts, *(("row", row) for row in raw["rows"])]:
+        if not isinstance(part, dict):
+            raise FerdistError(f"the plan {path}: '{what}' must be a mapping ({', '.join(PLAN_KEYS[what])})")
+        if unknown := [k for k in part if k not in PLAN_KEYS[what]]:
+            named = f"row '{part.get('name')}'" if what == "row" else f"'{what}'" if what != "plan" else "the top level"
+            raise FerdistError(f"the plan {path}: {named} has an unknown key '{unknown[0]}'; its keys are "
+                               f"{', '.join(PLAN_KEYS[what])}")  # fmt: skip
+    names = [row.get("name") for row in raw["rows"]]
+    if not all(isinstance(n, str) and n for n in names):
         raise FerdistError(f"every row of the plan {path} needs a 'name'")
     if len(set(names)) != len(names):
         raise FerdistError(f"the plan {path} names a row twice: {sorted({n for n in names if names.count(n) > 1})}")
-    pretrain = raw.get("pretrain") or {}
-    return Plan(
+    for what, part in [("finetune", raw["finetune"]), ("pretrain", pretrain)]:
+        if (what == "finetune" or part) and not isinstance(part.get("config"), str):
+            raise FerdistError(f"the plan {path}: '{what}' needs 'config: PATH' (a YAML config, relative to the "
+                               f"repository), got {part.get('config')!r}")  # fmt: skip
+    plan = Plan(
         finetune_config=ROOT / raw["finetune"]["config"],
-        finetune_set=tuple(raw["finetune"].get("set") or ()),
+        finetune_set=_overrides(raw["finetune"].get("set"), path, "finetune"),
         pretrain_config=ROOT / pretrain["config"] if pretrain.get("config") else None,
-        pretrain_set=tuple(pretrain.get("set") or ()),
-        rows=tuple(Row(name=r["name"], set=tuple(r.get("set") or ()), teachers=_teachers(r.get("teacher"), path),
-                       teacher_saw=r.get("teacher_saw")) for r in raw["rows"]),
+        pretrain_set=_overrides(pretrain.get("set"), path, "pretrain"),
+        rows=tuple(Row(name=r["name"], set=_overrides(r.get("set"), path, f"row '{r['name']}'"),
+                       teachers=_teachers(r.get("teacher"), path), teacher_saw=r.get("teacher_saw"))
+                   for r in raw["rows"]),
     )  # fmt: skip
+    if plan.pretrain_config is not None:
+        _checked(path, "pretrain", lambda: load_config(plan.pretrain_config, plan.pretrain_set, root=PretrainConfig))
+    for i, row in enumerate(plan.rows):
+        earlier = {r.name for r in plan.rows[:i]}
+        for t in row.teachers:
+            if t.startswith(ROW_TEACHER) and t[len(ROW_TEACHER) :] not in earlier:
+                raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which is not a row before it; "
+                                   f"name an earlier row")  # fmt: skip
+        # The benchmark sets model.pretrained and distill.teacher itself; a stand-in teacher lets distill.* check.
+        stand_in = ["distill.teacher=[peer:fer]"] if row.teachers else []
+        _checked(path, f"row '{row.name}'",
+                 lambda row=row, stand_in=stand_in: load_config(plan.finetune_config,
+                                                                [*plan.finetune_set, *row.set, *stand_in]))  # fmt: skip
+    return plan
+
+
+def _overrides(value: Any, path: Path, what: str) -> tuple[str, ...]:
+    """A plan part's ``set``: a list of ``key=value`` texts (a bare text would be read letter by letter)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise FerdistError(f"the plan {path}: {what}'s 'set' must be a list of key=value settings, e.g. "
+                           f"[loop.epochs=50], got {value!r}")  # fmt: skip
+    return tuple(value)
+
+
+def _checked(path: Path, what: str, load: Any) -> None:
+    try:
+        load()
+    except FerdistError as exn:
+        raise FerdistError(f"the plan {path}: {what}: {exn}") from None
 
 
 def _teachers(value: Any, path: Path) -> tuple[str, ...]:

@@ -68,6 +68,40 @@ def test_a_malformed_teacher_in_a_plan_is_one_sentence(tmp_path: Path) -> None:
         load_plan(plan)
 
 
+FT = "finetune: {config: jobs/configs/quickstart.yaml}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("finetune: {}\nrows: [{name: a}]\n", "'finetune' needs 'config: PATH'"),
+        ("finetune: {config: 123}\nrows: [{name: a}]\n", "'finetune' needs 'config: PATH' (a YAML config"),
+        (FT + "pretrain: [x]\nrows: [{name: a}]\n", "'pretrain' must be a mapping (config, set)"),
+        (FT + "rows: [{name: a, set: loop.epochs=5}]\n", "row 'a''s 'set' must be a list of key=value settings"),
+        (FT + "rows: [{name: a, sett: [loop.epochs=5]}]\n", "row 'a' has an unknown key 'sett'"),
+        (FT + "extra: 1\nrows: [{name: a}]\n", "the top level has an unknown key 'extra'"),
+        (FT + "rows: [{name: a, set: [loop.epochz=5]}]\n", "row 'a': command line: unknown key 'loop.epochz'"),
+        (FT + "rows: [{name: a, teacher: row:zzz}]\n", "row 'a' learns from row:zzz, which is not a row before it"),
+        (FT + "rows: [{name: a, teacher: row:b}, {name: b}]\n", "learns from row:b, which is not a row before it"),
+        ("finetune: {config: jobs/configs/nope.yaml}\nrows: [{name: a}]\n", "row 'a': config file"),
+    ],
+)
+def test_a_malformed_plan_is_one_sentence_before_anything_runs(tmp_path: Path, text: str, said: str) -> None:
+    """Catches a plan checked only as far as each stage reads it: a misspelled key, a row's `set` written as one
+    text (read letter by letter) or an unknown teacher row surfaced after the plan's hours of pretraining, or as a
+    KeyError/TypeError traceback."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(text)
+    with pytest.raises(FerdistError) as info:
+        load_plan(plan)
+    assert str(info.value).startswith(f"the plan {plan}") and said in str(info.value), str(info.value)
+    plan.write_bytes("finetune: {config: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(FerdistError, match="is not UTF-8 text"):
+        load_plan(plan)
+    with pytest.raises(FerdistError, match="is a folder"):
+        load_plan(tmp_path)
+
+
 def test_the_final_rows_of_the_plan_are_the_shipped_configs_that_reproduce_them() -> None:
     import dataclasses
 
