@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
              "recipe": bench_recipe, "cycle": cycle.run, "pretrain": pretrain.bench_pretrain,
              "accuracy": accuracy.bench_accuracy}[args.what]  # fmt: skip
     try:
+        if args.json:  # said now, not when the first results are written (after a stage that may take hours)
+            from ferdist.serve.photos import check_writable
+
+            check_writable(args.json, what="--json", folder=False)
         results = bench(args, console)
     except FerdistError as exn:
         print_error(console, exn)

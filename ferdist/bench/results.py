@@ -47,8 +47,11 @@ def resumed(path: Path | None, *, benchmark: str, settings: dict[str, Any]) -> d
     Raises:
         FerdistError: no file, not a results file, another benchmark's, or other settings (what to do in each).
     """
-    if path is None or not path.is_file():
+    if path is None:
         raise FerdistError("--resume continues the results file of an earlier run: pass its --json FILE")
+    if not path.is_file():
+        raise FerdistError(f"--resume: {path} {'is a folder' if path.is_dir() else 'does not exist'}, so there is no "
+                           "earlier run to continue; pass the --json file that run wrote, or run without --resume")
     try:
         saved = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exn:

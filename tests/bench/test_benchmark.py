@@ -136,7 +136,18 @@ def test_pretrain_resume_keeps_finished_stages_and_refuses_another_benchmarks_fi
     out, storage = tmp_path / "pretrain.json", tmp_path / "runs"
     argv = ["pretrain", "--manifest", str(synth_shards), "--storage", str(storage), "--json", str(out), "--resume"]
     assert benchmark.main(argv) == 2
+    assert f"--resume: {out} does not exist, so there is no earlier run to continue; pass the --json file that run " \
+           "wrote" in capsys.readouterr().out  # fmt: skip
+    assert benchmark.main(argv[:-3] + ["--resume"]) == 2
     assert "--resume continues the results file of an earlier run: pass its --json FILE" in capsys.readouterr().out
+    for where, said in [(tmp_path, f"--json {tmp_path} is a folder; name a file"),
+                        (out / "x.json", f"{out.name} is a file, not a folder")]:  # fmt: skip
+        if where != tmp_path:
+            out.write_text("{}")
+        assert benchmark.main([*argv[:-3], "--json", str(where)]) == 2
+        assert said in capsys.readouterr().out
+        assert not list(tmp_path.glob(".*.partial")) and not storage.exists()  # refused before anything ran
+    out.unlink()
 
     stage = {"epochs": 2, "best_epoch": 1, "val_acc": 0.5, "test_acc": 0.25, "test_macro_f1": 0.2, "test_recall": [],
              "train_img_s": 10.0, "median_cycle_s": 3.0, "curve": [], "wall_s": 7.0, "command": "train.py"}
