@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="S3-compatible endpoint (MinIO, Ceph, …); default: AWS_ENDPOINT_URL or AWS itself",
     )
     p.add_argument(
-        "--workers", type=positive_int, default=os.cpu_count(), help="encoding processes (default: all cores)"
+        "--workers", type=positive_int, default=os.cpu_count(),
+        help="encoding processes (default and most: the cores; never more than the shards to write)",
     )
     p.add_argument(
         "--val-fraction",

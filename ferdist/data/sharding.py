@@ -96,6 +96,8 @@ def encode_all(source: Source, *, samples_per_shard: int, workers: int, progress
     """Validates and encodes every shard; raises the first `FerdistError` and writes nothing."""
     global _SOURCE
     tasks = plan_shards(source, samples_per_shard)
+    # Never more processes than shards, nor than cores: more only fork copies of the source that wait for a core.
+    workers = min(workers, len(tasks), os.cpu_count() or 1)
     _SOURCE = source
     try:
         results: Iterator[EncodedShard]
