@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
@@ -53,3 +54,16 @@ def whole_number(minimum: int) -> Callable[[str], int]:
         return int(digits)
 
     return parse
+
+
+def nonempty(text: str) -> str:
+    """argparse type: any text but the empty one (an empty path is the current folder: ``--out ""`` would write there,
+    and ``predict.py ""`` read every photo under it)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; name a file or folder")
+    return text
+
+
+def path_arg(text: str) -> Path:
+    """argparse type: a local path, never the empty text (see `nonempty`)."""
+    return Path(nonempty(text))

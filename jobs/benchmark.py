@@ -72,7 +72,7 @@ from ferdist.bench.infer import bench_infer  # noqa: E402
 from ferdist.bench.recipe import REAL_FER2013, bench_recipe  # noqa: E402
 from ferdist.bench.train import bench_train  # noqa: E402
 from ferdist.bench.tune import bench_tune  # noqa: E402
-from ferdist.console import job_console, print_error  # noqa: E402
+from ferdist.console import job_console, path_arg, print_error  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
@@ -83,30 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--source", help="FER2013 CSV (.csv/.xz/...); default: the SYNTHETIC set")
     data.add_argument("--synthetic-rows", type=int, default=6000)
     data.add_argument("--no-s3", action="store_true", help="skip the S3 (moto on 127.0.0.1) measurement")
-    data.add_argument("--json", type=Path, help="also write the results here")
+    data.add_argument("--json", type=path_arg, help="also write the results here")
     train = sub.add_parser("train", help="training images/s, model FLOP utilisation on a GPU, Ray Train overhead")
     train.add_argument("--gpu", action="store_true", help="also measure ViT-B/16 at 224 in bf16 on the local GPU")
     train.add_argument("--gpu-batch", type=int, default=256, help="per-GPU batch for the --gpu measurement")
     train.add_argument("--epochs", type=int, default=8, help="epochs of each overhead run (default 8)")
     train.add_argument("--synthetic-rows", type=int, default=3000, help="SYNTHETIC faces for the overhead runs")
-    train.add_argument("--json", type=Path, help="also write the results here")
+    train.add_argument("--json", type=path_arg, help="also write the results here")
     tune = sub.add_parser("tune", help="Ray Tune's overhead over back-to-back runs, and ASHA's saving")
     tune.add_argument("--trials", type=int, default=3, help="runs in the overhead comparison (default 3)")
     tune.add_argument("--epochs", type=int, default=4, help="epochs per run in the overhead comparison")
     tune.add_argument("--asha-samples", type=int, default=6, help="trials in the ASHA sweep (default 6; 0 skips it)")
     tune.add_argument("--synthetic-rows", type=int, default=3000, help="SYNTHETIC faces to train on")
-    tune.add_argument("--json", type=Path, help="also write the results here")
+    tune.add_argument("--json", type=path_arg, help="also write the results here")
     infer = sub.add_parser("infer", help="inference images/s through the predictor, batched and one at a time")
     infer.add_argument("--gpu", action="store_true", help="measure on the local GPU (bf16) instead of the CPU")
     infer.add_argument("--batch", type=int, default=256)
     infer.add_argument("--images", type=int, default=2048)
     infer.add_argument("--photos", type=int, default=40, help="640×480 photos per end-to-end measurement")
     infer.add_argument("--source", default=str(REAL_FER2013), help="FER2013 CSV for the detectors' recall")
-    infer.add_argument("--json", type=Path, help="also write the results here")
+    infer.add_argument("--json", type=path_arg, help="also write the results here")
     recipe = sub.add_parser("recipe", help="real FER2013: train a config, score it and the peers on PrivateTest")
     recipe.add_argument("--source", default=str(REAL_FER2013), help="FER2013 CSV, sharded when --manifest is absent")
     recipe.add_argument("--manifest", default="shards/fer2013", help="the sharded FER2013 (default shards/fer2013)")
-    recipe.add_argument("--config", type=Path, default=None,
+    recipe.add_argument("--config", type=path_arg, default=None,
                         help="run config (default jobs/configs/fer2013-cpu.yaml; fer2013-gpu.yaml with --gpu)")
     recipe.add_argument("--gpu", action="store_true", help="the GPU recipe: ViT-MAE base, bf16, frozen prefix")
     recipe.add_argument("--image-size", type=int, default=224, help="with --gpu: 224, or 112 (interpolated)")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--name", default=None, help="run name (default recipe-<device>-<time>)")
     recipe.add_argument("--storage", default="runs/benchmark", help="checkpoint storage (default runs/benchmark)")
     recipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
-    recipe.add_argument("--json", type=Path, help="also write the results here")
+    recipe.add_argument("--json", type=path_arg, help="also write the results here")
     pre = sub.add_parser("pretrain", help="real FER2013: MAE-pretrain, fine-tune, and compare with from scratch")
     pretrain.add_arguments(pre, REAL_FER2013)
     acc = sub.add_parser("accuracy", help="real FER2013: a plan of recipes, each scored on PrivateTest, resumable")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     cyc.add_argument("--epochs", type=int, default=10, help="simulated epochs per policy and storage (default 10)")
     cyc.add_argument("--epoch-s", type=float, default=6.5, help="simulated GPU seconds per epoch (6.5: one H100)")
     cyc.add_argument("--no-s3", action="store_true", help="skip the S3 (moto on 127.0.0.1) measurement")
-    cyc.add_argument("--json", type=Path, help="also write the results here")
+    cyc.add_argument("--json", type=path_arg, help="also write the results here")
     return parser
 
 

@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console, print_error, whole_number  # noqa: E402
+from ferdist.console import job_console, path_arg, print_error, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 EXPERIMENT = "ferdist-evaluation"
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--tta) or crops (ten views: the four corners and the centre, 42 of 48 pixels square, each "
                         "mirrored)")  # fmt: skip
     p.add_argument("--batch-size", type=whole_number(1), default=256)
-    p.add_argument("--out", type=Path, default=None, help="folder for the PNG, Markdown and JSON results")
+    p.add_argument("--out", type=path_arg, default=None, help="folder for the PNG, Markdown and JSON results")
     p.add_argument("--no-track", action="store_true", help="do not log the evaluation to MLflow")
     p.add_argument("--endpoint-url", default=None,
                    help="S3 endpoint of the shards and of an s3:// --model (default: AWS_ENDPOINT_URL)")

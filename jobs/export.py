@@ -33,7 +33,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console, print_error  # noqa: E402
+from ferdist.console import job_console, path_arg, print_error  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
     p.add_argument("--format", choices=["onnx", "bundle"], default="onnx",
                    help="onnx: one .onnx file; bundle: a folder to ship in ferdist/models/ (see above)")  # fmt: skip
-    p.add_argument("--out", type=Path, required=True, help="the .onnx file, or the bundle's folder, to write")
+    p.add_argument("--out", type=path_arg, required=True, help="the .onnx file, or the bundle's folder, to write")
     p.add_argument("--name", default=None, help="--format bundle: the bundle's name (default: --out's folder name)")
     p.add_argument("--evaluate", default=None, metavar="MANIFEST",
                    help="--format bundle: score the written bundle on the test split (FER2013 PrivateTest) of this "

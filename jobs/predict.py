@@ -32,7 +32,7 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console, whole_number  # noqa: E402
+from ferdist.console import job_console, path_arg, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.serve.faces import DETECT_MODES  # noqa: E402
 from ferdist.serve.photos import (  # noqa: E402
@@ -47,11 +47,11 @@ from ferdist.serve.photos import (  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", type=Path, help="image files and/or folders (searched recursively)")
+    p.add_argument("paths", nargs="+", type=path_arg, help="image files and/or folders (searched recursively)")
     p.add_argument("--model", default="models:/fer-vitmae@champion",
                    help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
-    p.add_argument("--output", type=Path, default=None, help="write a row per face to a .csv or .json file")
-    p.add_argument("--annotate", type=Path, default=None, help="folder for copies of the photos with boxes drawn")
+    p.add_argument("--output", type=path_arg, default=None, help="write a row per face to a .csv or .json file")
+    p.add_argument("--annotate", type=path_arg, default=None, help="folder for copies of the photos with boxes drawn")
     p.add_argument("--detect", choices=DETECT_MODES, default="auto", help="search images for faces (see above)")
     p.add_argument("--no-detect", dest="detect", action="store_const", const="off", help="same as --detect off")
     p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops",

@@ -25,15 +25,15 @@ from rich.text import Text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import PretrainConfig, load_config, to_yaml, worker_overrides  # noqa: E402
-from ferdist.console import bold, job_console, print_error, setup_logging  # noqa: E402
+from ferdist.console import bold, job_console, nonempty, path_arg, print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="YAML pretraining config (default: built-in defaults)")
+    p.add_argument("--config", type=path_arg, default=None, help="YAML pretraining config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
-    p.add_argument("--output", default=None, metavar="DIR_OR_S3",
+    p.add_argument("--output", type=nonempty, default=None, metavar="DIR_OR_S3",
                    help="where the pretrained model goes (default: pretrained/<name>)")  # fmt: skip
     p.add_argument("--publish-latest", action="store_true",
                    help="write --output from the run's newest checkpoint and stop, without training: a long "

@@ -20,13 +20,13 @@ from rich.text import Text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import RunConfig, load_config, to_yaml, worker_overrides  # noqa: E402
-from ferdist.console import bold, job_console, print_error, setup_logging  # noqa: E402
+from ferdist.console import bold, job_console, path_arg, print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="YAML run config (default: built-in defaults)")
+    p.add_argument("--config", type=path_arg, default=None, help="YAML run config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config value")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (workers.num_workers)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (turns workers.use_gpu on)")

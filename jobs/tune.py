@@ -23,14 +23,14 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import worker_overrides  # noqa: E402
-from ferdist.console import job_console, print_error, setup_logging  # noqa: E402
+from ferdist.console import job_console, path_arg, print_error, setup_logging  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.tune.sweep import Sweep, load_sweep  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="YAML sweep config: a run config + sweep: + search:")
+    p.add_argument("--config", type=path_arg, default=None, help="YAML sweep config: a run config + sweep: + search:")
     p.add_argument("--samples", type=int, default=None, help="trials to draw (sweep.samples)")
     p.add_argument("--name", default=None, help="sweep name: its MLflow experiment and storage folder (name)")
     p.add_argument("--resume", action="store_true", help="continue the crashed or stopped sweep of this name")

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from ferdist.bench import results as bench_results
 from ferdist.bench.recipe import REAL_FER2013, ensure_shards, timed_evaluation
+from ferdist.console import path_arg
 from ferdist.errors import FerdistError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -494,7 +495,7 @@ def print_accuracy(results: dict[str, Any], console: Console) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="the rows to run (default %(default)s)")
+    parser.add_argument("--plan", type=path_arg, default=DEFAULT_PLAN, help="the rows to run (default %(default)s)")
     parser.add_argument("--source", default=str(REAL_FER2013), help="FER2013 CSV, sharded when --manifest is absent")
     parser.add_argument("--manifest", default="shards/fer2013", help="the sharded FER2013 (default shards/fer2013)")
     parser.add_argument("--tta", nargs="*", default=list(TTA_ROWS), choices=TTA_ROWS,
@@ -502,7 +503,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="suffix of the run names (default: the time)")
     parser.add_argument("--storage", default="runs/benchmark", help="runs and the pretrained folder go here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every job")
-    parser.add_argument("--json", type=Path, help="also write the results here (after every stage)")
+    parser.add_argument("--json", type=path_arg, help="also write the results here (after every stage)")
     parser.add_argument("--bundle", default=None, metavar="NAME",
                         help="ship the best row without a teacher (PublicTest picks it) as ferdist/models/NAME and "
                              "score it through bundled:NAME (a NAME with a / is a folder elsewhere)")  # fmt: skip

@@ -32,6 +32,7 @@ from rich.table import Table
 
 from ferdist.bench import results as bench_results
 from ferdist.bench.recipe import ensure_shards, timed_evaluation
+from ferdist.console import path_arg
 from ferdist.data.loader import open_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,8 +199,8 @@ def print_pretrain(results: dict, console: Console) -> None:
 def add_arguments(parser: argparse.ArgumentParser, real_fer2013: Path) -> None:
     parser.add_argument("--source", default=str(real_fer2013), help="FER2013 CSV, sharded when --manifest is absent")
     parser.add_argument("--manifest", default="shards/fer2013", help="the sharded FER2013 (default shards/fer2013)")
-    parser.add_argument("--pretrain-config", type=Path, default=PRETRAIN_CONFIG)
-    parser.add_argument("--finetune-config", type=Path, default=FINETUNE_CONFIG)
+    parser.add_argument("--pretrain-config", type=path_arg, default=PRETRAIN_CONFIG)
+    parser.add_argument("--finetune-config", type=path_arg, default=FINETUNE_CONFIG)
     parser.add_argument("--pretrain-epochs", type=int, default=None, help="default: the pretraining config's")
     parser.add_argument("--finetune-epochs", type=int, default=None, help="default: the fine-tuning config's")
     parser.add_argument("--scratch-init", default="random:small", help="the from-scratch backbone (random:small)")
@@ -210,6 +211,6 @@ def add_arguments(parser: argparse.ArgumentParser, real_fer2013: Path) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override in every job")
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", type=Path, help="also write the results here (after every stage)")
+    parser.add_argument("--json", type=path_arg, help="also write the results here (after every stage)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the --json file of an interrupted run: only its missing stages run")  # fmt: skip

@@ -218,6 +218,9 @@ def fetch_checkpoint(
     from ferdist.serve import bundled
     from ferdist.train.checkpoint import MODEL_FILE, TRAINED_FILE
 
+    if not uri.strip():
+        raise FerdistError(f"the model to load is named by an empty text; give a model URI (models:/NAME@champion), a "
+                           f"model folder, or a bundled model's name ({', '.join(bundled.names()) or 'none here'})")
     if uri.startswith(bundled.PREFIX):
         return bundled.folder(uri.removeprefix(bundled.PREFIX)), ModelRef(uri)
     if uri.startswith(("models:/", "runs:/")):

@@ -359,6 +359,9 @@ def load_backbone_config(source: str, *, display: str, image_size: int | None = 
     if "://" in source:
         raise FerdistError(f"model.pretrained={display!r}: only s3:// URIs, local folders and Hugging Face ids work")
     local = Path(source).exists()
+    if local and not Path(source).is_dir():
+        raise FerdistError(f"model.pretrained={display!r} is a file; give the folder save_pretrained wrote "
+                           "(config.json and the weights), a Hugging Face id, or random:tiny|small|base")  # fmt: skip
     if local and not (Path(source) / "config.json").is_file():
         raise FerdistError(
             f"model.pretrained={display!r} is a folder without config.json; write it with save_pretrained"

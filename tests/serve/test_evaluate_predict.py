@@ -201,3 +201,29 @@ def test_predict_keeps_going_past_a_bad_file_and_matches_the_model(
     (tmp_path / "empty").mkdir()
     assert job.main(["--model", str(checkpoint), str(tmp_path / "empty")]) == 2
     assert "empty/ holds no image files" in capsys.readouterr().err
+
+
+def test_an_empty_name_or_a_file_for_a_backbone_is_one_sentence(
+    synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Catches empty texts taken as the current folder (`predict.py ""` read every photo under it, `--out ""` wrote
+    there) or printed as nothing (`--model ""`: "error:  is neither…"), and a file given as model.pretrained being
+    called a folder."""
+    import export
+    import predict
+    import pretrain
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    for job, argv in [(predict, [""]), (predict, ["face.png", "--annotate", ""]), (predict, ["x.png", "--output", " "]),
+                      (export, ["--out", ""]), (pretrain, ["--output", ""])]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            job.main(argv)
+        assert exit_info.value.code == 2 and "an empty path; name a file or folder" in capsys.readouterr().err
+    (photo := tmp_path / "face.png").write_bytes(b"png")
+    assert predict.main(["face.png", "--model", ""]) == 2
+    assert "the model to load is named by an empty text; give a model URI" in capsys.readouterr().err
+    assert train.main(["--set", f"model.pretrained={photo}", "--set", f"data.manifest={synth_shards}", "--cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.pretrained='{photo}' is a file; give the folder save_pretrained wrote" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.png"]  # nothing written
