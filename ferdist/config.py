@@ -642,6 +642,13 @@ def _build(cls: type, flat: dict[str, Any], prefix: str, origins: Origins) -> An
         known = set(to_flat_dict(cls()))
         unknown = sorted(set(flat) - known)
         if unknown:
+            other = {RunConfig: (PretrainConfig, "pretraining", "jobs/pretrain.py"),
+                     PretrainConfig: (RunConfig, "fine-tuning", "jobs/train.py")}.get(cls)  # fmt: skip
+            if other is not None and unknown[0] in to_flat_dict(other[0]()):  # the other job's config, most likely
+                said = origins.of(unknown[0])
+                fix = f"it belongs to {other[2]}" if said == "command line" else f"is this a {other[1]} config (for " \
+                      f"{other[2]})?"  # fmt: skip
+                raise FerdistError(f"{said}: {unknown[0]} is a {other[1]} setting, which this job does not take; {fix}")
             close = difflib.get_close_matches(unknown[0], known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(sorted(known))}"
             raise FerdistError(f"{origins.of(unknown[0])}: unknown key '{unknown[0]}'{hint}")

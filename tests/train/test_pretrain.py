@@ -143,7 +143,10 @@ def test_the_output_goes_to_s3_and_fine_tuning_loads_it_from_there(
         (["--set", "data.split=test"], "data.split=test: pretraining reads only the train split; test is held out"),
         (["--set", "model.image_size=50"], "model.image_size=50 is not a multiple of random:tiny's patch size 8"),
         (["--set", "model.pretrained=random:huge"], "random:huge is unknown; use random:tiny, random:small"),
-        (["--set", "model.freeze_blocks=2"], "unknown key 'model.freeze_blocks'"),
+        (["--set", "model.freeze_blocks=2"], "command line: model.freeze_blocks is a fine-tuning setting, which this "
+                                             "job does not take; it belongs to jobs/train.py"),
+        (["--config", str(QUICKSTART.with_name("quickstart.yaml"))], "quickstart.yaml: model.freeze_blocks is a "
+         "fine-tuning setting, which this job does not take; is this a fine-tuning config (for jobs/train.py)?"),
         (["--set", "model.mask_ratio=1"], "model.mask_ratio must be in (0, 1), got 1.0"),
         # 16 patches at 32 px: 0.95 keeps int(16 × 0.05) = 0 of them, which ViTMAE would silently train on.
         (["--set", "model.mask_ratio=0.95"], "model.mask_ratio=0.95 hides all 16 patches of a 32 px face with "
