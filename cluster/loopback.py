@@ -239,8 +239,9 @@ def stop_hosts(state: Path) -> None:
     if not hosts.exists():
         return
     started = json.loads(hosts.read_text())
-    for pid, start in started["pids"].values():
-        if process_start(pid) != start:
+    for saved in started["pids"].values():
+        pid, start = saved if isinstance(saved, list) else (saved, None)  # an older up saved the pid alone
+        if start is not None and process_start(pid) != start:
             continue
         try:
             os.killpg(pid, signal.SIGTERM)  # unshare --kill-child takes the host's PID 1, and so its namespace, along

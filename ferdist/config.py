@@ -438,13 +438,13 @@ class RunConfig(_Stored):
 
 
 def _check_seed(seed: int) -> None:
-    # Every generator the run seeds (numpy's, torch's, the shard order's) takes this range; outside it a worker would
-    # fail after Ray starts.
+    # torch.manual_seed takes 0..2**64-1 and numpy any non-negative integer; outside that a worker would fail after
+    # Ray starts.
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**64 - 1
 
 
 def _check_name_and_batch(name: str, loop: LoopConfig, workers: WorkersConfig) -> None:
@@ -910,16 +910,8 @@ def load_config(
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise FerdistError(f"--set {item!r}: write overrides as key=value, e.g. --set optim.lr=3e-4")
-        # YAML parsing gives 'null', numbers and booleans their types; the field's type still decides.
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
-            parsed = value
+        parsed = override_value(value)
         tp = types_.get(key.strip())
-        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) and not _PLAIN_NUMBER.fullmatch(value):
-            # A number as typed, in decimal: YAML would read 017 as octal 15, 1:30 as base-60 90 and 1_0 as 10
-            # (a file refuses those, naming the line; here parse_value reads or refuses the text itself).
-            parsed = value.strip()
         if parsed is not None and (typing.get_origin(tp) is tuple or (not isinstance(parsed, str) and _wants_text(tp))):
             # A text setting takes what was typed: `--set loop.compile=off` is 'off', not YAML's false, and
             # `--set name=2024-05-01` a name, not a date (a file still needs quotes there, and says so); a list of
@@ -929,6 +921,19 @@ def load_config(
         where[key.strip()] = "command line"
     origins = Origins(where, str(path) if path is not None else "command line")
     return from_flat_dict(flat, origin=origins, root=root)
+
+
+def override_value(value: str) -> Any:
+    """The value of a ``--set key=value``, for the field's type to check: YAML gives 'null', numbers and booleans their
+    types, but a number is read as typed, in decimal (YAML 1.1 reads 017 as octal 15, 1:30 as base-60 90 and 1_0 as
+    10; a file refuses those, naming the line; here the field's parser reads or refuses the text itself)."""
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:  # "[a, b" or "{": left as text, for the field's type to refuse in one sentence
+        return value
+    if isinstance(parsed, (int, float)) and not isinstance(parsed, bool) and not _PLAIN_NUMBER.fullmatch(value):
+        return value.strip()
+    return parsed
 
 
 def worker_overrides(workers: int | None, gpus_per_worker: float | None, cpu: bool) -> list[str]:

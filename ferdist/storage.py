@@ -155,8 +155,8 @@ def read_bytes(uri: str, *, endpoint_url: str | None = None, outage_s: float = 0
         except IsADirectoryError:
             raise FerdistError(f"'{uri}' is a folder, not a file") from None
         except NotADirectoryError:
-            file = next(p for p in loc.path.parents if p.is_file())
-            raise FerdistError(f"'{uri}' cannot exist: {file} is a file, not a folder") from None
+            file = next((p for p in loc.path.parents if p.exists() and not p.is_dir()), None)
+            raise FerdistError(f"'{uri}' cannot exist: {file or 'a folder in its path'} is not a folder") from None
     from botocore.exceptions import IncompleteReadError, ResponseStreamingError
 
     client = s3_client(endpoint_url)

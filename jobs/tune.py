@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.check(cluster.address())  # before any check that takes time or opens a run
         base = preflight.with_absolute_paths(sweep.base)
         steps = preflight.preflight(base)
-        tuning.check_searched_sources(base, sweep.search)
+        sweep = dataclasses.replace(sweep, search=tuning.check_searched_sources(base, sweep.search))
         path, filesystem = tuning.experiment_path(base)
         import ray.tune
 

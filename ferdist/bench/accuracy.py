@@ -156,14 +156,16 @@ def load_plan(path: Path) -> Plan:
     )  # fmt: skip
     if plan.pretrain_config is not None:
         _checked(path, "pretrain", lambda: load_config(plan.pretrain_config, plan.pretrain_set, root=PretrainConfig))
+    _checked(path, "finetune", lambda: load_config(plan.finetune_config, plan.finetune_set))
     for i, row in enumerate(plan.rows):
         earlier = {r.name for r in plan.rows[:i]}
         for t in row.teachers:
             if t.startswith(ROW_TEACHER) and t[len(ROW_TEACHER) :] not in earlier:
                 raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which is not a row before it; "
                                    f"name an earlier row")  # fmt: skip
-        # The benchmark sets model.pretrained and distill.teacher itself; a stand-in teacher lets distill.* check.
-        stand_in = ["distill.teacher=[peer:fer]"] if row.teachers else []
+        # The benchmark sets model.pretrained and distill.teacher itself (a stand-in teacher lets distill.* check),
+        # and names the run after the row.
+        stand_in = [f"name=acc-0-{row.name}", *(["distill.teacher=[peer:fer]"] if row.teachers else [])]
         _checked(path, f"row '{row.name}'",
                  lambda row=row, stand_in=stand_in: load_config(plan.finetune_config,
                                                                 [*plan.finetune_set, *row.set, *stand_in]))  # fmt: skip
@@ -183,8 +185,8 @@ def _overrides(value: Any, path: Path, what: str) -> tuple[str, ...]:
 def _checked(path: Path, what: str, load: Any) -> None:
     try:
         load()
-    except FerdistError as exn:
-        raise FerdistError(f"the plan {path}: {what}: {exn}") from None
+    except FerdistError as exn:  # the plan's settings reach the config as overrides, which it calls the command line
+        raise FerdistError(f"the plan {path}: {what}: {str(exn).removeprefix('command line: ')}") from None
 
 
 def _teachers(value: Any, path: Path) -> tuple[str, ...]:

@@ -163,6 +163,9 @@ def shard_command(dest: str, manifest: Manifest | None = None, *, endpoint_url: 
         # has val/ and test/ folders).
         for option, value in sorted(manifest.source.split_options.items()):
             options += [f"--{option.replace('_', '-')}", str(value)]
+        if manifest.source.kind == "image-folder" and not manifest.source.split_options:
+            # Written before manifests kept them (or from a folder with val/ and test/, where they change nothing).
+            where += ", and the --val-fraction, --test-fraction and --seed it was sharded with, if any"
     if manifest is not None and manifest.samples_per_shard != DEFAULT_SAMPLES_PER_SHARD:
         options += ["--samples-per-shard", str(manifest.samples_per_shard)]
     if endpoint_url:

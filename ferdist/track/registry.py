@@ -308,8 +308,11 @@ def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str |
             (a head of another size is another set of classes).
     """
     import json
+    import pickle
     import re
     import tempfile
+
+    from safetensors import SafetensorError
 
     from ferdist.constants import FER_CLASSES
     from ferdist.train.checkpoint import BACKBONE_FILE, CONFIG_FILE, MODEL_FILE, SAFE_MODEL_FILE, load_classifier
@@ -326,9 +329,10 @@ def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str |
         try:
             summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
             model, cfg = load_classifier(folder)
-        except FerdistError:
-            raise
-        except Exception as exn:  # noqa: BLE001 (a file cut short or overwritten fails in whichever reader reads it)
+        except (OSError, ValueError, EOFError, IndexError, KeyError, RuntimeError, pickle.UnpicklingError,
+                SafetensorError) as exn:  # a file cut short or overwritten fails in whichever reader reads it
+            if not weights and not isinstance(exn, RuntimeError):
+                raise  # resume state: its frozen weights come from model.pretrained, whose errors are its own
             if not (isinstance(exn, RuntimeError) and "state_dict" in str(exn)):
                 said = re.split(r"(?<=\.)\s", str(exn).strip())[0][:200] if str(exn).strip() else type(exn).__name__
                 raise FerdistError(f"{uri} holds a damaged model file ({said}); copy the model folder again, or "

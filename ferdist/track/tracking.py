@@ -122,15 +122,18 @@ def find_run(client: Any, experiment: str, tag: str, value: str) -> Any | None:
 class MlflowTracker:
     """One MLflow run per ferdist run: params once, metrics with ``step=epoch``, final status as run status + tag.
 
-    Training never waits for the server. The run is opened when the tracker is made (the driver opened it moments
-    before); after that every call goes, in order, through one background thread, which asks the server's /health
-    first (one request, no retries). While it does not answer, calls are dropped, with one warning per outage,
-    where MLflow's client would have held each epoch for minutes of retries and then failed the run. The driver
-    records the epochs a run missed from its checkpoints when the run ends (`finalize_run`, `record_finished`).
+    Training never waits on MLflow's retries. The run is opened when the tracker is made (the driver opened it
+    moments before); after that every call goes, in order, through one background thread, which asks the server's
+    /health first (one request, no retries), and `flush` waits a bounded time for an epoch's calls. While the server
+    does not answer, calls are dropped, with one warning per outage, where MLflow's client would have held each
+    epoch for minutes of retries and then failed the run. The driver records the epochs a run missed from its
+    checkpoints when the run ends (`finalize_run`, `record_finished`).
     """
 
     CLOSE_WAIT_S = 60.0
     """How long `close` waits for calls still queued (a server that accepts connections and never answers)."""
+    FLUSH_WAIT_S = 10.0
+    """How long `flush` (each epoch, before the report) waits for the epoch's calls to be sent."""
 
     def __init__(self, cfg: TrackingConfig, *, run_name: str, params: dict[str, Any]) -> None:
         self.uri = tracking_uri(cfg)
@@ -155,13 +158,20 @@ class MlflowTracker:
             self.system_metrics.start()
         self.down: str | None = None
         """Why the server stopped answering (one warning per outage), or None."""
-        self.calls: queue.Queue[Callable[[], Any] | None] = queue.Queue()
+        self.behind = False
+        """A `flush` gave up waiting (a server that takes calls and never answers): the next ones do not wait."""
+        self.calls: queue.Queue[tuple[Callable[[], Any], bool] | None] = queue.Queue()
+        """(call, whether it needs the server): markers that only tell `flush` its calls were sent need none."""
         # A daemon: a worker process that ends never waits for a server that does not answer.
         self.sender = threading.Thread(target=self._send, name="ferdist-tracker", daemon=True)
         self.sender.start()
 
     def _send(self) -> None:
-        while (call := self.calls.get()) is not None:
+        while (item := self.calls.get()) is not None:
+            call, needs_server = item
+            if not needs_server:
+                call()
+                continue
             if problem := server_problem(self.uri):
                 if self.down is None:
                     log.warning("the MLflow tracking server at %s does not answer (%s); training goes on, and the "
@@ -181,7 +191,7 @@ class MlflowTracker:
     def log_datasets(self, records: Sequence[DatasetRecord], *, context: str) -> None:
         """Each record as an MLflow dataset input of the run (the UI's Dataset column), tagged with ``context``."""
         inputs = [dataset_input(r, context=context) for r in records]
-        self.calls.put(lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+        self.calls.put((lambda: self.client.log_inputs(self.run_id, datasets=inputs), True))
 
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None:
         from mlflow.entities import Metric
@@ -190,15 +200,30 @@ class MlflowTracker:
             return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        self.calls.put(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        self.calls.put((lambda: self.client.log_batch(self.run_id, metrics=batch), True))
 
     def log_image(self, image: Any, path: str) -> None:
         """``image`` (a uint8 array) as the PNG artefact ``path`` of the run."""
-        self.calls.put(lambda: self.client.log_image(self.run_id, image, artifact_file=path))
+        self.calls.put((lambda: self.client.log_image(self.run_id, image, artifact_file=path), True))
+
+    def flush(self) -> None:
+        """Waits (at most `FLUSH_WAIT_S`) until the calls made so far were sent or dropped: an epoch's metrics reach
+        the server before its report, after which Tune may stop the trial and its driver record it. No wait while
+        the server is down (calls are dropped at once) or after a flush gave up."""
+        if self.down is not None or self.behind:
+            return
+        sent = threading.Event()
+
+        def mark() -> None:
+            self.behind = False  # the sender caught up
+            sent.set()
+
+        self.calls.put((mark, False))
+        self.behind = not sent.wait(self.FLUSH_WAIT_S)
 
     def close(self, *, status: str) -> None:
         """Queues the end of the run after every call before it, and waits for them (at most `CLOSE_WAIT_S`)."""
-        self.calls.put(lambda: self._finish(status))
+        self.calls.put((lambda: self._finish(status), True))
         self.calls.put(None)
         self.sender.join(timeout=self.CLOSE_WAIT_S)
         if self.sender.is_alive() or self.down is not None:
@@ -228,6 +253,13 @@ def dataset_input(record: DatasetRecord, *, context: str) -> Any:
 def make_tracker(cfg: TrackingConfig, *, rank: int, run_name: str, params: dict[str, Any]) -> Tracker:
     """An `MlflowTracker` on rank 0 when tracking is on, a `NullTracker` everywhere else."""
     if rank != 0 or cfg.backend == "none":
+        return NullTracker()
+    if problem := server_problem(tracking_uri(cfg)):
+        # A worker group restarted during an outage: opening the run would cost minutes of MLflow's retries, then
+        # the attempt. It trains untracked; the job records its epochs from the checkpoints when the run ends.
+        log.warning("the MLflow tracking server at %s does not answer (%s); run %s trains untracked, and the job "
+                    "records its epochs from the checkpoints when it ends", redact_uri(tracking_uri(cfg)), problem,
+                    run_name)  # fmt: skip
         return NullTracker()
     return MlflowTracker(cfg, run_name=run_name, params=params)
 

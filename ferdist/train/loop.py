@@ -328,6 +328,7 @@ def train(
             manager.finish()  # the last model is committed before the last report: the run is done after it
         report_started = time.perf_counter()
         tracker.log_metrics(metrics, step=epoch + 1)
+        tracker.flush()  # the epoch is in MLflow before the report, after which Tune may stop the trial
         session.report(dict(metrics), resume, mode=cfg.checkpoint.write)  # [ray] report (+ resume state)
         metrics["perf/checkpoint_s"] = manager.blocked_s - blocked
         metrics["perf/report_s"] = time.perf_counter() - report_started

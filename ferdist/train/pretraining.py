@@ -136,6 +136,7 @@ def pretrain(cfg: PretrainConfig, session: Session, *, tracker: Tracker) -> ckpt
         if rank == 0 and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or last):
             resume = take_resume(raw_model, cfg=cfg, state=state, optimizer=optimizer, scheduler=scheduler)
         tracker.log_metrics(metrics, step=epoch + 1)
+        tracker.flush()  # the epoch is in MLflow before the report, after which Tune may stop the trial
         session.report(dict(metrics), resume, mode=cfg.checkpoint.write)  # [ray] report (+ resume state)
     session.finish()
     return state

@@ -19,6 +19,7 @@ class Tracker(Protocol):
     def log_datasets(self, records: Sequence[DatasetRecord], *, context: str) -> None: ...
     def log_metrics(self, metrics: dict[str, float], *, step: int) -> None: ...
     def log_image(self, image: Any, path: str) -> None: ...
+    def flush(self) -> None: ...
     def close(self, *, status: str) -> None: ...
 
 
@@ -36,6 +37,9 @@ class NullTracker:
         pass
 
     def log_image(self, image: Any, path: str) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self, *, status: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ferdist.config import RunConfig, from_flat_dict, load_config, parse_value, read_yaml, to_flat_dict
+from ferdist.config import RunConfig, from_flat_dict, load_config, override_value, parse_value, read_yaml, to_flat_dict
 from ferdist.errors import FerdistError
 
 Kind = Literal["choice", "grid", "uniform", "loguniform", "randint"]
@@ -97,11 +97,13 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     base = load_config(path, run_overrides)
     sweep = _sweep_settings(doc.get("sweep") or {}, sweep_overrides, origin)
     search = parse_search(doc.get("search") or {}, base, origin=origin)
-    set_here = "grace_period" in (doc.get("sweep") or {}) or any(o.startswith("sweep.grace_period=") for o in overrides)
+    set_here = "grace_period" in (doc.get("sweep") or {}) or any(
+        o.partition("=")[0].strip() == "sweep.grace_period" for o in overrides
+    )
     if not set_here and sweep.grace_period > base.loop.epochs:  # the default, for runs of fewer epochs than it
         sweep = dataclasses.replace(sweep, grace_period=base.loop.epochs)
     if sweep.scheduler == "asha" and sweep.grace_period > base.loop.epochs:  # ASHA's own check fails after Ray starts
-        said = "command line" if any(o.startswith("sweep.grace_period=") for o in sweep_overrides) else origin
+        said = "command line" if any(o.partition("=")[0].strip() == "sweep.grace_period" for o in overrides) else origin
         raise FerdistError(f"{said}: sweep.grace_period={sweep.grace_period} epochs is past loop.epochs="
                            f"{base.loop.epochs}, so ASHA could never compare trials; use at most {base.loop.epochs}, "
                            "or sweep.scheduler=fifo")  # fmt: skip
@@ -115,14 +117,12 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
 def _sweep_settings(section: Any, overrides: list[str], origin: str) -> SweepConfig:
     if not isinstance(section, dict):
         raise FerdistError(f"{origin}: 'sweep' must be a mapping (samples:, grace_period:, ...)")
-    import yaml
-
     values = dict(section)
     where = dict.fromkeys(values, origin)  # each setting's source, for the sentence that refuses it
     for item in overrides:
         key, _, value = item.partition("=")
         key = key.strip().removeprefix("sweep.")
-        values[key], where[key] = (yaml.safe_load(value) if value.strip() else ""), "command line"
+        values[key], where[key] = override_value(value), "command line"
     hints = typing.get_type_hints(SweepConfig)
     known = [f.name for f in dataclasses.fields(SweepConfig)]
     kwargs = {}

@@ -53,22 +53,30 @@ SOURCE_KEYS = ("model.pretrained", "data.manifest", "distill.teacher")
 """Settings that name something to load: a searched value of one is checked as the base config is."""
 
 
-def check_searched_sources(base: RunConfig, search: tuple[Dimension, ...]) -> None:
+def check_searched_sources(base: RunConfig, search: tuple[Dimension, ...]) -> tuple[Dimension, ...]:
     """Before Ray starts: every choice of a searched `SOURCE_KEYS` setting passes the checks the base config passed
     (`ferdist.launch.preflight.preflight`), so a mistyped backbone among the choices is one sentence now, not a
-    failed trial an hour in."""
+    failed trial an hour in. Returns the search with those choices as the trials must get them: local paths made
+    absolute, as the base config's are (a trial does not run in this directory)."""
     from ferdist.errors import FerdistError
     from ferdist.launch import preflight
 
+    checked = []
     for dim in search:
         if dim.key not in SOURCE_KEYS or dim.kind not in ("choice", "grid"):
+            checked.append(dim)
             continue
+        values = []
         for value in dim.values:
-            cfg = from_flat_dict({**to_flat_dict(base), dim.key: value}, origin=f"search.{dim.key}")
+            cfg = preflight.with_absolute_paths(
+                from_flat_dict({**to_flat_dict(base), dim.key: value}, origin=f"search.{dim.key}"))  # fmt: skip
             try:
-                preflight.preflight(preflight.with_absolute_paths(cfg))
+                preflight.preflight(cfg)
             except FerdistError as exn:
                 raise FerdistError(f"search.{dim.key} = {value!r}: {exn}") from None
+            values.append(to_flat_dict(cfg)[dim.key])
+        checked.append(dataclasses.replace(dim, values=tuple(values)))
+    return tuple(checked)
 
 
 def trials_root(base: RunConfig) -> str:

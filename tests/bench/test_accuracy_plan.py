@@ -80,10 +80,13 @@ FT = "finetune: {config: jobs/configs/quickstart.yaml}\n"
         (FT + "rows: [{name: a, set: loop.epochs=5}]\n", "row 'a''s 'set' must be a list of key=value settings"),
         (FT + "rows: [{name: a, sett: [loop.epochs=5]}]\n", "row 'a' has an unknown key 'sett'"),
         (FT + "extra: 1\nrows: [{name: a}]\n", "the top level has an unknown key 'extra'"),
-        (FT + "rows: [{name: a, set: [loop.epochz=5]}]\n", "row 'a': command line: unknown key 'loop.epochz'"),
+        (FT + "rows: [{name: a, set: [loop.epochz=5]}]\n", "row 'a': unknown key 'loop.epochz'"),
+        ("finetune: {config: jobs/configs/quickstart.yaml, set: [loop.epochz=5]}\nrows: [{name: a}]\n",
+         "finetune: unknown key 'loop.epochz'"),
+        (FT + "rows: [{name: final ensemble}]\n", "row 'final ensemble': name must be letters"),
         (FT + "rows: [{name: a, teacher: row:zzz}]\n", "row 'a' learns from row:zzz, which is not a row before it"),
         (FT + "rows: [{name: a, teacher: row:b}, {name: b}]\n", "learns from row:b, which is not a row before it"),
-        ("finetune: {config: jobs/configs/nope.yaml}\nrows: [{name: a}]\n", "row 'a': config file"),
+        ("finetune: {config: jobs/configs/nope.yaml}\nrows: [{name: a}]\n", "finetune: config file"),
     ],
 )
 def test_a_malformed_plan_is_one_sentence_before_anything_runs(tmp_path: Path, text: str, said: str) -> None:

@@ -251,5 +251,5 @@ def test_a_dataset_path_that_is_a_file_is_one_sentence(tmp_path: Path) -> None:
     said = f"'{photo}' is a file, not a dataset; give the folder jobs/shard.py wrote (the one that holds manifest.json)"
     with pytest.raises(FerdistError, match=re.escape(said)):
         open_dataset(str(photo))
-    with pytest.raises(FerdistError, match=re.escape(f"cannot exist: {photo} is a file, not a folder")):
+    with pytest.raises(FerdistError, match=re.escape(f"cannot exist: {photo} is not a folder")):
         open_dataset(str(photo / "shards"))

@@ -136,8 +136,8 @@ def test_unknown_key_names_the_file_and_suggests(tmp_path: Path) -> None:
         ("workers.num_workers=3", "global_batch_size=256 does not divide by 3 workers"),
         ("name=a b", "name must be letters"),
         ("optim.lr", "write overrides as key=value"),
-        ("seed=-1", "seed must be between 0 and 4294967295, got -1"),  # a worker's generators refused it
-        ("seed=1180591620717411303424", "seed must be between 0 and 4294967295, got 1180591620717411303424"),
+        ("seed=-1", "seed must be between 0 and 18446744073709551615, got -1"),  # a worker's generators refused it
+        ("seed=18446744073709551616", "seed must be between 0 and 18446744073709551615, got 18446744073709551616"),
     ],
 )
 def test_bad_values_get_one_clear_sentence(override: str, message: str) -> None:

@@ -89,10 +89,13 @@ def test_a_bad_sweep_setting_names_where_it_came_from(tmp_path: Path) -> None:
     """Catches `tune.py --config nosweep.yaml --samples 0` blaming nosweep.yaml, which has no sweep: section."""
     path = write(tmp_path, "loop: {epochs: 4}\nsweep: {samples: 2}\n")
     assert load_sweep(path).sweep.grace_period == 4  # the default 10, at most the run's epochs when not set
+    assert load_sweep(path, ["sweep.samples=010"]).sweep.samples == 10  # as typed, not YAML 1.1's octal 8
     for override, said in [("sweep.samples=0", "command line: sweep.samples must be >= 1, got 0"),
                            ("sweep.grace_period=5", "command line: sweep.grace_period=5 epochs is past loop.epochs=4"),
                            ("sweep.sampels=3", "command line: unknown key 'sweep.sampels'"),
-                           ("sweep.scheduler=pbt", "command line: sweep.scheduler must be one of")]:  # fmt: skip
+                           ("sweep.scheduler=pbt", "command line: sweep.scheduler must be one of"),
+                           ("sweep.grace_period = 5", "command line: sweep.grace_period=5 epochs is past loop.epochs"),
+                           ("sweep.samples=1_0", "command line: sweep.samples must be an integer")]:  # fmt: skip
         with pytest.raises(FerdistError, match=re.escape(said)):
             load_sweep(path, [override])
     with pytest.raises(FerdistError, match=re.escape(f"{path}: sweep.reduction_factor must be > 1")):
@@ -145,3 +148,23 @@ def test_a_trial_whose_checkpoints_reach_the_last_epoch_is_not_trained_again(tmp
         (run / f"checkpoint_{epoch}" / "summary.json").write_text(json.dumps(summary))
         expected = None if epoch < 2 else {"epoch": 2, "val/acc": 0.2}
         assert finished_metrics(cfg) == expected
+
+
+def test_searched_datasets_are_checked_and_given_to_trials_as_absolute_paths(
+    synth_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a searched local path checked as an absolute one but handed to trials as typed: a trial does not run
+    in the driver's directory, so a relative choice that passed the check failed there."""
+    from ferdist.launch import preflight
+    from ferdist.tune.tuning import check_searched_sources
+
+    monkeypatch.chdir(synth_shards.parent)
+    settings = [f"data.manifest={synth_shards}", "model.pretrained=random:tiny", "model.image_size=32",
+                "data.loader_workers=0", "loop.global_batch_size=32", "tracking.backend=none",
+                f"checkpoint.storage_path={tmp_path / 'runs'}"]  # fmt: skip
+    base = preflight.with_absolute_paths(load_config(None, settings))
+    lr = Dimension("optim.lr", "choice", (1e-3, 2e-3))
+    data, same = check_searched_sources(base, (Dimension("data.manifest", "choice", (synth_shards.name,)), lr))
+    assert data.values == (str(synth_shards),) and same == lr
+    with pytest.raises(FerdistError, match=r"search\.data\.manifest = 'nope': no manifest at"):
+        check_searched_sources(base, (Dimension("data.manifest", "choice", ("nope",)),))
