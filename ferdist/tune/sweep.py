@@ -97,13 +97,12 @@ def load_sweep(path: str | Path | None, overrides: list[str] | tuple[str, ...] =
     base = load_config(path, run_overrides)
     sweep = _sweep_settings(doc.get("sweep") or {}, sweep_overrides, origin)
     search = parse_search(doc.get("search") or {}, base, origin=origin)
-    set_here = "grace_period" in (doc.get("sweep") or {}) or any(
-        o.partition("=")[0].strip() == "sweep.grace_period" for o in overrides
-    )
+    typed = any(o.partition("=")[0].strip() == "sweep.grace_period" for o in overrides)
+    set_here = typed or "grace_period" in (doc.get("sweep") or {})
     if not set_here and sweep.grace_period > base.loop.epochs:  # the default, for runs of fewer epochs than it
         sweep = dataclasses.replace(sweep, grace_period=base.loop.epochs)
     if sweep.scheduler == "asha" and sweep.grace_period > base.loop.epochs:  # ASHA's own check fails after Ray starts
-        said = "command line" if any(o.partition("=")[0].strip() == "sweep.grace_period" for o in overrides) else origin
+        said = "command line" if typed else origin
         raise FerdistError(f"{said}: sweep.grace_period={sweep.grace_period} epochs is past loop.epochs="
                            f"{base.loop.epochs}, so ASHA could never compare trials; use at most {base.loop.epochs}, "
                            "or sweep.scheduler=fifo")  # fmt: skip
