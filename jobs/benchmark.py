@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
              "accuracy": accuracy.bench_accuracy}[args.what]  # fmt: skip
     try:
         if args.json:  # said now, not when the first results are written (after a stage that may take hours)
-            from ferdist.serve.photos import check_writable
+            from ferdist.files import check_writable
 
             check_writable(args.json, what="--json", folder=False)
         results = bench(args, console)

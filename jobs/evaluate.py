@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         from ferdist.track.registry import load_model
 
         if args.out is not None:  # said now, not after the split was scored
-            from ferdist.serve.photos import check_writable
+            from ferdist.files import check_writable
 
             check_writable(args.out, what="--out", folder=True)
         dataset = open_dataset(args.manifest, endpoint_url=args.endpoint_url)

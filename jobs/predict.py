@@ -34,15 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ferdist.console import job_console, path_arg, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
+from ferdist.files import check_writable, shown_name  # noqa: E402
 from ferdist.serve.faces import DETECT_MODES  # noqa: E402
-from ferdist.serve.photos import (  # noqa: E402
-    check_writable,
-    image_files,
-    predict_files,
-    rows_table,
-    shown_name,
-    write_rows,
-)
+from ferdist.serve.photos import image_files, predict_files, rows_table, write_rows  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

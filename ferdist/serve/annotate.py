@@ -2,7 +2,7 @@
 
 A copy is named after its photo with the photo's own bytes (a Latin-1 ``café.jpg`` gives a Latin-1 ``café.png``, a
 name holding a newline a copy holding it), so it sorts and shows beside its original; messages name it by
-`ferdist.serve.photos.shown_name`. Each copy is written whole or not at all.
+`ferdist.files.shown_name`. Each copy is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ferdist.errors import FerdistError
-from ferdist.serve.photos import shown_name, write_atomically
+from ferdist.files import shown_name, write_atomically
 
 COLOURS = {"Angry": "#d62728", "Disgust": "#8c564b", "Fear": "#9467bd", "Happy": "#2ca02c", "Sad": "#1f77b4",
            "Surprise": "#ff7f0e", "Neutral": "#7f7f7f"}  # fmt: skip

@@ -61,6 +61,16 @@ def test_a_row_whose_teacher_changed_since_it_ran_is_refused(tmp_path: Path) -> 
     check_unchanged(plan, {"row:final-ensemble-teacher": {"set": ensemble.spec}}, tmp_path / "acc.json")
 
 
+def test_a_kept_row_is_refused_when_the_plans_finetune_overrides_changed_since_it_ran(tmp_path: Path) -> None:
+    plan = load_plan(PLAN)
+    final = next(r for r in plan.rows if r.name == "final")
+    stages = {"row:final": {"set": final.spec, "finetune_set": ["optim.lr=0.01"]}}
+    with pytest.raises(FerdistError, match=r"finetune overrides changed since row 'final' ran \(\['optim.lr=0.01'\]"):
+        check_unchanged(plan, stages, tmp_path / "acc.json")
+    check_unchanged(plan, {"row:final": {"set": final.spec, "finetune_set": list(plan.finetune_set)}}, tmp_path / "a")
+    check_unchanged(plan, {"row:final": {"set": final.spec}}, tmp_path / "acc.json")  # written before the key
+
+
 def test_a_malformed_teacher_in_a_plan_is_one_sentence(tmp_path: Path) -> None:
     plan = tmp_path / "plan.yaml"
     plan.write_text("finetune: {config: jobs/configs/quickstart.yaml}\nrows:\n  - name: a\n    teacher: {x: 1}\n")

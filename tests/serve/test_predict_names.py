@@ -1,6 +1,6 @@
 r"""Any file name, any output (issue 25): names that are not UTF-8 or hold newlines, tabs and other control characters
 go through predict.py's screen, CSV, JSON, annotated copies and error sentences, spelt by the one documented rule
-(`ferdist.serve.photos.shown_name`: ``caf\xe9.jpg``, ``new\nline.jpg``, ``a\\b.jpg``); and an output file or
+(`ferdist.files.shown_name`: ``caf\xe9.jpg``, ``new\nline.jpg``, ``a\\b.jpg``); and an output file or
 annotated copy is written whole or not at all."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ferdist.serve.photos import original_name, shown_name
+from ferdist.files import original_name, shown_name
 
 ODD_NAMES = {
     b"caf\xe9.jpg": r"caf\xe9.jpg",  # Latin-1: not UTF-8
