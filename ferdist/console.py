@@ -39,8 +39,11 @@ def bold(text: str, style: str = "bold") -> Text:
 
 
 def print_error(console: Console, message: object, *, label: str = "error") -> None:
-    """``label: message`` as the job's last line, the message as text (see `job_console`)."""
-    console.print(Text.assemble(bold(f"{label}:", "bold red"), " ", str(message)), highlight=False)
+    """``label: message`` as the job's last line, the message as text (see `job_console`), with the password of
+    every URI in it hidden: a sentence that names the URI it could not use must not print the secret inside it."""
+    from ferdist.config import redact_uri
+
+    console.print(Text.assemble(bold(f"{label}:", "bold red"), " ", redact_uri(str(message))), highlight=False)
 
 
 def whole_number(minimum: int) -> Callable[[str], int]:

@@ -32,6 +32,7 @@ from rich.text import Text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ferdist.config import redact_uri  # noqa: E402
 from ferdist.console import job_console, path_arg, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.files import check_writable, shown_name  # noqa: E402
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             written = annotate_files(kept, args.annotate, keep=files)
             say(console, f"wrote {plural(len(written), 'annotated photo')} to {shown_name(args.annotate)}/")
     except FerdistError as exn:
-        say(console, str(exn), lead=("error: ", "bold red"))
+        say(console, redact_uri(str(exn)), lead=("error: ", "bold red"))  # no password of a URI it names
         return 2
     faces, images = sum(1 for row in kept if row["face"] >= 0), len({row["file"] for row in kept})
     console.print(f"{plural(faces, 'face')} in {plural(images, 'image')}"

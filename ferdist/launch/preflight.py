@@ -92,8 +92,19 @@ def check_checkpoint_storage(cfg: AnyConfig) -> None:
 
 
 def with_absolute_paths(cfg: AnyConfig) -> AnyConfig:
-    """``cfg`` with local relative paths made absolute: Ray workers do not run in the driver's working directory."""
+    """``cfg`` with local relative paths made absolute: Ray workers do not run in the driver's working directory.
 
+    Raises:
+        FerdistError: two spellings of one path (``shards/a`` and ``/abs/shards/a``, ``m`` and ``m/``) meet only
+            once resolved: the config's own check (a teacher or dataset named twice) then refuses them here.
+    """
+    try:
+        return _absolute_paths(cfg)
+    except ValueError as exn:
+        raise FerdistError(str(exn)) from None
+
+
+def _absolute_paths(cfg: AnyConfig) -> AnyConfig:
     def absolute(path: str) -> str:
         if ":" in path.split("/", 1)[0]:  # s3://, file://, random:tiny
             return path

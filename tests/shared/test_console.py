@@ -40,3 +40,11 @@ def test_the_jobs_console_prints_folder_and_file_names_as_they_are(monkeypatch: 
     text = out.getvalue()
     assert "best checkpoint: runs/[faces]/model_epoch_0003 from :smile:.jpg\n" in text
     assert "[run]: 3 epochs\n" in text and "VGGNet [literature]" in text
+
+
+def test_an_error_sentence_never_prints_the_password_of_a_uri_it_names() -> None:
+    out = io.StringIO()
+    console = Console(file=out, width=300, color_system=None)
+    print_error(console, "no model at http://bob:hunter2@127.0.0.1:9/model; check it (ftp://ann:pw@h/x too)")
+    said = out.getvalue().strip()
+    assert said == "error: no model at http://bob:***@127.0.0.1:9/model; check it (ftp://ann:***@h/x too)"

@@ -156,6 +156,11 @@ def test_extra_data_settings_parse_from_yaml_and_the_command_line(
     (tmp_path / "shards" / "a").mkdir(parents=True)
     moved = with_absolute_paths(from_cli)
     assert moved.data.extra == (str(tmp_path / "shards" / "a"), "s3://bucket/b")
+    # Two spellings of one folder meet only once resolved: one sentence there, not the config's ValueError.
+    with pytest.raises(FerdistError, match=r"^distill.teacher names a model twice"):
+        with_absolute_paths(load_config(None, [f"distill.teacher=[shards/a, {tmp_path / 'shards' / 'a'}/]"]))
+    with pytest.raises(FerdistError, match=r"^data.extra names a dataset twice"):
+        with_absolute_paths(load_config(None, [f"data.extra=[shards/a, {tmp_path}/shards/a]"], root=PretrainConfig))
     for bad, message in [
         ("data.extra=[shards/a, shards/a]", "data.extra names a dataset twice"),
         ("data.extra=[shards/synthetic]", "data.extra names shards/synthetic twice (it is data.manifest)"),
