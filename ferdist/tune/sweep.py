@@ -160,7 +160,10 @@ def parse_search(section: Any, base: RunConfig, *, origin: str) -> tuple[Dimensi
         values = tuple(parse_value(v, tp, key=f"search.{key}", origin=origin) for v in raw)
         if kind in ("uniform", "loguniform", "randint"):
             numeric = int if kind == "randint" else float
-            if tp is not numeric:
+            # An optional number (optim.ema_decay: float | None, off by default) is searched as the number.
+            options = typing.get_args(tp)
+            present = [a for a in options if a is not type(None)] if type(None) in options else [tp]
+            if present != [numeric]:
                 raise FerdistError(f"{where}: {kind} needs a{'n integer' if numeric is int else ' float'} setting; "
                                    "use choice for this key")  # fmt: skip
             if len(values) != 2 or not values[0] < values[1]:

@@ -46,6 +46,10 @@ def test_nested_and_dotted_keys_and_grid_budget(tmp_path: Path) -> None:
     assert isinstance(space["model.freeze_blocks"], tune.search.sample.Integer)
     assert (space["model.freeze_blocks"].lower, space["model.freeze_blocks"].upper) == (0, 5)  # inclusive 4
     assert space["loop.epochs"] == 5
+    # An optional number (off by default) is searched as the number it is when set.
+    ema = load_sweep(write(tmp_path, "search:\n  optim.ema_decay: {uniform: [0.99, 0.999]}\n"))
+    assert ema.search[0].values == (0.99, 0.999)
+    assert (param_space(ema)["optim.ema_decay"].lower, param_space(ema)["optim.ema_decay"].upper) == (0.99, 0.999)
 
 
 @pytest.mark.parametrize(
