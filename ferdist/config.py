@@ -94,7 +94,7 @@ class ModelConfig:
         steps: list[tuple[int, int]] = []
         frozen, after = self.freeze_blocks, 0
         for item in self.unfreeze:
-            m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", item)
+            m = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", item)  # not \d: int("٣") is 3
             if m is None:
                 raise ValueError(f"model.unfreeze item {item!r} is not EPOCH:BLOCKS; write e.g. '5:2' (after 5 epochs, "
                                  "only 2 blocks stay frozen)")  # fmt: skip

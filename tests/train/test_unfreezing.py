@@ -120,6 +120,7 @@ def test_unfreezing_changes_the_trained_set_at_its_epoch_and_resumes_across_it_b
         (['model.unfreeze=["5:4"]'], "model.unfreeze item '5:4' keeps 4 blocks frozen, not fewer than the 4 frozen"),
         (['model.unfreeze=["5:20"]'], "model.unfreeze item '5:20' keeps 20 blocks frozen, not fewer than the 4"),
         (['model.unfreeze=["five:2"]'], "model.unfreeze item 'five:2' is not EPOCH:BLOCKS; write e.g. '5:2'"),
+        (['model.unfreeze=["\u0663:2"]'], "model.unfreeze item '\u0663:2' is not EPOCH:BLOCKS"),  # Arabic-Indic 3
         (['model.unfreeze=["5:2"]', "loop.epochs=5"],
          "model.unfreeze releases blocks after 5 epochs, but loop.epochs=5 ends the run first"),
     ],
