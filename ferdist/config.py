@@ -386,6 +386,9 @@ class DistillConfig:
             raise ValueError("distill.teacher holds an empty URI; give model URIs, peer:fer, or [] for no teacher")
         if len(set(self.teacher)) != len(self.teacher):
             raise ValueError(f"distill.teacher names a model twice ({list(self.teacher)}); list each teacher once")
+        if peers := [t for t in self.teacher if t.lower().startswith("peer:") and t != PEER_TEACHER]:
+            raise ValueError(f"distill.teacher {peers[0]} is no peer ferdist knows; the one peer teacher is "
+                             f"{PEER_TEACHER} (the fer package's CNN)")  # fmt: skip
         if not 0.0 <= self.weight <= 1.0:
             raise ValueError(f"distill.weight must be in [0, 1] (the teacher term's share of the loss), got "
                              f"{self.weight}")  # fmt: skip
