@@ -20,6 +20,7 @@ best val accuracy among those without / with a teacher (no TTA), and report thei
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -163,9 +164,13 @@ def load_plan(path: Path) -> Plan:
             if t.startswith(ROW_TEACHER) and t[len(ROW_TEACHER) :] not in earlier:
                 raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which is not a row before it; "
                                    f"name an earlier row")  # fmt: skip
-        # The benchmark sets model.pretrained and distill.teacher itself (a stand-in teacher lets distill.* check),
-        # and names the run after the row.
-        stand_in = [f"name=acc-0-{row.name}", *(["distill.teacher=[peer:fer]"] if row.teachers else [])]
+            if t.strip() and ":" not in t.split("/", 1)[0] and not Path(t).expanduser().exists():  # a local folder
+                raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which does not exist; name a "
+                                   "model folder, a models:/ URI, peer:fer or row:NAME")  # fmt: skip
+        # The benchmark sets model.pretrained and distill.teacher itself, and names the run after the row. The
+        # teachers as written (row:NAME stands for a row's model) meet distill's own checks: blanks, repeats, peers.
+        teachers = "[" + ", ".join(json.dumps(t) for t in row.teachers) + "]"
+        stand_in = [f"name=acc-0-{row.name}", *([f"distill.teacher={teachers}"] if row.teachers else [])]
         _checked(path, f"row '{row.name}'",
                  lambda row=row, stand_in=stand_in: load_config(plan.finetune_config,
                                                                 [*plan.finetune_set, *row.set, *stand_in]))  # fmt: skip

@@ -96,6 +96,10 @@ FT = "finetune: {config: jobs/configs/quickstart.yaml}\n"
         (FT + "rows: [{name: final ensemble}]\n", "row 'final ensemble': name must be letters"),
         (FT + "rows: [{name: a, teacher: row:zzz}]\n", "row 'a' learns from row:zzz, which is not a row before it"),
         (FT + "rows: [{name: a, teacher: row:b}, {name: b}]\n", "learns from row:b, which is not a row before it"),
+        (FT + "rows: [{name: a, teacher: /no/such/teacher}]\n", "row 'a' learns from /no/such/teacher, which does not"),
+        (FT + "rows: [{name: a, teacher: peer:foo}]\n", "distill.teacher peer:foo is no peer ferdist knows"),
+        (FT + "rows: [{name: a}, {name: b, teacher: [row:a, row:a]}]\n", "distill.teacher names a model twice"),
+        (FT + "rows: [{name: a}, {name: b, teacher: [row:a, ' ']}]\n", "distill.teacher holds an empty URI"),
         ("finetune: {config: jobs/configs/nope.yaml}\nrows: [{name: a}]\n", "finetune: config file"),
     ],
 )
