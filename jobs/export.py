@@ -90,13 +90,26 @@ def portable_path(path: str) -> str:
         return path
 
 
+def portable_store(uri: str | None) -> str | None:
+    """A local tracking store's URI (``sqlite:////home/me/ferdist/mlflow.db``, ``file:///…/mlruns``) with its path
+    made a `portable_path`; a server's URI as it is (the config's YAML hides its password)."""
+    if uri and uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :]).is_absolute():
+        return "sqlite:///" + portable_path(uri[len("sqlite:///") :])
+    if uri and uri.startswith("file://") and Path(uri[len("file://") :]).is_absolute():
+        path = uri[len("file://") :]  # a file store under the checkout becomes its relative folder (MLflow's too)
+        return portable_path(path) if portable_path(path) != path else uri
+    return uri
+
+
 def portable(cfg):  # noqa: ANN001, ANN201
-    """The run config with its local paths made `portable_path`s (data, pretrained source, teachers, storage)."""
+    """The run config with its local paths made `portable_path`s (data, pretrained source, teachers, storage, a local
+    tracking store)."""
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, manifest=portable_path(cfg.data.manifest)),
         model=dataclasses.replace(cfg.model, pretrained=portable_path(cfg.model.pretrained)),
         distill=dataclasses.replace(cfg.distill, teacher=tuple(portable_path(t) for t in cfg.distill.teacher)),
         checkpoint=dataclasses.replace(cfg.checkpoint, storage_path=portable_path(cfg.checkpoint.storage_path)),
+        tracking=dataclasses.replace(cfg.tracking, tracking_uri=portable_store(cfg.tracking.tracking_uri)),
     )  # fmt: skip
 
 

@@ -344,6 +344,12 @@ def load_model(uri: str, *, endpoint_url: str | None = None, tracking_uri: str |
                                    f"({str(exn).splitlines()[0]}); give a model trained by jobs/train.py") from None
             raise FerdistError(f"{uri} answers {found.group(1)} classes, not FER2013's {list(FER_CLASSES)}; give a "
                                "model trained on the same classes") from None  # fmt: skip
+    # Every job labels a model's answers in FER_CLASSES order: a model recorded with another order would be
+    # mislabelled without a word (checkpoints from before the list was recorded have none: FER's order).
+    classes = (summary or {}).get("classes")
+    if classes is not None and list(classes) != list(FER_CLASSES):
+        raise FerdistError(f"{uri} answers classes {classes}, not FER2013's {list(FER_CLASSES)} in that order; "
+                           "ferdist labels every answer in that order, so give a model trained on it")  # fmt: skip
     return LoadedModel(model=model, cfg=cfg, summary=summary, ref=ref)
 
 

@@ -338,6 +338,15 @@ def test_a_bundle_names_no_folder_of_the_machine_that_wrote_it(
     assert cfg.data.manifest == synth_shards.name
     written = "".join((out / f).read_text() for f in (CONFIG_FILE, bundled.CARD_FILE, BACKBONE_FILE))
     assert str(synth_shards.parent) not in written and "_name_or_path" not in written
+    # The local tracking store the run logged to is named as the checkout names it, too.
+    import export as job
+
+    here = synth_shards.parent
+    for uri, portable in [(f"sqlite:///{here}/mlflow.db", "sqlite:///mlflow.db"),
+                          (f"file://{here}/mlruns", "mlruns"), ("sqlite:///mlflow.db", "sqlite:///mlflow.db"),
+                          ("http://127.0.0.1:5000", "http://127.0.0.1:5000"), (None, None)]:  # fmt: skip
+        cfg_there = load_config(None, ["tracking.tracking_uri=" + uri] if uri else [])
+        assert job.portable(cfg_there).tracking.tracking_uri == portable
 
 
 def test_the_card_of_a_distilled_model_names_its_teachers_and_what_the_peer_saw(checkpoint: Path) -> None:

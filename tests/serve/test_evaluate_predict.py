@@ -112,6 +112,11 @@ def test_evaluate_bad_input_is_one_sentence(
     state = torch.load(five / "model.pt", weights_only=True)
     state["head.weight"], state["head.bias"] = state["head.weight"][:5], state["head.bias"][:5]
     torch.save(state, five / "model.pt")
+    reordered = tmp_path / "reordered"  # the same head size, another class order: its answers would be mislabelled
+    shutil.copytree(checkpoint, reordered)
+    summary = json.loads((reordered / "summary.json").read_text())
+    classes = summary["classes"]
+    (reordered / "summary.json").write_text(json.dumps(summary | {"classes": [classes[3], *classes[:3], *classes[4:]]}))
     future = tmp_path / "future"
     shutil.copytree(synth_shards, future)
     manifest = json.loads((future / "manifest.json").read_text())
@@ -123,6 +128,9 @@ def test_evaluate_bad_input_is_one_sentence(
         (["--model", str(tmp_path / "nothing"), "--manifest", str(synth_shards)], "no model at"),
         (["--model", str(tmp_path), "--manifest", str(synth_shards)], "is neither a ferdist checkpoint"),
         (["--model", str(five), "--manifest", str(synth_shards)], f"{five} answers 5 classes, not FER2013's"),
+        (["--model", str(reordered), "--manifest", str(synth_shards)],
+         f"{reordered} answers classes ['Happy', 'Angry', 'Disgust', 'Fear', 'Sad', 'Surprise', 'Neutral'], not "
+         "FER2013's"),
         (["--model", str(checkpoint), "--manifest", str(synth_shards), "--split", "dev"], "has no 'dev' split"),
     ]  # fmt: skip
     # A model folder copied in part, or damaged: one sentence, whichever reader meets it (torch, safetensors, JSON).
