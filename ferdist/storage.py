@@ -60,6 +60,11 @@ def parse_uri(uri: str) -> Location:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise FerdistError(f"'{uri}' names no bucket; write it as s3://BUCKET/PREFIX")
+        if "@" in parsed.netloc:  # s3://user:secret@bucket: a bucket name holds no @, and no S3 client reads one
+            from ferdist.config import redact_uri
+
+            raise FerdistError(f"'{redact_uri(uri)}' holds credentials before its bucket; write s3://BUCKET/PREFIX and "
+                               "give the keys as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)")
         return Location(uri=uri, bucket=parsed.netloc, key=parsed.path.lstrip("/"))
     if parsed.scheme == "file":
         return Location(uri=uri, path=Path(parsed.path))

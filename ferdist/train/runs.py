@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow.fs
 
+from ferdist import storage
 from ferdist.errors import FerdistError
 
 SUMMARY_FILE = "summary.json"
@@ -59,6 +60,7 @@ def filesystem_for(
     if filesystem is not None:
         return filesystem, path.removeprefix("s3://")
     if path.startswith("s3://"):
+        storage.parse_uri(path)  # one sentence for a URI no S3 client reads (no bucket, credentials in it)
         bare = path[len("s3://") :]
         return s3_filesystem(endpoint_url, bucket=bare.split("/", 1)[0]), bare
     return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())

@@ -128,6 +128,10 @@ def test_evaluate_bad_input_is_one_sentence(
         (["--model", str(tmp_path / "nothing"), "--manifest", str(synth_shards)], "no model at"),
         (["--model", str(tmp_path), "--manifest", str(synth_shards)], "is neither a ferdist checkpoint"),
         (["--model", str(five), "--manifest", str(synth_shards)], f"{five} answers 5 classes, not FER2013's"),
+        (["--model", "s3://bob:hunter2@bucket/x", "--manifest", str(synth_shards)],  # a traceback with the password
+         "'s3://bob:***@bucket/x' holds credentials before its bucket; write s3://BUCKET/PREFIX"),
+        (["--model", str(checkpoint), "--manifest", "s3://bob:hunter2@bucket/data"],
+         "'s3://bob:***@bucket/data' holds credentials before its bucket"),
         (["--model", str(reordered), "--manifest", str(synth_shards)],
          f"{reordered} answers classes ['Happy', 'Angry', 'Disgust', 'Fear', 'Sad', 'Surprise', 'Neutral'], not "
          "FER2013's"),
