@@ -22,8 +22,43 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """The configured URI, else MLFLOW_TRACKING_URI, else a SQLite store in the working directory."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The configured URI, else MLFLOW_TRACKING_URI, else a SQLite store in the working directory.
+
+    Raises:
+        FerdistError: a database store whose Python driver is not installed (see `check_database_driver`).
+    """
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    check_database_driver(uri)
+    return uri
+
+
+DATABASES = ("postgresql", "postgres", "mysql", "mssql")
+"""The database stores MLflow's SQLAlchemy store takes besides SQLite (a scheme may name its driver: mysql+pymysql)."""
+
+
+PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
+            "pymssql": "pymssql", "pyodbc": "pyodbc", "pymysql": "pymysql"}
+"""The pip package of each driver SQLAlchemy imports for these stores."""
+
+
+def check_database_driver(uri: str) -> None:
+    """One sentence, before anything runs, when ``uri`` is a database store whose driver is not installed: MLflow
+    would stop with SQLAlchemy's ModuleNotFoundError traceback at the first call."""
+    if uri.split("://", 1)[0].split("+", 1)[0].lower() not in DATABASES:
+        return
+    from sqlalchemy.engine.url import make_url
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ModuleNotFoundError as exn:
+        package = PACKAGES.get(str(exn.name), exn.name)
+        raise FerdistError(f"the tracking store {redact_uri(uri)} needs the database driver '{exn.name}', which is "
+                           f"not installed here; pip install {package}, or name an installed driver in the URI "
+                           "(postgresql+psycopg2://, mysql+pymysql://)") from None
+    except Exception as exn:  # noqa: BLE001 - SQLAlchemy's own refusal of a malformed URL or unknown driver
+        said = redact_uri(str(exn).splitlines()[0][:160]) if str(exn).strip() else type(exn).__name__
+        raise FerdistError(f"the tracking store {redact_uri(uri)} is not a database URL SQLAlchemy reads ({said}); "
+                           "write it as postgresql://USER:PASSWORD@HOST/DB") from None
 
 
 def absolute_uri(uri: str) -> str:

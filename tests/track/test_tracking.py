@@ -93,6 +93,27 @@ def test_embedded_default_is_a_sqlite_store_in_the_working_directory(
     assert [r.data.tags[RUN_TAG] for r in runs] == ["embedded"]
 
 
+def test_a_database_store_without_its_driver_is_one_sentence_that_hides_the_password(
+    synth_shards: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Caught: MLflow stopped with SQLAlchemy's ModuleNotFoundError traceback at the first call (evaluate, predict,
+    a models:/ teacher). pg8000 is a PostgreSQL driver this project never installs."""
+    import evaluate as job
+
+    from ferdist.track.store import tracking_uri
+
+    uri = "postgresql+pg8000://bob:hunter2@127.0.0.1:9/db"
+    with pytest.raises(FerdistError, match=r"^the tracking store postgresql\+pg8000://bob:\*\*\*@127\.0\.0\.1:9/db "
+                                           r"needs the database driver 'pg8000', which is not installed here; pip "
+                                           r"install pg8000"):
+        tracking_uri(TrackingConfig(tracking_uri=uri))
+    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:///x.db")) == "sqlite:///x.db"  # no driver to check
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert job.main(["--model", "models:/m@champion", "--manifest", str(synth_shards)]) == 2
+    err = capsys.readouterr().err
+    assert "needs the database driver 'pg8000'" in err and "hunter2" not in err and "Traceback" not in err
+
+
 def test_unreachable_tracking_server_is_one_sentence_not_a_hang() -> None:
     port = free_port()
     cfg = TrackingConfig(backend="mlflow", tracking_uri=f"http://127.0.0.1:{port}")
