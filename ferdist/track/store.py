@@ -49,7 +49,8 @@ def check_database_driver(uri: str) -> None:
     from sqlalchemy.engine.url import make_url
 
     try:
-        make_url(uri).get_dialect().import_dbapi()
+        dialect = make_url(uri).get_dialect()
+        (dialect.import_dbapi if hasattr(dialect, "import_dbapi") else dialect.dbapi)()  # SQLAlchemy 1.4: dbapi
     except ModuleNotFoundError as exn:
         package = PACKAGES.get(str(exn.name), exn.name)
         raise FerdistError(f"the tracking store {redact_uri(uri)} needs the database driver '{exn.name}', which is "
