@@ -394,6 +394,11 @@ class DistillConfig:
                              f"{self.weight}")  # fmt: skip
         if not 0.0 < self.temperature <= 100.0:
             raise ValueError(f"distill.temperature must be in (0, 100], e.g. 4, got {self.temperature}")
+        defaults = DistillConfig.__dataclass_fields__
+        if not self.teacher and (changed := [k for k in ("kind", "weight", "temperature")
+                                             if getattr(self, k) != defaults[k].default]):  # fmt: skip
+            raise ValueError(f"distill.{changed[0]}={getattr(self, changed[0])} does nothing without a teacher; set "
+                             "distill.teacher, or drop the distill settings")  # fmt: skip
 
     @property
     def on(self) -> bool:

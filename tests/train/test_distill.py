@@ -161,6 +161,8 @@ def test_a_run_asking_for_a_teacher_without_a_way_to_load_it_is_refused(synth_sh
     ("distill.teacher=['']", r"empty URI"),
     ("distill.teacher=peer:FER", r"peer:FER is no peer ferdist knows; the one peer teacher is peer:fer"),
     ("distill.teacher=[peer:fer, 'peer:']", r"distill.teacher peer: is no peer ferdist knows"),
+    ("distill.kind=hard", r"distill.kind=hard does nothing without a teacher; set distill.teacher"),
+    ("distill.temperature=2", r"distill.temperature=2.0 does nothing without a teacher"),
 ])  # fmt: skip
 def test_bad_distillation_settings_are_one_sentence(override: str, message: str) -> None:
     with pytest.raises(FerdistError, match=message) as caught:
