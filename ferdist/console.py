@@ -70,3 +70,19 @@ def nonempty(text: str) -> str:
 def path_arg(text: str) -> Path:
     """argparse type: a local path, never the empty text (see `nonempty`)."""
     return Path(nonempty(text))
+
+
+class Once(argparse.Action):
+    """argparse action that stores the option's value (its ``const`` when given bare) and refuses the setting a second
+    time, by the same option or another spelling of it (``--detect on --no-detect``): argparse's own would keep the
+    last one without a word."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:  # fmt: skip
+        given: dict[str, str] = parser.__dict__.setdefault("_ferdist_given", {})
+        if given.get(self.dest) == option_string:
+            parser.error(f"{option_string} is given twice (the last would win silently); give it once")
+        if self.dest in given:
+            parser.error(f"{given[self.dest]} and {option_string} both set {self.dest.replace('_', '-')}; give one")
+        given[self.dest] = str(option_string)
+        setattr(namespace, self.dest, self.const if values is None or values == [] else values)

@@ -24,7 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ferdist.console import job_console, path_arg, print_error, whole_number  # noqa: E402
+from ferdist.console import Once, job_console, path_arg, print_error, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
 EXPERIMENT = "ferdist-evaluation"
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
     p.add_argument("--manifest", required=True, help="shard set (folder, s3:// prefix or manifest.json)")
     p.add_argument("--split", default="test", help="train, val or test (default: test = FER2013 PrivateTest)")
-    p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops",
+    p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops", action=Once,
                    help="test-time augmentation, reported apart: flip (the face and its mirror averaged; a bare "
                         "--tta) or crops (ten views: the four corners and the centre, 42 of 48 pixels square, each "
                         "mirrored)")  # fmt: skip

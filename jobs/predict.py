@@ -33,7 +33,7 @@ from rich.text import Text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ferdist.config import redact_uri  # noqa: E402
-from ferdist.console import job_console, path_arg, whole_number  # noqa: E402
+from ferdist.console import Once, job_console, path_arg, whole_number  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 from ferdist.files import check_writable, shown_name  # noqa: E402
 from ferdist.serve.faces import DETECT_MODES  # noqa: E402
@@ -47,9 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
     p.add_argument("--output", type=path_arg, default=None, help="write a row per face to a .csv or .json file")
     p.add_argument("--annotate", type=path_arg, default=None, help="folder for copies of the photos with boxes drawn")
-    p.add_argument("--detect", choices=DETECT_MODES, default="auto", help="search images for faces (see above)")
-    p.add_argument("--no-detect", dest="detect", action="store_const", const="off", help="same as --detect off")
-    p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops",
+    p.add_argument("--detect", choices=DETECT_MODES, default="auto", action=Once,
+                   help="search images for faces (see above)")  # fmt: skip
+    p.add_argument("--no-detect", dest="detect", action=Once, nargs=0, const="off", help="same as --detect off")
+    p.add_argument("--tta", nargs="?", const="flip", default="none", metavar="flip|crops", action=Once,
                    help="test-time augmentation, reported apart: flip (the face and its mirror averaged; a bare "
                         "--tta) or crops (ten views: the four corners and the centre, 42 of 48 pixels square, each "
                         "mirrored)")  # fmt: skip

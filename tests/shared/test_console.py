@@ -48,3 +48,24 @@ def test_an_error_sentence_never_prints_the_password_of_a_uri_it_names() -> None
     print_error(console, "no model at http://bob:hunter2@127.0.0.1:9/model; check it (ftp://ann:pw@h/x too)")
     said = out.getvalue().strip()
     assert said == "error: no model at http://bob:***@127.0.0.1:9/model; check it (ftp://ann:***@h/x too)"
+
+
+def test_an_option_given_twice_or_by_two_spellings_is_refused_not_silently_the_last(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import evaluate
+    import predict
+
+    twice = [(["x.jpg", "--tta", "flip", "--tta", "crops"], "--tta is given twice"),
+             (["x.jpg", "--detect", "on", "--no-detect"], "--detect and --no-detect both set detect")]
+    for argv, said in twice:
+        with pytest.raises(SystemExit) as stopped:
+            predict.parse_args(argv)
+        assert stopped.value.code == 2 and said in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model", "m", "--manifest", "s", "--tta", "--tta", "crops"])
+    assert "--tta is given twice" in capsys.readouterr().err
+    once = predict.parse_args(["x.jpg", "--no-detect", "--tta"])
+    assert (once.detect, once.tta) == ("off", "flip")
+    assert predict.parse_args(["x.jpg"]).detect == "auto"
+    assert predict.parse_args(["x.jpg", "--tta", "crops"]).tta == "crops"
