@@ -73,6 +73,12 @@ def parse_uri(uri: str) -> Location:
     raise FerdistError(f"unsupported storage URI '{uri}'; use a local path, file://PATH or s3://BUCKET/PREFIX")
 
 
+def names_local_path(text: str) -> bool:
+    """Whether ``text`` is a plain local path, not a scheme's URI or name (``s3://``, ``file://``, ``models:/``,
+    ``random:tiny``, ``peer:fer``): its first path segment holds no colon."""
+    return ":" not in text.split("/", 1)[0]
+
+
 def resolve_endpoint(endpoint_url: str | None) -> str | None:
     """The S3 endpoint a client will use: ``endpoint_url``, else boto3's AWS_ENDPOINT_URL(_S3), else None (AWS)."""
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None

@@ -38,6 +38,7 @@ from ferdist.bench import results as bench_results
 from ferdist.bench.recipe import REAL_FER2013, ensure_shards, timed_evaluation
 from ferdist.console import path_arg
 from ferdist.errors import FerdistError
+from ferdist.storage import names_local_path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_PLAN = ROOT / "jobs" / "plans" / "accuracy-cpu.yaml"
@@ -164,7 +165,7 @@ def load_plan(path: Path) -> Plan:
             if t.startswith(ROW_TEACHER) and t[len(ROW_TEACHER) :] not in earlier:
                 raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which is not a row before it; "
                                    f"name an earlier row")  # fmt: skip
-            if t.strip() and ":" not in t.split("/", 1)[0] and not Path(t).expanduser().exists():  # a local folder
+            if t.strip() and names_local_path(t) and not Path(t).expanduser().exists():
                 raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which does not exist; name a "
                                    "model folder, a models:/ URI, peer:fer or row:NAME")  # fmt: skip
         # The benchmark sets model.pretrained and distill.teacher itself, and names the run after the row. The

@@ -106,7 +106,7 @@ def with_absolute_paths(cfg: AnyConfig) -> AnyConfig:
 
 def _absolute_paths(cfg: AnyConfig) -> AnyConfig:
     def absolute(path: str) -> str:
-        if ":" in path.split("/", 1)[0]:  # s3://, file://, random:tiny
+        if not storage.names_local_path(path):  # s3://, file://, random:tiny
             return path
         return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
 
