@@ -71,10 +71,18 @@ class ModelConfig:
     unfreeze: tuple[str, ...] = ()
     """Gradual unfreezing, "EPOCH:BLOCKS" items: after EPOCH epochs only the first BLOCKS blocks stay frozen (0: none,
     nor the embeddings), e.g. ["5:2", "10:0"]; quote each item in YAML (5:2 unquoted is a base-60 number)."""
+    eval_crop: float = 1.0
+    """What the model sees of a face outside training (validation, evaluate.py, predict.py, serving, ONNX): the centre,
+    this fraction of the face's side, resized to image_size; 1.0 is the whole face. Training's random crops show faces
+    larger than the whole face does, so a centre crop near their mean side (about 0.95 for augment.crop_scale=0.8)
+    matches what the model learnt (Touvron et al. 2019, FixRes). One view: the inference cost is unchanged."""
 
     def __post_init__(self) -> None:
         if not self.pretrained:
             raise ValueError("model.pretrained must name a checkpoint or random:tiny / random:base")
+        if not 0.5 <= self.eval_crop <= 1.0:
+            raise ValueError(f"model.eval_crop must be in [0.5, 1] (the fraction of the face's side the model sees), "
+                             f"got {self.eval_crop}")
         if self.image_size < 16:
             raise ValueError(f"model.image_size must be >= 16, got {self.image_size}")
         if self.freeze_blocks < 0:

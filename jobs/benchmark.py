@@ -11,6 +11,7 @@
     python jobs/benchmark.py cycle --json jobs/benchmark-results/cycle.json   # checkpoint cost per epoch vs a GPU's
     python jobs/benchmark.py pretrain --json jobs/benchmark-results/pretrain-cpu.json  # MAE pretraining vs scratch
     python jobs/benchmark.py accuracy --json jobs/benchmark-results/accuracy-cpu.json  # the plan of recipes (--resume)
+    python jobs/benchmark.py eval-crop --json jobs/benchmark-results/eval-crop-cpu.json  # the shipped model's view
 
 The measuring code lives in ``ferdist/bench/`` (a module per benchmark); this script is its command line.
 
@@ -50,6 +51,10 @@ row: the baseline, an ablation per capability at equal epochs, the final recipe,
 runs, and scores each row's best-by-PublicTest model on PrivateTest, with each TTA mode as a row beside it, the peer
 and the majority class; resumable inside a stage (``--resume``); see ``ferdist/bench/accuracy.py``.
 
+``eval-crop`` scores a trained model (default: the shipped one) seeing the centre of each face at several
+fractions of its side on PublicTest, picks the best, and scores that view and the model's own on PrivateTest; see
+``ferdist/bench/eval_crop.py``.
+
 ``data`` measures, on the same faces: the sharding job (validate → PNG → tar → manifest), the shard reader in
 samples/s per loader process (in-process, and through a DataLoader with 1 and 2 worker processes) from a local
 folder and from an S3 server on 127.0.0.1 (moto, over HTTP), and the naive baseline the original notebook used:
@@ -65,7 +70,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ferdist.bench import accuracy, cycle, pretrain  # noqa: E402
+from ferdist.bench import accuracy, cycle, eval_crop, pretrain  # noqa: E402
 from ferdist.bench import results as bench_results  # noqa: E402
 from ferdist.bench.data import bench_data  # noqa: E402
 from ferdist.bench.infer import bench_infer  # noqa: E402
@@ -119,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_arguments(pre, REAL_FER2013)
     acc = sub.add_parser("accuracy", help="real FER2013: a plan of recipes, each scored on PrivateTest, resumable")
     accuracy.add_arguments(acc)
+    crop = sub.add_parser("eval-crop", help="real FER2013: a trained model's view of a face, picked on PublicTest")
+    eval_crop.add_arguments(crop, REAL_FER2013)
     cyc = sub.add_parser("cycle", help="what checkpointing blocks the loop per epoch, before and after, vs a GPU epoch")
     cyc.add_argument("--epochs", type=int, default=10, help="simulated epochs per policy and storage (default 10)")
     cyc.add_argument("--epoch-s", type=float, default=6.5, help="simulated GPU seconds per epoch (6.5: one H100)")
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     console = job_console()
     bench = {"data": bench_data, "train": bench_train, "tune": bench_tune, "infer": bench_infer,
              "recipe": bench_recipe, "cycle": cycle.run, "pretrain": pretrain.bench_pretrain,
-             "accuracy": accuracy.bench_accuracy}[args.what]  # fmt: skip
+             "accuracy": accuracy.bench_accuracy, "eval-crop": eval_crop.bench_eval_crop}[args.what]  # fmt: skip
     try:
         if args.json:  # said now, not when the first results are written (after a stage that may take hours)
             from ferdist.files import check_writable

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-        predictor = Predictor(model, image_size=cfg.model.image_size, batch_size=args.batch_size, tta=args.tta)
+        predictor = Predictor.of(model, cfg.model, batch_size=args.batch_size, tta=args.tta)
         result = evaluate_split(predictor, dataset, args.split, batch_size=args.batch_size)
     except FerdistError as exn:
         print_error(console, exn)

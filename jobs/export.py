@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--evaluate", default=None, metavar="MANIFEST",
                    help="--format bundle: score the written bundle on the test split (FER2013 PrivateTest) of this "
                         "shard set, single model and no TTA, and put the result in its MODEL_CARD.md")  # fmt: skip
+    p.add_argument("--eval-crop", type=float, default=None, metavar="FRACTION",
+                   help="the exported model's view of a face: its centre, this fraction of the face's side (the "
+                        "model's model.eval_crop; default: as the model was trained). Choose it on PublicTest with "
+                        "jobs/benchmark.py eval-crop")  # fmt: skip
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})")  # fmt: skip
     p.add_argument("--force", action="store_true",
@@ -65,16 +69,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("name", "evaluate"):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             p.error(f"--{flag} is empty; give a value or leave it out")
+    if args.eval_crop is not None and not 0.5 <= args.eval_crop <= 1.0:  # NaN fails too
+        p.error(f"--eval-crop must be in [0.5, 1] (the fraction of the face's side the model sees), got "
+                f"{args.eval_crop:g}")  # fmt: skip
     return args
 
 
-def fetch(args: argparse.Namespace) -> tuple[LoadedModel, str]:
-    """The model --model names, and how to name it: the URI, with NAME vVERSION for the registry."""
+def fetch(args: argparse.Namespace) -> tuple[LoadedModel, str, float]:
+    """The model --model names (its view set to --eval-crop, where given), how to name it (the URI, with NAME
+    vVERSION for the registry), and the view it was trained and scored with."""
     from ferdist.track.registry import load_model
 
     loaded = load_model(args.model, endpoint_url=args.endpoint_url)
+    trained_crop = loaded.cfg.model.eval_crop
+    if args.eval_crop is not None:
+        loaded = dataclasses.replace(loaded, cfg=with_eval_crop(loaded.cfg, args.eval_crop))
     ref = loaded.ref
-    return loaded, f"{args.model} ({ref.name} v{ref.version})" if ref.version else args.model
+    return loaded, f"{args.model} ({ref.name} v{ref.version})" if ref.version else args.model, trained_crop
+
+
+def with_eval_crop(cfg: RunConfig, eval_crop: float) -> RunConfig:
+    """``cfg`` whose model sees the centre ``eval_crop`` of a face (checked as model.eval_crop is).
+
+    Raises:
+        FerdistError: ``eval_crop`` outside [0.5, 1].
+    """
+    try:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, eval_crop=eval_crop))
+    except ValueError as exn:
+        raise FerdistError(f"--eval-crop {eval_crop:g}: {exn}") from None
 
 
 def portable_path(path: str) -> str:
@@ -119,11 +142,13 @@ def to_onnx(args: argparse.Namespace, console: Console) -> list[str]:
     export.check_destination(args.out, force=args.force)
     export.check_opset(args.opset)
     export.require_packages()
-    source, what = fetch(args)
+    source, what, _ = fetch(args)
     cfg, size = source.cfg, source.cfg.model.image_size
-    metadata = export.onnx_metadata(image_size=size, model_uri=what, backbone=cfg.model.pretrained)
+    crop = cfg.model.eval_crop
+    metadata = export.onnx_metadata(image_size=size, model_uri=what, backbone=cfg.model.pretrained, eval_crop=crop)
     console.print(f"exporting {what} ({cfg.model.pretrained} at {size} px) to ONNX opset {args.opset}…")
-    result = export.export_checked(source.model, args.out, image_size=size, metadata=metadata, opset=args.opset)
+    result = export.export_checked(source.model, args.out, image_size=size, metadata=metadata, opset=args.opset,
+                                   eval_crop=crop)  # fmt: skip
     return [
         f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, opset {result.opset})",
         f"input '{export.INPUT_NAME}' uint8 [N, 48, 48] → output '{export.OUTPUT_NAME}' float32 [N, 7] "
@@ -150,7 +175,7 @@ def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
         raise FerdistError(f"a bundle in {bundled.ROOT} is named by its folder, not --name {name}; drop --name or "
                            f"write to {bundled.ROOT / name}")  # fmt: skip
     bundled.check_destination(args.out, force=args.force)
-    source, what = fetch(args)
+    source, what, trained_crop = fetch(args)
     try:  # the card names the data and its terms from the shards' own manifest
         manifest = open_dataset(source.cfg.data.manifest, endpoint_url=source.cfg.data.endpoint_url).manifest
     except FerdistError as exn:
@@ -159,7 +184,8 @@ def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
     model = source.model
     source, what = dataclasses.replace(source, cfg=portable(source.cfg)), portable_path(what)
     card = bundle_card(name, cfg=source.cfg, summary=source.summary, source=what, manifest=manifest,
-                       backbone=model.backbone.config.to_dict(), parameters=sum(p.numel() for p in model.parameters()))
+                       backbone=model.backbone.config.to_dict(), parameters=sum(p.numel() for p in model.parameters()),
+                       trained_crop=trained_crop)  # fmt: skip
     console.print(f"bundling {what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px) as "
                   f"{name}…", highlight=False)  # fmt: skip
     test = None
@@ -188,7 +214,7 @@ def score_bundle(out: Path, dataset, manifest: str) -> str:  # noqa: ANN001
     from ferdist.train.checkpoint import load_classifier
 
     model, cfg = load_classifier(out)
-    result = evaluate_split(Predictor(model, image_size=cfg.model.image_size), dataset, "test")
+    result = evaluate_split(Predictor.of(model, cfg.model), dataset, "test")
     data = f"{'SYNTHETIC ' if dataset.manifest.source.synthetic else ''}test split of {manifest}"
     heading = f"Results on the {data} (single model, no TTA)"
     card = out / bundled.CARD_FILE

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(args.model, endpoint_url=args.endpoint_url)
         model, cfg = loaded.model, loaded.cfg
         model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-        predictor = Predictor(model, image_size=cfg.model.image_size, batch_size=args.batch_size, tta=args.tta)
+        predictor = Predictor.of(model, cfg.model, batch_size=args.batch_size, tta=args.tta)
         rows = predict_files(predictor, files, detect=args.detect)
         skipped = [row for row in rows if row["error"]]
         for row in skipped:

@@ -252,9 +252,9 @@ def score_best(run_path: Path, manifest: Path, *, tta_modes: tuple[str, ...]) ->
     with tempfile.TemporaryDirectory(prefix="ferdist-bench-accuracy-") as tmp:
         model, cfg = load_classifier(download(best, Path(tmp) / "best"))
     model = model.to(torch.device("cpu"))
-    scores = {"none": timed_evaluation(Predictor(model, image_size=cfg.model.image_size), dataset, "test")}
+    scores = {"none": timed_evaluation(Predictor.of(model, cfg.model), dataset, "test")}
     for mode in tta_modes:
-        scores[mode] = timed_evaluation(Predictor(model, image_size=cfg.model.image_size, tta=mode), dataset, "test")
+        scores[mode] = timed_evaluation(Predictor.of(model, cfg.model, tta=mode), dataset, "test")
     rates = [h["perf/samples_per_s"] for h in history if "perf/samples_per_s" in h]
     return {
         "epochs": len(history), "best_epoch": int(best.summary["epoch"]), "val_acc": best.summary["metrics"]["val/acc"],
@@ -465,7 +465,7 @@ def score_uri(uri: str, manifest: Path) -> dict[str, Any]:
     from ferdist.track.registry import load_model
 
     loaded = load_model(uri)
-    predictor = Predictor(loaded.model, image_size=loaded.cfg.model.image_size)
+    predictor = Predictor.of(loaded.model, loaded.cfg.model)
     return timed_evaluation(predictor, open_dataset(str(manifest)), "test")
 
 

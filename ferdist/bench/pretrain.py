@@ -62,7 +62,7 @@ def score_run(run_path: Path, manifest: Path) -> dict:
     dataset = open_dataset(str(manifest))
     with tempfile.TemporaryDirectory(prefix="ferdist-bench-pretrain-") as tmp:
         model, cfg = load_classifier(download(best, Path(tmp) / "best"))
-    predictor = Predictor(model.to(torch.device("cpu")), image_size=cfg.model.image_size)
+    predictor = Predictor.of(model.to(torch.device("cpu")), cfg.model)
     test = timed_evaluation(predictor, dataset, "test")
     rates = [h["perf/samples_per_s"] for h in history if "perf/samples_per_s" in h]
     cycles = [h["perf/cycle_s"] for h in history if "perf/cycle_s" in h]

@@ -135,7 +135,7 @@ def bench_recipe(args: argparse.Namespace, console: Console) -> dict:
         for checkpoint in stored:
             epoch = int(checkpoint.summary["epoch"])
             model, run_cfg = load_classifier(download(checkpoint, Path(tmp) / f"epoch_{epoch}"))
-            predictor = Predictor(model.to(device), image_size=run_cfg.model.image_size)
+            predictor = Predictor.of(model.to(device), run_cfg.model)
             test = timed_evaluation(predictor, dataset, "test")
             row = next((h for h in history if h["epoch"] == epoch), {})
             epochs.append({"epoch": epoch, "val_acc": checkpoint.summary["metrics"]["val/acc"],
@@ -148,7 +148,7 @@ def bench_recipe(args: argparse.Namespace, console: Console) -> dict:
         predictor = models[best["epoch"]]
         ferdist_scores = {"val": timed_evaluation(predictor, dataset, "val"),
                           "test": timed_evaluation(predictor, dataset, "test")}  # fmt: skip
-        tta = Predictor(predictor.model, image_size=predictor.image_size, tta=True)
+        tta = Predictor(predictor.model, image_size=predictor.image_size, eval_crop=predictor.eval_crop, tta=True)
         ferdist_scores |= {"val_tta": timed_evaluation(tta, dataset, "val"),
                            "test_tta": timed_evaluation(tta, dataset, "test")}  # fmt: skip
     results |= {"epochs": epochs, "best_epoch": best["epoch"], "ferdist": ferdist_scores}

@@ -120,6 +120,12 @@ def erase(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)
 
 
-def eval_transform(images: torch.Tensor, *, image_size: int) -> torch.Tensor:
-    """Resize + normalise only."""
-    return to_model_input(images, image_size=image_size)
+def centre_crop(side: float) -> torch.Tensor:
+    """The affine view ``[2, 3]`` (output to input) of the face's centre, ``side`` of its side (1.0: the whole face)."""
+    return torch.tensor([[side, 0.0, 0.0], [0.0, side, 0.0]])
+
+
+def eval_transform(images: torch.Tensor, *, image_size: int, crop: float = 1.0) -> torch.Tensor:
+    """The centre ``crop`` of each face (`ModelConfig.eval_crop`; 1.0 is the whole face), resized and normalised."""
+    theta = centre_crop(crop).expand(images.shape[0], 2, 3)
+    return to_model_input(images, image_size=image_size, theta=theta)

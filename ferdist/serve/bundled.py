@@ -121,7 +121,7 @@ class Bundle:
         """A `Predictor` of the model: ``probabilities(faces)``, or pass it to `ferdist.serve.inference.classify`."""
         from ferdist.serve.inference import Predictor
 
-        return Predictor(self.model, image_size=self.cfg.model.image_size, batch_size=batch_size, tta=tta)
+        return Predictor.of(self.model, self.cfg.model, batch_size=batch_size, tta=tta)
 
 
 def load(name: str, *, device: str | torch.device = "cpu") -> Bundle:
@@ -239,7 +239,7 @@ def _probabilities(bundle_folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
     model, cfg = load_classifier(bundle_folder)
     faces = check_faces(CHECK_FACES, seed=CHECK_SEED)
-    return faces, Predictor(model, image_size=cfg.model.image_size, batch_size=CHECK_FACES).probabilities(faces)
+    return faces, Predictor.of(model, cfg.model, batch_size=CHECK_FACES).probabilities(faces)
 
 
 def record_expected(bundle_folder: Path) -> dict[str, Any]:

@@ -46,12 +46,12 @@ against the largest int64), and no caller sends more faces than this in one call
 class FaceClassifier(nn.Module):
     """uint8 faces ``[N, 48, 48]`` → probabilities ``[N, 7]``: `ferdist.serve.inference.Predictor` without autocast."""
 
-    def __init__(self, model: FerClassifier, *, image_size: int) -> None:
+    def __init__(self, model: FerClassifier, *, image_size: int, eval_crop: float = 1.0) -> None:
         super().__init__()
-        self.model, self.image_size = model, image_size
+        self.model, self.image_size, self.eval_crop = model, image_size, eval_crop
 
     def forward(self, faces: torch.Tensor) -> torch.Tensor:
-        logits = self.model(eval_transform(faces.unsqueeze(1), image_size=self.image_size))
+        logits = self.model(eval_transform(faces.unsqueeze(1), image_size=self.image_size, crop=self.eval_crop))
         return torch.softmax(logits.float(), dim=1)
 
 
@@ -96,26 +96,34 @@ def check_opset(opset: int) -> None:
                            "writes and ONNX Runtime was verified to run")  # fmt: skip
 
 
-def onnx_metadata(*, image_size: int, model_uri: str, backbone: str) -> dict[str, str]:
+def onnx_metadata(*, image_size: int, model_uri: str, backbone: str, eval_crop: float = 1.0) -> dict[str, str]:
     """What a user holding only the .onnx file needs to know to feed it and read its output."""
     return {
         "classes": json.dumps(list(FER_CLASSES)),
         "input": f"{INPUT_NAME}: uint8 [N, {FACE_SIDE}, {FACE_SIDE}] grey faces, 0 = black, 255 = white, any batch N; "
         "convert other images to grey (ITU-R 601 luma) and resize them to 48x48 (bilinear) first",
         "output": f"{OUTPUT_NAME}: float32 [N, {len(FER_CLASSES)}] softmax probabilities, in the order of 'classes'",
-        "preprocessing": f"in the graph: /255, bilinear resize to {image_size}x{image_size} (grid_sample, align_corners"
-        f"=False), grey to 3 channels, normalised with mean {list(IMAGENET_MEAN)} std {list(IMAGENET_STD)}",
+        "preprocessing": f"in the graph: /255, {crop_words(eval_crop)}bilinear resize to {image_size}x{image_size} "
+        f"(grid_sample, align_corners=False), grey to 3 channels, normalised with mean {list(IMAGENET_MEAN)} std "
+        f"{list(IMAGENET_STD)}",
         "image_size": str(image_size),
+        "eval_crop": str(eval_crop),
         "ferdist_model": model_uri,
         "ferdist_backbone": backbone,
         "ferdist_version": __version__,
     }
 
 
-def export_onnx(model: FerClassifier, out: Path, *, image_size: int, metadata: dict[str, str], opset: int) -> None:
+def crop_words(eval_crop: float) -> str:
+    return "" if eval_crop == 1.0 else f"the centre {eval_crop:g} of the face's side, "
+
+
+def export_onnx(
+    model: FerClassifier, out: Path, *, image_size: int, metadata: dict[str, str], opset: int, eval_crop: float = 1.0
+) -> None:
     """Writes the face-in, probabilities-out graph of ``model`` to ``out`` (one file, weights included)."""
     check_opset(opset)
-    wrapper = FaceClassifier(model.eval(), image_size=image_size).eval()
+    wrapper = FaceClassifier(model.eval(), image_size=image_size, eval_crop=eval_crop).eval()
     # Two example faces, not one: torch.export specialises a dimension of size 1, which would fix the batch.
     example = torch.zeros(2, FACE_SIDE, FACE_SIDE, dtype=torch.uint8)
     try:
@@ -147,7 +155,9 @@ def check_faces(n: int, *, seed: int = 0) -> np.ndarray:
     return faces
 
 
-def check_onnx(path: Path, model: FerClassifier, *, image_size: int, faces: int = CHECK_FACES) -> float:
+def check_onnx(
+    path: Path, model: FerClassifier, *, image_size: int, eval_crop: float = 1.0, faces: int = CHECK_FACES
+) -> float:
     """Largest |p_onnxruntime − p_pytorch| over ``faces`` random faces, run as one batch and as a batch of 1
     (``model`` on the CPU: on CUDA, Predictor's bf16 autocast would be measured, not the export).
 
@@ -159,7 +169,7 @@ def check_onnx(path: Path, model: FerClassifier, *, image_size: int, faces: int 
     from ferdist.serve.inference import Predictor
 
     batch = check_faces(faces)
-    expected = Predictor(model, image_size=image_size, batch_size=faces).probabilities(batch)
+    expected = Predictor(model, image_size=image_size, eval_crop=eval_crop, batch_size=faces).probabilities(batch)
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         many = session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
@@ -174,7 +184,7 @@ def check_onnx(path: Path, model: FerClassifier, *, image_size: int, faces: int 
 
 
 def export_checked(
-    model: FerClassifier, out: Path, *, image_size: int, metadata: dict[str, str], opset: int
+    model: FerClassifier, out: Path, *, image_size: int, metadata: dict[str, str], opset: int, eval_crop: float = 1.0
 ) -> ExportResult:
     """Exports to a temporary file beside ``out``, checks it with ONNX Runtime, and only then moves it to ``out``,
     so a failed export or check never leaves a bad file and never replaces a good one.
@@ -188,8 +198,8 @@ def export_checked(
         raise FerdistError(f"cannot create the folder of --out {out} ({exn.strerror}); choose another --out") from None
     partial = out.with_name(f".{out.name}.partial")  # same folder: os.replace is then a rename
     try:
-        export_onnx(model, partial, image_size=image_size, metadata=metadata, opset=opset)
-        diff = check_onnx(partial, model, image_size=image_size)
+        export_onnx(model, partial, image_size=image_size, metadata=metadata, opset=opset, eval_crop=eval_crop)
+        diff = check_onnx(partial, model, image_size=image_size, eval_crop=eval_crop)
         if not diff <= MAX_ABS_DIFF:  # `not <=` so that NaN fails too
             raise FerdistError(f"the exported graph's probabilities differ from PyTorch's by up to {diff:.2e} (> "
                                f"{MAX_ABS_DIFF:g}) on {CHECK_FACES} faces; nothing was written to {out}")  # fmt: skip

@@ -1,10 +1,9 @@
 """Classifying the faces in images people have: photos or face crops, any size, grey or colour, pixels or files.
 
 A photo's faces are found and cut out first (`ferdist.serve.faces`); a crop is one face as it is. Every face becomes
-what
-the model was trained on, a uint8 48×48 grey face (PIL's ITU-R 601 luma, then a bilinear resize with antialiasing),
-and then goes through the same `eval_transform` as validation. A 48×48 grey face therefore reaches the model
-bit-identical to the same face read from a shard.
+what the model was trained on, a uint8 48×48 grey face (PIL's ITU-R 601 luma, then a bilinear resize with
+antialiasing), and then goes through the same `eval_transform` as validation (the model's `eval_crop` included). A
+48×48 grey face therefore reaches the model bit-identical to the same face read from a shard.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 import torch
 
+from ferdist.config import ModelConfig
 from ferdist.constants import FACE_SIDE, FER_CLASSES
 from ferdist.data.images import to_pixels
 from ferdist.data.transforms import eval_transform, to_model_input
@@ -62,13 +62,15 @@ def check_tta(mode: str | bool) -> TTAMode:
     return mode  # type: ignore[return-value]
 
 
-def view_thetas(mode: TTAMode) -> torch.Tensor | None:
+def view_thetas(mode: TTAMode, *, eval_crop: float = 1.0) -> torch.Tensor | None:
     """The affine views ``[V, 2, 3]`` (output to input coordinates in [-1, 1], as `to_model_input` takes) whose
-    probabilities `Predictor` averages; None for the plain face alone."""
+    probabilities `Predictor` averages; None for the plain view alone (``flip`` mirrors that view, the centre
+    ``eval_crop`` of the face; ``crops`` are the published ten, whatever the model's own view)."""
     if mode == "none":
         return None
     if mode == "flip":
-        return torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], [[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+        c = eval_crop
+        return torch.tensor([[[c, 0.0, 0.0], [0.0, c, 0.0]], [[-c, 0.0, 0.0], [0.0, c, 0.0]]])
     side, edge = CROP_SIDE, 1.0 - CROP_SIDE  # a crop centred at ±edge touches the face's border
     centres = [(0.0, 0.0), (-edge, -edge), (edge, -edge), (-edge, edge), (edge, edge)]
     return torch.tensor([[[side * mirror, 0.0, cx], [0.0, side, cy]] for cx, cy in centres for mirror in (1.0, -1.0)])
@@ -78,16 +80,29 @@ class Predictor:
     """Batched class probabilities from a trained classifier, on its device (bf16 autocast on CUDA)."""
 
     def __init__(
-        self, model: FerClassifier, *, image_size: int, batch_size: int = 256, tta: TTAMode | bool = "none"
+        self,
+        model: FerClassifier,
+        *,
+        image_size: int,
+        eval_crop: float = 1.0,
+        batch_size: int = 256,
+        tta: TTAMode | bool = "none",
     ) -> None:
         self.model = model.eval()
         self.image_size = image_size
+        self.eval_crop = eval_crop
+        """The centre of the face the model sees (`ferdist.config.ModelConfig.eval_crop`)."""
         self.batch_size = batch_size
         self.tta_mode: TTAMode = check_tta(tta)
         """Test-time augmentation (`TTAMode`)."""
         self.device = next(model.parameters()).device
-        views = view_thetas(self.tta_mode)
+        views = view_thetas(self.tta_mode, eval_crop=eval_crop)
         self.views = views.to(self.device) if views is not None else None  # once, not per batch
+
+    @classmethod
+    def of(cls, model: FerClassifier, cfg: ModelConfig, **options: Any) -> Predictor:
+        """A predictor that feeds ``model`` the way its config says (its image_size and eval_crop)."""
+        return cls(model, image_size=cfg.image_size, eval_crop=cfg.eval_crop, **options)
 
     @property
     def tta(self) -> bool:
@@ -107,7 +122,7 @@ class Predictor:
         """One batch's probabilities: the face alone, or the mean over the TTA views."""
         chunk = faces.unsqueeze(1).to(self.device)
         if self.views is None:
-            probs = self._softmax(eval_transform(chunk, image_size=self.image_size))
+            probs = self._softmax(eval_transform(chunk, image_size=self.image_size, crop=self.eval_crop))
         else:
             probs = torch.stack([self._softmax(to_model_input(chunk, image_size=self.image_size,
                                                               theta=view.expand(len(chunk), 2, 3)))

@@ -61,7 +61,7 @@ class FerModel(mlflow.pyfunc.PythonModel):
         from ferdist.train.checkpoint import load_classifier
 
         model, cfg = load_classifier(Path(context.artifacts["checkpoint"]))
-        self.predictor = Predictor(model, image_size=cfg.model.image_size)
+        self.predictor = Predictor.of(model, cfg.model)
         self.with_tta: dict[str, Predictor] = {}  # the same model, per TTA mode asked for
 
     def predictor_for(self, tta: str) -> Any:
@@ -72,8 +72,8 @@ class FerModel(mlflow.pyfunc.PythonModel):
             return self.predictor
         if mode not in self.with_tta:
             base = self.predictor
-            self.with_tta[mode] = Predictor(base.model, image_size=base.image_size, batch_size=base.batch_size,
-                                            tta=mode)  # fmt: skip
+            self.with_tta[mode] = Predictor(base.model, image_size=base.image_size, eval_crop=base.eval_crop,
+                                            batch_size=base.batch_size, tta=mode)  # fmt: skip
         return self.with_tta[mode]
 
     # No type hints here: MLflow would read them as a second, conflicting input schema.

@@ -183,6 +183,14 @@ def teacher_lines(cfg: RunConfig) -> list[str]:
             f"are not part of this model.{saw}"]  # fmt: skip
 
 
+def view_words(eval_crop: float, *, bare: bool = False) -> str:
+    """What of a face the model sees (`ferdist.config.ModelConfig.eval_crop`), as the card says it."""
+    if eval_crop == 1.0:
+        return "the whole face" if bare else ""
+    words = f"the centre {eval_crop:g} of the face's side"
+    return words if bare else f"{words} (the model's view), "
+
+
 def bundle_card(
     name: str,
     *,
@@ -192,10 +200,12 @@ def bundle_card(
     backbone: dict[str, Any],
     parameters: int,
     manifest: Manifest | None,
+    trained_crop: float | None = None,
 ) -> str:
     """MODEL_CARD.md of bundled model ``name``: the classifier of ``source`` (the URI it was exported from), trained
     by ``cfg`` (``summary``: its checkpoint's summary.json) on the shards whose manifest is ``manifest``; ``backbone``
-    is the ViTMAEConfig dict and ``parameters`` the parameter count."""
+    is the ViTMAEConfig dict and ``parameters`` the parameter count. ``trained_crop``: the view its training's scores
+    saw, where the export changed ``cfg.model.eval_crop``."""
     synthetic = manifest is not None and manifest.source.synthetic
     size, pretrained = cfg.model.image_size, cfg.model.pretrained
     init = (f"randomly initialised (`{pretrained}`), not pretrained" if pretrained.startswith("random:")
@@ -214,8 +224,12 @@ def bundle_card(
         f"- Architecture: {geometry}.",
         f"- Origin: exported from `{source}` (run `{cfg.name}`, epoch {(summary or {}).get('epoch', '?')}); {init}.",
         *teacher_lines(cfg),
-        f"- Input: one face, a 48×48 grey crop as in FER2013 (uint8, 0 = black), resized to {size}×{size} and "
-        "normalised by ferdist; `jobs/predict.py` finds and crops the faces of a photo first.",
+        f"- Input: one face, a 48×48 grey crop as in FER2013 (uint8, 0 = black), {view_words(cfg.model.eval_crop)}"
+        f"resized to {size}×{size} and normalised by ferdist; `jobs/predict.py` finds and crops the faces of a photo "
+        "first.",
+        *([f"- View: `model.eval_crop` {cfg.model.eval_crop:g} was set at export (`jobs/export.py --eval-crop`); the "
+           f"scores its training recorded (Results, below) saw {view_words(trained_crop, bare=True)}."]
+          if trained_crop is not None and trained_crop != cfg.model.eval_crop else []),
         f"- Output: 7 probabilities in the order {', '.join(FER_CLASSES)} (`ferdist.constants.FER_CLASSES`).",
         "- Files: `model.safetensors` (every weight), `backbone.json`, `config.yaml` (the run's config), "
         "`summary.json` (its scores), `expected.json` (its probabilities on 16 check faces, which a fresh install "

@@ -514,7 +514,7 @@ def evaluate(
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     for batch in loader:
         labels = batch["label"].to(device)
-        inputs = eval_transform(batch["image"].to(device), image_size=cfg.model.image_size)
+        inputs = eval_transform(batch["image"].to(device), image_size=cfg.model.image_size, crop=cfg.model.eval_crop)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = raw_model(inputs).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
