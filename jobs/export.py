@@ -5,6 +5,7 @@ inside), or as a bundle that ships with ferdist and works with no training and n
     python jobs/export.py --model models:/fer-vitmae/3 --out fer.onnx --force
     python jobs/export.py --model runs/quickstart/model_epoch_0009 --out fer.onnx --opset 20
     python jobs/export.py --format bundle --out ferdist/models/fer2013-vitmae-small   # the @champion, bundled
+    python jobs/export.py --model fer2013-vitmae-small --format backbone --out pretrained/fer2013-encoder
 
 --model takes models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, a checkpoint folder, an s3://
 checkpoint, or a bundled model (bundled:NAME, or NAME where no file has that name).
@@ -18,6 +19,10 @@ Needs the export extra: pip install -e ".[export]".
 16 check faces, which every later load must reproduce). It is written beside --out and renamed into place whole.
 Its name is --out's folder name (or --name, for a bundle to be moved there): under ferdist/models/ it ships with the
 package, and `python jobs/predict.py photo.jpg --model NAME` uses it (ferdist.serve.bundled).
+
+--format backbone: --out is a folder holding the model's ViT-MAE encoder alone (its head left out), as
+save_pretrained writes it (config.json, model.safetensors): `--set model.pretrained=FOLDER` fine-tunes it further, or
+on other faces. Only an earlier encoder folder is replaced, with --force.
 """
 
 from __future__ import annotations
@@ -47,9 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="models:/fer-vitmae@champion",
                    help="model URI, checkpoint folder or bundled model name (see above)")  # fmt: skip
-    p.add_argument("--format", choices=["onnx", "bundle"], default="onnx",
-                   help="onnx: one .onnx file; bundle: a folder to ship in ferdist/models/ (see above)")  # fmt: skip
-    p.add_argument("--out", type=path_arg, required=True, help="the .onnx file, or the bundle's folder, to write")
+    p.add_argument("--format", choices=["onnx", "bundle", "backbone"], default="onnx",
+                   help="onnx: one .onnx file; bundle: a folder to ship in ferdist/models/; backbone: the encoder "
+                        "alone, for model.pretrained (see above)")  # fmt: skip
+    p.add_argument("--out", type=path_arg, required=True,
+                   help="the .onnx file, or the bundle's or the encoder's folder, to write")  # fmt: skip
     p.add_argument("--name", default=None, help="--format bundle: the bundle's name (default: --out's folder name)")
     p.add_argument("--evaluate", default=None, metavar="MANIFEST",
                    help="--format bundle: score the written bundle on the test split (FER2013 PrivateTest) of this "
@@ -64,8 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="replace --out if it exists (a folder only if it holds a bundle)")  # fmt: skip
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint of an s3:// --model (default: AWS_ENDPOINT_URL)")
     args = p.parse_args(argv)
-    if args.format == "onnx" and (ignored := [f for f in ("name", "evaluate") if getattr(args, f) is not None]):
-        p.error(f"--{ignored[0]} is for --format bundle; an ONNX file has no name or model card to score into")
+    if args.format != "bundle" and (ignored := [f for f in ("name", "evaluate") if getattr(args, f) is not None]):
+        p.error(f"--{ignored[0]} is for --format bundle; an {args.format} export has no name or model card to score "
+                "into")  # fmt: skip
+    if args.format == "backbone" and args.eval_crop is not None:
+        p.error("--eval-crop is the view of a classifier; an encoder alone has none (set model.eval_crop when you "
+                "fine-tune it)")  # fmt: skip
     for flag in ("name", "evaluate"):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             p.error(f"--{flag} is empty; give a value or leave it out")
@@ -205,6 +216,45 @@ def to_bundle(args: argparse.Namespace, console: Console) -> list[str]:
     ]
 
 
+def to_backbone(args: argparse.Namespace, console: Console) -> list[str]:
+    """The classifier's encoder as save_pretrained writes it, written beside --out and renamed into place whole."""
+    import shutil
+
+    from ferdist.serve.bundled import put_in_place
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise FerdistError(f"--out {out} is a file; --format backbone writes a folder, so give a folder name")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.force:
+            raise FerdistError(f"{out} already exists; pass --force to replace it, or choose another --out")
+        if not (out / "config.json").is_file():
+            raise FerdistError(f"{out} holds files but no encoder (no config.json); --force replaces only an earlier "
+                               "encoder, so choose another --out")  # fmt: skip
+    source, what, _ = fetch(args)
+    backbone = source.model.backbone
+    console.print(f"writing the encoder of {what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px)…",
+                  highlight=False)  # fmt: skip
+    partial = out.with_name(f".{out.name}.partial")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Writing model shards" bar, for one file
+        backbone.save_pretrained(partial)
+        put_in_place(partial, out)
+    except OSError as exn:
+        raise FerdistError(f"cannot write {out} ({exn.strerror}); choose another --out") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    parameters = sum(p.numel() for p in backbone.parameters())
+    return [f"wrote {out}/ ({', '.join(sorted(f.name for f in out.iterdir()))}): the encoder of {what}, "
+            f"{parameters:,} parameters, its head left out",
+            f"use it: python jobs/train.py --config CONFIG --set model.pretrained={out}",
+            *not_pretrained(source.cfg)]  # fmt: skip
+
+
 def score_bundle(out: Path, dataset, manifest: str) -> str:  # noqa: ANN001
     """The written bundle (loaded back from its files) on ``dataset``'s test split; the result goes into its card."""
     from ferdist.serve import bundled
@@ -227,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     console = job_console(stderr=True)
     try:
         args = parse_args(argv)
-        lines = (to_bundle if args.format == "bundle" else to_onnx)(args, console)
+        lines = {"bundle": to_bundle, "backbone": to_backbone, "onnx": to_onnx}[args.format](args, console)
     except FerdistError as exn:
         print_error(console, exn)
         return 2

@@ -397,3 +397,39 @@ def test_every_committed_bundle_reproduces_its_expected_probabilities_in_a_fresh
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["ok"], f"{name} differs from its expected.json by {result['diff']:.2e} (> {result['atol']:g}; " \
                          f"recorded with {result['with']})"
+
+
+def test_the_encoder_alone_exports_for_model_pretrained_and_bad_destinations_are_refused(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--format backbone: model.pretrained=FOLDER builds the same encoder (every weight equal, the head new), and
+    a file, a folder of something else, or --eval-crop is one sentence with nothing written."""
+    import export as job
+
+    from ferdist.config import ModelConfig
+
+    out = tmp_path / "encoder"
+    assert job.main(["--model", str(checkpoint), "--format", "backbone", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    trained, cfg = load_classifier(checkpoint)
+    again = build_model(ModelConfig(pretrained=str(out), image_size=cfg.model.image_size, freeze_blocks=0), seed=3)
+    got, want = again.backbone.state_dict(), trained.backbone.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(again.head.weight, trained.head.weight)
+
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    capsys.readouterr()
+    for target, extra, said in [
+        (tmp_path / "a-file", [], "is a file; --format backbone writes a folder"),
+        (out, [], "already exists; pass --force to replace it"),
+        (tmp_path / "other", ["--force"], "holds files but no encoder (no config.json)"),
+    ]:
+        assert job.main(["--model", str(checkpoint), "--format", "backbone", "--out", str(target), *extra]) == 2
+        assert said in capsys.readouterr().err.replace("\n", " ")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me" and (tmp_path / "a-file").read_text() == "x"
+    with pytest.raises(SystemExit):
+        job.main(["--model", str(checkpoint), "--format", "backbone", "--out", str(tmp_path / "e"),
+                  "--eval-crop", "0.9"])  # fmt: skip
+    assert "--eval-crop is the view of a classifier" in capsys.readouterr().err and not (tmp_path / "e").exists()
