@@ -139,8 +139,11 @@ def load_plan(path: Path) -> Plan:
             raise FerdistError(f"the plan {path}: {named} has an unknown key '{unknown[0]}'; its keys are "
                                f"{', '.join(PLAN_KEYS[what])}")  # fmt: skip
     names = [row.get("name") for row in raw["rows"]]
-    if not all(isinstance(n, str) and n for n in names):
+    if not all(names) and 0 not in names:
         raise FerdistError(f"every row of the plan {path} needs a 'name'")
+    if texts := [n for n in names if not isinstance(n, str)]:
+        raise FerdistError(f"the plan {path}: row name {texts[0]!r} is a {type(texts[0]).__name__}, not text; quote "
+                           f"it in the YAML (name: '{texts[0]}')")  # fmt: skip
     if len(set(names)) != len(names):
         raise FerdistError(f"the plan {path} names a row twice: {sorted({n for n in names if names.count(n) > 1})}")
     for what, part in [("finetune", raw["finetune"]), ("pretrain", pretrain)]:
@@ -340,19 +343,92 @@ def resumed(args: argparse.Namespace) -> dict[str, Any]:
     return bench_results.resumed(args.json, benchmark="accuracy", settings=settings_of(args)) if args.resume else {}
 
 
+def check_options(args: argparse.Namespace, plan: Plan, stamp: str) -> None:
+    """The benchmark's own options, before anything is written or run: every ``--set`` and the run names ``--name``
+    makes pass the configs of every job they reach, and ``--bundle`` names a bundle that can be written.
+
+    Raises:
+        FerdistError: the option and what to fix, in one sentence.
+    """
+    from ferdist.config import PretrainConfig, load_config
+
+    if bad := [s for s in args.set if "=" not in s]:
+        raise FerdistError(f"--set {bad[0]!r} is not KEY=VALUE; write e.g. --set loop.epochs=2")
+    if not stamp.strip() or "/" in stamp or stamp != stamp.strip():
+        raise FerdistError(f"--name {stamp!r} names the runs (acc-NAME-ROW) and the pretrained folder; give a word "
+                           "such as cpu, with no / and no surrounding spaces")  # fmt: skip
+
+    def check(what: str, load: Any) -> None:
+        try:
+            load()
+        except FerdistError as exn:
+            raise FerdistError(f"{what}: {str(exn).removeprefix('command line: ')}") from None
+
+    for row in plan.rows:
+        check(f"--set/--name with row '{row.name}'",
+              lambda row=row: load_config(plan.finetune_config, [*plan.finetune_set, *row.set, *args.set,
+                                                                 f"name=acc-{stamp}-{row.name}"]))  # fmt: skip
+    if plan.pretrain_config is not None:
+        check("--set/--name with the pretraining",
+              lambda: load_config(plan.pretrain_config, [*plan.pretrain_set, *args.set, f"name=acc-pretrain-{stamp}"],
+                                  root=PretrainConfig))  # fmt: skip
+    from ferdist.serve import bundled
+
+    for flag, name in (("--bundle", args.bundle), ("--bundle-distilled", args.bundle_distilled)):
+        if name is None:
+            continue
+        if "/" not in name:
+            try:
+                bundled.check_name(name)
+            except FerdistError as exn:
+                raise FerdistError(f"{flag}: {exn}") from None
+        out, _ = bundle_target(name)
+        try:
+            bundled.check_destination(out, force=True)  # the benchmark replaces only an earlier bundle
+        except FerdistError as exn:
+            raise FerdistError(f"{flag} {name}: {exn}") from None
+
+
+def check_kept_outputs(
+    plan: Plan, stages: dict[str, Any], *, storage: Path, stamp: str, json_path: Path | None
+) -> None:
+    """What the rows still to run need from the stages a results file keeps is still here: the pretrained folder and
+    the runs of the rows they learn from (a resumed run on a fresh machine has the file but not the folders).
+
+    Raises:
+        FerdistError: a kept stage's output is gone while a row still needs it.
+    """
+    pending = [row for row in plan.rows if f"row:{row.name}" not in stages]
+    kept = stages.get("pretrain")
+    if pending and kept is not None and plan.pretrain_config is not None:
+        output = storage / f"pretrained-acc-{stamp}"
+        if not (output / "config.json").is_file():
+            raise FerdistError(f"{json_path} keeps the pretraining, but its output {output} is gone (a fresh machine "
+                               f"or a cleaned folder) and row '{pending[0].name}' still needs it; put that folder "
+                               "back, or start a new results file without --resume")  # fmt: skip
+    for row in pending:
+        for t in row.teachers:
+            name = t[len(ROW_TEACHER) :] if t.startswith(ROW_TEACHER) else None
+            if name is not None and f"row:{name}" in stages and not (storage / f"acc-{stamp}-{name}").is_dir():
+                raise FerdistError(f"{json_path} keeps row '{name}', but its run {storage / f'acc-{stamp}-{name}'} is "
+                                   f"gone and row '{row.name}' learns from it; put that folder back, or start a new "
+                                   "results file without --resume")  # fmt: skip
+
+
 def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     plan = load_plan(Path(args.plan))
     manifest = Path(args.manifest)
     saved = resumed(args)
     check_unchanged(plan, saved.get("stages", {}), args.json)
+    stamp = saved.get("name") or args.name or time.strftime("%Y%m%d-%H%M%S")
+    check_options(args, plan, stamp)
+    storage = Path(args.storage).resolve()
+    check_kept_outputs(plan, saved.get("stages", {}), storage=storage, stamp=stamp, json_path=args.json)
     results: dict[str, Any] = {"benchmark": "accuracy", "manifest": str(manifest),
                                "device": f"CPU, {os.cpu_count()} cores"}  # fmt: skip
-    if "skipped" in (results := ensure_shards(args, results, console)):
-        return results
-    stamp = saved.get("name") or args.name or time.strftime("%Y%m%d-%H%M%S")
+    results = ensure_shards(args, results, console, required=True)
     results |= {"name": stamp, "settings": settings_of(args), "complete": False, "rows": [],
                 "stages": saved.get("stages", {})}  # fmt: skip
-    storage = Path(args.storage).resolve()
     common = [f"data.manifest={manifest.resolve()}", f"checkpoint.storage_path={storage}", *args.set]
     sets = lambda overrides: [part for o in overrides for part in ("--set", o)]  # noqa: E731
 

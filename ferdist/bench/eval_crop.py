@@ -60,8 +60,7 @@ def bench_eval_crop(args: argparse.Namespace, console: Console) -> dict[str, Any
     from ferdist.track.registry import load_model
 
     results: dict[str, Any] = {"benchmark": "eval-crop", "model": args.model, "manifest": args.manifest}
-    if "skipped" in (results := ensure_shards(args, results, console)):
-        return results
+    results = ensure_shards(args, results, console, required=True)
     dataset = open_dataset(args.manifest)
     loaded = load_model(args.model)
     model, cfg = loaded.model, loaded.cfg

@@ -49,14 +49,21 @@ def local_pretrained() -> str | None:
     return None
 
 
-def ensure_shards(args: argparse.Namespace, results: dict, console: Console) -> dict:
-    """``results`` after sharding ``args.source`` to ``args.manifest`` if needed, or marked skipped (no data)."""
+def ensure_shards(args: argparse.Namespace, results: dict, console: Console, *, required: bool = False) -> dict:
+    """``results`` after sharding ``args.source`` to ``args.manifest`` if needed, or marked skipped (no data).
+
+    Raises:
+        FerdistError: no data and ``required`` (a benchmark that measures nothing without it: exit 2, no file).
+    """
     manifest = Path(args.manifest)
     if not (manifest / "manifest.json").exists():
         source = Path(args.source)
         if not source.exists():
-            console.print(f"skipped: no shards at {manifest} and no FER2013 at {source}; put fer2013.csv(.xz) there "
-                          "or pass --source (the Kaggle CSV) or --manifest (a sharded set)")  # fmt: skip
+            said = (f"no shards at {manifest} and no FER2013 at {source}; put fer2013.csv(.xz) there or pass --source "
+                    "(the Kaggle CSV) or --manifest (a sharded set)")  # fmt: skip
+            if required:
+                raise FerdistError(f"{said}; nothing was measured or written")
+            console.print(f"skipped: {said}", highlight=False)
             return results | {"skipped": f"no data at {manifest} or {source}"}
         results = results | {"sharding": time_sharding(source, manifest, synthetic_rows=0)}
         console.print(f"sharded {source} → {manifest} in {results['sharding']['seconds']} s")

@@ -4,6 +4,7 @@ makes a headline."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,85 @@ def test_the_final_rows_of_the_plan_are_the_shipped_configs_that_reproduce_them(
     taught = rows["final-ensemble-teacher"]
     row = load_config(plan.finetune_config, [*plan.finetune_set, *taught.set])
     assert comparable(row) == comparable(load_config(configs / "fer2013-distilled-cpu.yaml"))
+
+
+def test_a_row_named_by_a_number_is_told_to_quote_it(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.yaml"
+    for name, said in [("5", "row name 5 is a int, not text; quote it in the YAML (name: '5')"),
+                       ("2024-01-01", "row name datetime.date(2024, 1, 1) is a date, not text"),
+                       ("0", "row name 0 is a int, not text")]:  # fmt: skip
+        plan.write_text(FT + f"rows: [{{name: {name}}}]\n")
+        with pytest.raises(FerdistError, match=re.escape(said)):
+            load_plan(plan)
+    plan.write_text(FT + "rows: [{set: []}]\n")
+    with pytest.raises(FerdistError, match="needs a 'name'"):
+        load_plan(plan)
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--set", "loop.epochz=1"], "--set/--name with row 'a': unknown key 'loop.epochz'"),
+        (["--set", "loop.epochs"], "--set 'loop.epochs' is not KEY=VALUE"),
+        (["--set", "model.freeze_blocks=-1"], "model.freeze_blocks must be >= 0"),
+        (["--name", "a/b"], "--name 'a/b' names the runs"),
+        (["--name", "a b"], "--set/--name with row 'a': name"),
+        (["--bundle", "Bad Name"], "--bundle: "),
+        (["--bundle", "{other}"], "holds files but no bundle"),
+    ],
+)
+def test_the_benchmarks_own_options_are_one_sentence_before_anything_is_written(
+    tmp_path: Path, options: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Catches --set, --name or --bundle found wrong only when the first job (or the bundling, hours later) runs."""
+    import benchmark
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(FT + "rows: [{name: a}]\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    out = tmp_path / "acc.json"
+    options = [o.replace("{other}", str(other)) for o in options]
+    assert benchmark.main(["accuracy", "--plan", str(plan), "--manifest", str(tmp_path / "no-shards"),
+                           "--json", str(out), *options]) == 2  # fmt: skip
+    said_there = "".join(capsys.readouterr()).replace("\n", " ")
+    assert said in said_there and "Traceback" not in said_there, said_there
+    assert not out.exists() and (other / "notes.txt").read_text() == "keep"
+
+
+def test_no_data_is_an_error_for_the_benchmarks_that_need_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """accuracy and eval-crop measure nothing without FER2013: exit 2 and no results file, not a 'skipped' one."""
+    import benchmark
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(FT + "rows: [{name: a}]\n")
+    missing = ["--manifest", str(tmp_path / "no-shards"), "--source", str(tmp_path / "no.csv")]
+    for what in (["accuracy", "--plan", str(plan)], ["eval-crop"]):
+        out = tmp_path / f"{what[0]}.json"
+        assert benchmark.main([*what, *missing, "--json", str(out)]) == 2
+        assert "no shards at" in "".join(capsys.readouterr()) and not out.exists()
+
+
+def test_a_resume_whose_kept_outputs_are_gone_is_one_sentence(tmp_path: Path) -> None:
+    """A results file carried to a fresh machine keeps its stages but not their folders: said before any row runs."""
+    from ferdist.bench.accuracy import check_kept_outputs
+
+    plan = load_plan(PLAN)
+    kept = {"pretrain": {"set": []}, "row:final": {"set": []}}
+    with pytest.raises(FerdistError, match=r"acc\.json keeps the pretraining, but its output .*pretrained-acc-cpu is "
+                                           r"gone .* row 'baseline' still needs it; put that folder back"):  # fmt: skip
+        check_kept_outputs(plan, kept, storage=tmp_path, stamp="cpu", json_path=tmp_path / "acc.json")
+    (tmp_path / "pretrained-acc-cpu").mkdir()
+    (tmp_path / "pretrained-acc-cpu" / "config.json").write_text("{}")
+    done_before_teachers = {**kept, **{f"row:{r.name}": {} for r in plan.rows[:7]}}
+    with pytest.raises(FerdistError, match=r"keeps row 'final', but its run .*acc-cpu-final is gone and row "
+                                           r"'final-ensemble-teacher' learns from it"):  # fmt: skip
+        check_kept_outputs(plan, done_before_teachers, storage=tmp_path, stamp="cpu", json_path=tmp_path / "acc.json")
+    for name in ("final", "rotate-translate", "erasing"):
+        (tmp_path / f"acc-cpu-{name}").mkdir()
+    check_kept_outputs(plan, done_before_teachers, storage=tmp_path, stamp="cpu", json_path=tmp_path / "acc.json")
+    everything = {f"row:{r.name}": {} for r in plan.rows}
+    check_kept_outputs(plan, everything, storage=tmp_path / "gone", stamp="cpu", json_path=tmp_path / "acc.json")
