@@ -127,6 +127,10 @@ class ModelConfig:
         return min([b for _, b in self.unfreeze_schedule()], default=self.freeze_blocks)
 
 
+MAX_MIX_ALPHA = 100.0
+"""The largest mixup / cutmix alpha taken: Beta(100, 100) already mixes every batch within a few % of 50/50."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class AugmentConfig:
     crop_scale: float = 0.8
@@ -173,9 +177,10 @@ class AugmentConfig:
             raise ValueError(f"augment.erase_area_min and erase_area_max must satisfy 0 < min <= max < 1, got "
                              f"{self.erase_area_min} and {self.erase_area_max}")  # fmt: skip
         for name in ("mixup", "cutmix"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"augment.{name} must be > 0 (the Beta distribution's alpha), or 0 for off, got "
-                                 f"{getattr(self, name)}")  # fmt: skip
+            # Above MAX_MIX_ALPHA, Beta(α, α) is a spike at 0.5: every batch half and half, which no recipe means.
+            if not 0.0 <= getattr(self, name) <= MAX_MIX_ALPHA:
+                raise ValueError(f"augment.{name} must be in (0, {MAX_MIX_ALPHA:g}] (the Beta distribution's alpha; "
+                                 f"MAE uses 0.8 and 1.0), or 0 for off, got {getattr(self, name)}")  # fmt: skip
 
     @property
     def mixes(self) -> bool:
@@ -675,6 +680,11 @@ def _build(cls: type, flat: dict[str, Any], prefix: str, origins: Origins) -> An
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+LIST_EXAMPLES = {"model.unfreeze": "[5:2, 10:0]", "distill.teacher": "[models:/fer-vitmae@champion, peer:fer]",
+                 "data.extra": "[shards/a, s3://bucket/b]"}  # fmt: skip
+"""What a list setting looks like, for the sentence that refuses a malformed one."""
+_EMPTY_ITEM = re.compile(r"[\[,]\s*[,\]]")
+"""An empty item in a list typed on the command line: ``[a, ]``, ``[a,,b]``, ``[, a]`` (YAML drops a trailing one)."""
 _PLAIN_NUMBER = re.compile(r"\s*[+-]?(0|[1-9][0-9]*|(0|[1-9][0-9]*)?\.[0-9]+|(0|[1-9][0-9]*)\.)([eE][+-]?[0-9]+)?\s*")
 """A number YAML and a reader agree on: decimal, no leading zero, no ':' (base 60) or '_'."""
 
@@ -700,10 +710,14 @@ def parse_value(value: Any, tp: Any, *, key: str, origin: str) -> Any:
             text = value.strip()
             if text.startswith("(") and text.endswith(")"):  # str() of a tuple, as MLflow params hold it
                 text = f"[{text[1:-1]}]"
+            example = LIST_EXAMPLES.get(key, "[a, b]")
+            if text.startswith("[") and text.replace(" ", "") != "[]" and not {'"', "'"} & set(text) \
+                    and _EMPTY_ITEM.search(text):  # fmt: skip
+                raise wrong(f"a list without empty items, such as {example}")
             try:  # every item as text, as typed (YAML's BaseLoader resolves no numbers, booleans or dates)
                 items = [] if not text else yaml.load(text, Loader=yaml.BaseLoader) if text.startswith("[") else [text]
             except yaml.YAMLError:
-                raise wrong("a list such as [shards/a, s3://bucket/b]") from None
+                raise wrong(f"a list such as {example}") from None
         if not isinstance(items, (list, tuple)):
             raise wrong("a list")
         return tuple(parse_value(item, args[0], key=f"{key}[{i}]", origin=origin) for i, item in enumerate(items))
@@ -993,7 +1007,9 @@ def _yaml_settings(doc: dict[str, Any], loaded: _Loaded, root: type, path: Path)
             line = node.start_mark.line + 1
             optional = type(None) in typing.get_args(item_tp)
             if item is None and not optional:
-                keep = f" to keep the default ({defaults[name]})" if name in defaults else ""
+                shown = defaults.get(name)
+                shown = "[]" if shown == () else "none" if shown is None else shown
+                keep = f" to keep the default ({shown})" if name in defaults else ""
                 raise FerdistError(f"{path}: line {line}: {name} has no value; write one, or delete the line{keep}")
             if item is not None and not isinstance(item, str) and _wants_text(item_tp):
                 raise FerdistError(f"{path}: line {line}: {name}: {node.value} is read by YAML as "

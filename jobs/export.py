@@ -231,6 +231,9 @@ def to_backbone(args: argparse.Namespace, console: Console) -> list[str]:
         if not (out / "config.json").is_file():
             raise FerdistError(f"{out} holds files but no encoder (no config.json); --force replaces only an earlier "
                                "encoder, so choose another --out")  # fmt: skip
+    from ferdist.files import check_writable
+
+    check_writable(out, what="--out", folder=True)
     source, what, _ = fetch(args)
     backbone = source.model.backbone
     console.print(f"writing the encoder of {what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px)…",

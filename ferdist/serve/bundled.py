@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ferdist.constants import FER_CLASSES
 from ferdist.errors import FerdistError
+from ferdist.files import check_writable
 from ferdist.train.checkpoint import BACKBONE_FILE, CONFIG_FILE, SAFE_MODEL_FILE
 from ferdist.train.runs import SUMMARY_FILE
 
@@ -101,6 +102,7 @@ def check_destination(out: Path, *, force: bool) -> None:
         if not (out / SAFE_MODEL_FILE).is_file():
             raise FerdistError(f"{out} holds files but no bundle (no {SAFE_MODEL_FILE}); --force replaces only an "
                                "earlier bundle, so choose another --out")  # fmt: skip
+    check_writable(out, what="--out", folder=True)  # e.g. a file where a folder of its path should be
 
 
 # --------------------------------------------------------------------------- using one

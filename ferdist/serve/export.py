@@ -24,6 +24,7 @@ from ferdist import __version__
 from ferdist.constants import FACE_SIDE, FER_CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from ferdist.data.transforms import eval_transform
 from ferdist.errors import FerdistError
+from ferdist.files import check_writable
 from ferdist.train.model import FerClassifier
 
 MIN_OPSET = 18
@@ -87,6 +88,7 @@ def check_destination(out: Path, *, force: bool) -> None:
         raise FerdistError(f"--out {out} is a folder; give a file name ending in .onnx")
     if out.exists() and not force:
         raise FerdistError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    check_writable(out, what="--out", folder=False)  # e.g. a file where a folder of its path should be
 
 
 def check_opset(opset: int) -> None:

@@ -248,6 +248,7 @@ def test_bad_destinations_are_one_sentence_and_replace_nothing(
         ([*model, "--out", str(existing)], "already exists; pass --force"),
         ([*model, "--out", str(tmp_path / "Bad Name")], "'Bad Name' cannot name a bundle"),
         ([*model, "--out", str(bundle_root / "x"), "--name", "y"], "is named by its folder, not --name y"),
+        ([*model, "--out", str(a_file / "under" / "b")], "a-file is a file, not a folder"),
     ]
     for argv, message in cases:
         assert job.main(argv) == 2
@@ -425,6 +426,7 @@ def test_the_encoder_alone_exports_for_model_pretrained_and_bad_destinations_are
         (tmp_path / "a-file", [], "is a file; --format backbone writes a folder"),
         (out, [], "already exists; pass --force to replace it"),
         (tmp_path / "other", ["--force"], "holds files but no encoder (no config.json)"),
+        (tmp_path / "a-file" / "under", [], "a-file is a file, not a folder"),
     ]:
         assert job.main(["--model", str(checkpoint), "--format", "backbone", "--out", str(target), *extra]) == 2
         assert said in capsys.readouterr().err.replace("\n", " ")

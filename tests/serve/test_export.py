@@ -132,6 +132,7 @@ def test_bad_input_is_one_sentence_and_overwrites_nothing(
         ([*model, "--out", str(tmp_path / "a.onnx"), "--opset", "17"], "--opset 17 is outside 18..25"),
         ([*model, "--out", str(tmp_path / "a.onnx"), "--opset", "30"], "--opset 30 is outside 18..25"),
         (["--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "b.onnx")], "no model at"),
+        ([*model, "--out", str(existing / "under" / "a.onnx")], "old.onnx is a file, not a folder"),
     ]
     for argv, message in cases:
         assert job.main(argv) == 2

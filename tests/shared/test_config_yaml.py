@@ -102,6 +102,10 @@ REFUSED = {
         "loop:\n  epochs:\n",
         "FILE: line 2: loop.epochs has no value; write one, or delete the line to keep the default (80)",
     ),
+    "list-without-a-value": (
+        "distill:\n  teacher:\n",
+        "FILE: line 2: distill.teacher has no value; write one, or delete the line to keep the default ([])",
+    ),
     "tab-indentation": (
         "optim:\n\tlr: 1.0e-3\n",
         "FILE: line 2 holds a tab, which YAML does not allow outside quotes; indent and separate with spaces",
@@ -263,6 +267,14 @@ def test_a_list_of_text_on_the_command_line_keeps_its_items_as_typed() -> None:
                                                                                                 "models:/big@1")
     with pytest.raises(FerdistError, match=r"distill.teacher must be a list"):  # not a teacher named 'null'
         load_config(None, ["distill.teacher=null"])
+    # An empty item is refused, not dropped (YAML drops a trailing one), with an example for that setting.
+    for override, example in [("distill.teacher=[peer:fer, ]", "[models:/fer-vitmae@champion, peer:fer]"),
+                              ("model.unfreeze=[3:2,,6:0]", "[5:2, 10:0]"), ("distill.teacher=[, x]", "")]:  # fmt: skip
+        key, _, value = override.partition("=")
+        with pytest.raises(FerdistError, match=re.escape(f"command line: {key} must be a list without empty items, "
+                                                         f"such as {example}")):  # fmt: skip
+            load_config(None, [*steps, override])
+    assert load_config(None, ["distill.teacher=[ ]"]).distill.teacher == ()
 
 
 def test_a_number_on_the_command_line_is_read_as_typed_in_decimal() -> None:

@@ -315,8 +315,12 @@ def test_a_run_with_every_regulariser_on_resumes_bit_identical_with_its_ema(synt
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("augment.mixup=-0.2", "augment.mixup must be > 0 (the Beta distribution's alpha), or 0 for off, got -0.2"),
-        ("augment.cutmix=-1", "augment.cutmix must be > 0 (the Beta distribution's alpha), or 0 for off, got -1.0"),
+        ("augment.mixup=-0.2", "augment.mixup must be in (0, 100] (the Beta distribution's alpha; MAE uses 0.8 and "
+                               "1.0), or 0 for off, got -0.2"),
+        ("augment.cutmix=-1", "augment.cutmix must be in (0, 100] (the Beta distribution's alpha; MAE uses 0.8 and "
+                              "1.0), or 0 for off, got -1.0"),
+        ("augment.mixup=1e308", "augment.mixup must be in (0, 100]"),
+        ("augment.cutmix=100.5", "augment.cutmix must be in (0, 100]"),
         ("augment.mix_prob=1.5", "augment.mix_prob must be a probability in [0, 1], got 1.5"),
         ("augment.mix_switch=-0.1", "augment.mix_switch must be a probability in [0, 1], got -0.1"),
         ("augment.erase=2", "augment.erase must be a probability in [0, 1], got 2.0"),
