@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -173,7 +175,35 @@ def parse_search(section: Any, base: RunConfig, *, origin: str) -> tuple[Dimensi
         for value in values:  # each bound / choice must make a valid run on its own
             from_flat_dict({**base_flat, key: value}, origin=f"{where} = {value!r}")
         dims.append(Dimension(key, kind, values))
+    check_combinations(tuple(dims), base_flat, origin=origin)
     return tuple(dims)
+
+
+MAX_COMBINATIONS = 4096
+"""Above this many combinations of searched values, only every pair of dimensions is built and checked."""
+
+
+def combinations(dims: tuple[Dimension, ...]) -> list[tuple[tuple[str, Any], ...]]:
+    """The (key, value) combinations a trial can draw, as far as they can be listed: every choice, and each range's
+    two ends; all of them up to `MAX_COMBINATIONS`, else every pair of dimensions."""
+    options = [[(d.key, v) for v in d.values] for d in dims]
+    if math.prod(len(o) for o in options) <= MAX_COMBINATIONS:
+        return list(itertools.product(*options))
+    return [pair for a, b in itertools.combinations(options, 2) for pair in itertools.product(a, b)]
+
+
+def check_combinations(dims: tuple[Dimension, ...], base_flat: dict[str, Any], *, origin: str) -> None:
+    """Every searched value was checked alone; a trial draws one of each dimension together, and some settings only
+    fail together (loop.epochs 5 with model.unfreeze ['10:0'], model.freeze_blocks 2 with model.unfreeze ['3:2']).
+
+    Raises:
+        FerdistError: the first combination that makes no valid run, naming its values.
+    """
+    if len(dims) < 2:
+        return
+    for combo in combinations(dims):
+        where = " with ".join(f"search.{k} = {v!r}" for k, v in combo)
+        from_flat_dict({**base_flat, **dict(combo)}, origin=f"{origin}: {where}")
 
 
 def _flatten_search(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,6 +14,7 @@ published as the registered model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import statistics
@@ -76,7 +77,41 @@ def check_searched_sources(base: RunConfig, search: tuple[Dimension, ...]) -> tu
                 raise FerdistError(f"search.{dim.key} = {value!r}: {exn}") from None
             values.append(to_flat_dict(cfg)[dim.key])
         checked.append(dataclasses.replace(dim, values=tuple(values)))
+    check_searched_shapes(base, tuple(checked))
     return tuple(checked)
+
+
+SHAPE_KEYS = ("model.freeze_blocks", "model.image_size")
+"""Settings the backbone itself bounds (its depth; its patch size): checked against every searched backbone."""
+
+
+def check_searched_shapes(base: RunConfig, search: tuple[Dimension, ...]) -> None:
+    """Before Ray starts: every searched depth or size fits every searched backbone (``model.freeze_blocks: {choice:
+    [0, 99]}`` on a 12-block ViT-B), as `ferdist.train.model.check_pretrained` checks the base config. A randint
+    over one of them is checked at every value it can draw (up to 256 of them, else at its ends).
+
+    Raises:
+        FerdistError: the first combination the backbone refuses, naming its values.
+    """
+    from ferdist.errors import FerdistError
+    from ferdist.train.model import check_pretrained
+
+    dims = [d for d in search if d.key in (*SHAPE_KEYS, "model.pretrained")]
+    if not any(d.key in SHAPE_KEYS for d in dims):
+        return
+    options = []
+    for d in dims:
+        values = d.values
+        if d.kind == "randint" and d.values[1] - d.values[0] < 256:
+            values = tuple(range(d.values[0], d.values[1] + 1))
+        options.append([(d.key, v) for v in values])
+    for combo in itertools.product(*options):
+        where = " with ".join(f"search.{k} = {v!r}" for k, v in combo)
+        cfg = from_flat_dict({**to_flat_dict(base), **dict(combo)}, origin=where)
+        try:
+            check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
+        except FerdistError as exn:
+            raise FerdistError(f"{where}: {exn}") from None
 
 
 def trials_root(base: RunConfig) -> str:

@@ -172,3 +172,37 @@ def test_searched_datasets_are_checked_and_given_to_trials_as_absolute_paths(
     assert data.values == (str(synth_shards),) and same == lr
     with pytest.raises(FerdistError, match=r"search\.data\.manifest = 'nope': no manifest at"):
         check_searched_sources(base, (Dimension("data.manifest", "choice", ("nope",)),))
+
+
+def test_searched_values_that_fail_only_together_are_one_sentence(tmp_path: Path) -> None:
+    """Catches dimensions checked one at a time: each value is valid alone, but the trials that draw both fail."""
+    path = write(tmp_path, "model: {freeze_blocks: 4}\nsearch:\n  loop.epochs: {choice: [5, 20]}\n"
+                           "  model.unfreeze: {choice: [['10:0'], ['2:0']]}\n")  # fmt: skip
+    with pytest.raises(FerdistError, match=r"search\.loop\.epochs = 5 with search\.model\.unfreeze = \('10:0',\): "
+                                           r"model\.unfreeze releases blocks after 10 epochs, but loop\.epochs=5"):
+        load_sweep(path)
+    path = write(tmp_path, "search:\n  model.freeze_blocks: {grid: [2, 4]}\n  model.unfreeze: {choice: [['3:2']]}\n")
+    with pytest.raises(FerdistError, match=r"search\.model\.freeze_blocks = 2 with .*keeps 2 blocks frozen, not fewer"):
+        load_sweep(path)
+    ok = load_sweep(write(tmp_path, "model: {freeze_blocks: 4}\nsearch:\n  loop.epochs: {randint: [12, 20]}\n"
+                                    "  model.unfreeze: {choice: [['10:0'], ['2:0']]}\n"))  # fmt: skip
+    assert [d.key for d in ok.search] == ["loop.epochs", "model.unfreeze"]
+
+
+def test_searched_depths_and_sizes_are_checked_against_every_searched_backbone(synth_shards: Path) -> None:
+    """Catches model.freeze_blocks or model.image_size checked only as numbers: 99 frozen blocks of random:tiny's
+    6, or a size its 8-pixel patches do not divide, failed in every trial that drew it."""
+    from ferdist.tune.tuning import check_searched_sources
+
+    base = load_config(None, [f"data.manifest={synth_shards}", "model.pretrained=random:tiny", "model.image_size=32",
+                              "model.freeze_blocks=0", "tracking.backend=none"])  # fmt: skip
+    with pytest.raises(FerdistError, match=r"^search\.model\.freeze_blocks = 99: .*freeze_blocks"):
+        check_searched_sources(base, (Dimension("model.freeze_blocks", "choice", (0, 99)),))
+    with pytest.raises(FerdistError, match=r"^search\.model\.image_size = 33: "):  # inside the range, not an end
+        check_searched_sources(base, (Dimension("model.image_size", "randint", (32, 40)),))
+    both = (Dimension("model.pretrained", "choice", ("random:tiny", "random:base")),
+            Dimension("model.freeze_blocks", "choice", (4, 8)))  # fmt: skip
+    with pytest.raises(FerdistError, match=r"^search\.model\.pretrained = 'random:tiny' with search\.model\."
+                                           r"freeze_blocks = 8: "):  # fmt: skip
+        check_searched_sources(base, both)
+    assert check_searched_sources(base, (Dimension("model.freeze_blocks", "randint", (0, 6)),))[0].values == (0, 6)
