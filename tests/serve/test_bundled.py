@@ -435,3 +435,4 @@ def test_the_encoder_alone_exports_for_model_pretrained_and_bad_destinations_are
         job.main(["--model", str(checkpoint), "--format", "backbone", "--out", str(tmp_path / "e"),
                   "--eval-crop", "0.9"])  # fmt: skip
     assert "--eval-crop is the view of a classifier" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
