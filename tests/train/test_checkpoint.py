@@ -39,6 +39,9 @@ def _feed(store: Path, select_by: str) -> tuple[CheckpointManager, dict[int, tor
             manager.save_model(lambda: take_snapshot(model, cfg=cfg, state=state, confusion=[[0] * 7] * 7))
         with torch.no_grad():
             model.head.bias.fill_(-1)  # training goes on while the snapshot is written
+        # Then each write ends before the next best arrives: a write still queued when a newer best comes is skipped
+        # by design (the loop never waits), which made which epochs are kept depend on the writer's speed.
+        manager.raise_if_failed(wait=True)
     manager.finish()
     return manager, heads
 
