@@ -191,11 +191,13 @@ def _overrides(value: Any, path: Path, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _checked(path: Path, what: str, load: Any) -> None:
+def _checked(path: Path | None, what: str, load: Any) -> None:
+    """``load()``, its refusal said as the plan's (``path``) or, with no path, the benchmark's own options'."""
     try:
         load()
     except FerdistError as exn:  # the plan's settings reach the config as overrides, which it calls the command line
-        raise FerdistError(f"the plan {path}: {what}: {str(exn).removeprefix('command line: ')}") from None
+        said = str(exn).removeprefix("command line: ")
+        raise FerdistError(f"the plan {path}: {what}: {said}" if path else f"{what}: {said}") from None
 
 
 def _teachers(value: Any, path: Path) -> tuple[str, ...]:
@@ -358,20 +360,15 @@ def check_options(args: argparse.Namespace, plan: Plan, stamp: str) -> None:
         raise FerdistError(f"--name {stamp!r} names the runs (acc-NAME-ROW) and the pretrained folder; give a word "
                            "such as cpu, with no / and no surrounding spaces")  # fmt: skip
 
-    def check(what: str, load: Any) -> None:
-        try:
-            load()
-        except FerdistError as exn:
-            raise FerdistError(f"{what}: {str(exn).removeprefix('command line: ')}") from None
-
     for row in plan.rows:
-        check(f"--set/--name with row '{row.name}'",
-              lambda row=row: load_config(plan.finetune_config, [*plan.finetune_set, *row.set, *args.set,
-                                                                 f"name=acc-{stamp}-{row.name}"]))  # fmt: skip
+        _checked(None, f"--set/--name with row '{row.name}'",
+                 lambda row=row: load_config(plan.finetune_config, [*plan.finetune_set, *row.set, *args.set,
+                                                                    f"name=acc-{stamp}-{row.name}"]))  # fmt: skip
     if plan.pretrain_config is not None:
-        check("--set/--name with the pretraining",
-              lambda: load_config(plan.pretrain_config, [*plan.pretrain_set, *args.set, f"name=acc-pretrain-{stamp}"],
-                                  root=PretrainConfig))  # fmt: skip
+        _checked(None, "--set/--name with the pretraining",
+                 lambda: load_config(plan.pretrain_config,
+                                     [*plan.pretrain_set, *args.set, f"name=acc-pretrain-{stamp}"],
+                                     root=PretrainConfig))  # fmt: skip
     from ferdist.serve import bundled
 
     for flag, name in (("--bundle", args.bundle), ("--bundle-distilled", args.bundle_distilled)):
