@@ -50,6 +50,15 @@ class DataConfig:
             raise ValueError(f"data.max_bad_samples must be >= 0, got {self.max_bad_samples}")
 
 
+def eval_crop_problem(value: float) -> str | None:
+    """Why ``value`` cannot be a model's view of a face (`ModelConfig.eval_crop`: a fraction of the face's side, from
+    half the face to all of it), or None. The one check behind the config key, ``export.py --eval-crop`` and
+    ``benchmark.py eval-crop --crops``."""
+    if 0.5 <= value <= 1.0:  # NaN fails too
+        return None
+    return f"must be in [0.5, 1] (the fraction of the face's side the model sees), got {value:g}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     pretrained: str = "facebook/vit-mae-base"
@@ -80,9 +89,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.pretrained:
             raise ValueError("model.pretrained must name a checkpoint or random:tiny / random:base")
-        if not 0.5 <= self.eval_crop <= 1.0:
-            raise ValueError(f"model.eval_crop must be in [0.5, 1] (the fraction of the face's side the model sees), "
-                             f"got {self.eval_crop}")
+        if problem := eval_crop_problem(self.eval_crop):
+            raise ValueError(f"model.eval_crop {problem}")
         if self.image_size < 16:
             raise ValueError(f"model.image_size must be >= 16, got {self.image_size}")
         if self.freeze_blocks < 0:

@@ -38,6 +38,7 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ferdist.config import eval_crop_problem  # noqa: E402
 from ferdist.console import job_console, path_arg, print_error  # noqa: E402
 from ferdist.errors import FerdistError  # noqa: E402
 
@@ -80,9 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("name", "evaluate"):
         if getattr(args, flag) is not None and not getattr(args, flag).strip():
             p.error(f"--{flag} is empty; give a value or leave it out")
-    if args.eval_crop is not None and not 0.5 <= args.eval_crop <= 1.0:  # NaN fails too
-        p.error(f"--eval-crop must be in [0.5, 1] (the fraction of the face's side the model sees), got "
-                f"{args.eval_crop:g}")  # fmt: skip
+    if args.eval_crop is not None and (problem := eval_crop_problem(args.eval_crop)):
+        p.error(f"--eval-crop {problem}")
     return args
 
 
@@ -220,20 +220,10 @@ def to_backbone(args: argparse.Namespace, console: Console) -> list[str]:
     """The classifier's encoder as save_pretrained writes it, written beside --out and renamed into place whole."""
     import shutil
 
-    from ferdist.serve.bundled import put_in_place
+    from ferdist.serve.bundled import check_destination, put_in_place
 
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise FerdistError(f"--out {out} is a file; --format backbone writes a folder, so give a folder name")
-    if out.is_dir() and any(out.iterdir()):
-        if not args.force:
-            raise FerdistError(f"{out} already exists; pass --force to replace it, or choose another --out")
-        if not (out / "config.json").is_file():
-            raise FerdistError(f"{out} holds files but no encoder (no config.json); --force replaces only an earlier "
-                               "encoder, so choose another --out")  # fmt: skip
-    from ferdist.files import check_writable
-
-    check_writable(out, what="--out", folder=True)
+    check_destination(out, force=args.force, holds="encoder", marker="config.json", fmt="backbone")
     source, what, _ = fetch(args)
     backbone = source.model.backbone
     console.print(f"writing the encoder of {what} ({source.cfg.model.pretrained} at {source.cfg.model.image_size} px)…",

@@ -386,30 +386,42 @@ def check_options(args: argparse.Namespace, plan: Plan, stamp: str) -> None:
             raise FerdistError(f"{flag} {name}: {exn}") from None
 
 
-def check_kept_outputs(
-    plan: Plan, stages: dict[str, Any], *, storage: Path, stamp: str, json_path: Path | None
-) -> None:
-    """What the rows still to run need from the stages a results file keeps is still here: the pretrained folder and
-    the runs of the rows they learn from (a resumed run on a fresh machine has the file but not the folders).
+def lost(path: Path, *, folder_only: bool = False) -> bool:
+    """Whether a kept stage's output is gone (a fresh machine, or a cleaned folder): the pretrained folder has its
+    ``config.json``, a row's run is its folder."""
+    return not path.is_dir() if folder_only else not (path / "config.json").is_file()
+
+
+def check_reproduced(kept: dict[str, Any], again: dict[str, Any], *, what: str, json_path: Path | None) -> None:
+    """A lost stage run again must give what the results file kept, epoch by epoch (the jobs are deterministic on one
+    machine: seeded, and resumed exactly), or the rows kept came from another model.
 
     Raises:
-        FerdistError: a kept stage's output is gone while a row still needs it.
+        FerdistError: the first epoch that differs, and what to do.
     """
-    pending = [row for row in plan.rows if f"row:{row.name}" not in stages]
-    kept = stages.get("pretrain")
-    if pending and kept is not None and plan.pretrain_config is not None:
-        output = storage / f"pretrained-acc-{stamp}"
-        if not (output / "config.json").is_file():
-            raise FerdistError(f"{json_path} keeps the pretraining, but its output {output} is gone (a fresh machine "
-                               f"or a cleaned folder) and row '{pending[0].name}' still needs it; put that folder "
-                               "back, or start a new results file without --resume")  # fmt: skip
-    for row in pending:
-        for t in row.teachers:
-            name = t[len(ROW_TEACHER) :] if t.startswith(ROW_TEACHER) else None
-            if name is not None and f"row:{name}" in stages and not (storage / f"acc-{stamp}-{name}").is_dir():
-                raise FerdistError(f"{json_path} keeps row '{name}', but its run {storage / f'acc-{stamp}-{name}'} is "
-                                   f"gone and row '{row.name}' learns from it; put that folder back, or start a new "
-                                   "results file without --resume")  # fmt: skip
+    def points(stage: dict[str, Any]) -> list[Any]:
+        if "loss" in stage:  # the pretraining: its per-epoch reconstruction loss, as kept (5 decimals)
+            return [round(x, 5) for x in stage["loss"]]
+        keys = ("train_loss", "train_acc", "val_acc", "val_ema_acc")
+        return [{k: round(p[k], 6) for k in keys if k in p} for p in stage["curve"]]
+
+    then, now = points(kept), points(again)
+    if then == now:
+        return
+    both = min(len(then), len(now))
+    epoch = next((i for i in range(both) if then[i] != now[i]), None)
+    shown = lambda point: (", ".join(f"{k} {v}" for k, v in point.items()) if isinstance(point, dict)  # noqa: E731
+                           else str(point))  # fmt: skip
+    said = (f"epoch {epoch + 1}: {shown(then[epoch])} then, {shown(now[epoch])} now" if epoch is not None
+            else f"{len(then)} epochs then, {len(now)} now")  # fmt: skip
+    raise FerdistError(f"{what} was lost and run again, but it does not reproduce what {json_path} kept ({said}), "
+                       "so the rows kept learnt from another model; start a new results file without "
+                       "--resume")  # fmt: skip
+
+
+def rerun_record(stage: dict[str, Any]) -> dict[str, Any]:
+    """What a kept stage notes of a run that reproduced it: its own time (a re-run's speed is a new measurement)."""
+    return {"wall_s": stage["wall_s"], "reproduced": True} | ({"img_s": stage["img_s"]} if "img_s" in stage else {})
 
 
 def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -420,17 +432,18 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
     stamp = saved.get("name") or args.name or time.strftime("%Y%m%d-%H%M%S")
     check_options(args, plan, stamp)
     storage = Path(args.storage).resolve()
-    check_kept_outputs(plan, saved.get("stages", {}), storage=storage, stamp=stamp, json_path=args.json)
     results: dict[str, Any] = {"benchmark": "accuracy", "manifest": str(manifest),
                                "device": f"CPU, {os.cpu_count()} cores"}  # fmt: skip
     results = ensure_shards(args, results, console, required=True)
     results |= {"name": stamp, "settings": settings_of(args), "complete": False, "rows": [],
                 "stages": saved.get("stages", {})}  # fmt: skip
+    stages = results["stages"]
     common = [f"data.manifest={manifest.resolve()}", f"checkpoint.storage_path={storage}", *args.set]
     sets = lambda overrides: [part for o in overrides for part in ("--set", o)]  # noqa: E731
+    rows = {row.name: row for row in plan.rows}
 
     def save() -> None:
-        results["rows"] = [r for stage in results["stages"].values() for r in stage.get("rows", [])]
+        results["rows"] = [r for stage in stages.values() for r in stage.get("rows", [])]
         results["best_no_teacher"] = headline(results["rows"], teacher=False)
         results["best_with_teacher"] = headline(results["rows"], teacher=True)
         if args.json:
@@ -438,51 +451,80 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
 
     save()  # at once: a run stopped inside its first stage is resumed by name from this file
 
-    pretrained = None
-    if plan.pretrain_config is not None:
-        output = storage / f"pretrained-acc-{stamp}"
-        pretrained = str(output)
-        if "pretrain" not in results["stages"]:
-            # Re-run after a stop: the job resumes its run of the same name, inside the stage.
-            command = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(plan.pretrain_config),
-                       *sets([*common, f"name=acc-pretrain-{stamp}", *plan.pretrain_set]), "--output", str(output)]
-            run_job(command, console)  # fmt: skip
-            from ferdist.train.runs import checkpoints
+    def pretrain() -> dict[str, Any]:
+        # Re-run after a stop: the job resumes its run of the same name, inside the stage.
+        command = [sys.executable, str(ROOT / "jobs" / "pretrain.py"), "--config", str(plan.pretrain_config),
+                   *sets([*common, f"name=acc-pretrain-{stamp}", *plan.pretrain_set]), "--output", str(output)]
+        run_job(command, console)  # fmt: skip
+        from ferdist.train.runs import checkpoints
 
-            history = checkpoints(str(storage / f"acc-pretrain-{stamp}"))[-1].summary["history"]
-            results["stages"]["pretrain"] = {
-                "set": list(plan.pretrain_set), "command": " ".join(command[1:]), "epochs": len(history),
-                "wall_s": epochs_wall_s(history),
-                "img_s": statistics.median(h["perf/samples_per_s"] for h in history),
-                "loss": [round(h["train/loss"], 5) for h in history], "output": str(output),
-                "epoch_s": [round(h.get("perf/cycle_s", h.get("perf/epoch_s", 0.0)), 1) for h in history],
-            }  # fmt: skip
+        history = checkpoints(str(storage / f"acc-pretrain-{stamp}"))[-1].summary["history"]
+        return {
+            "set": list(plan.pretrain_set), "command": " ".join(command[1:]), "epochs": len(history),
+            "wall_s": epochs_wall_s(history), "img_s": statistics.median(h["perf/samples_per_s"] for h in history),
+            "loss": [round(h["train/loss"], 5) for h in history], "output": str(output),
+            "epoch_s": [round(h.get("perf/cycle_s", h.get("perf/epoch_s", 0.0)), 1) for h in history],
+        }  # fmt: skip
+
+    def pretrained() -> str | None:
+        """The backbone every row fine-tunes: pretrained now, kept, or (kept but lost) run again and checked."""
+        if plan.pretrain_config is None:
+            return None
+        if "pretrain" not in stages:
+            stages["pretrain"] = pretrain()
             save()
-        else:
-            console.print("pretraining: kept from the results file", highlight=False)
+        elif lost(output):
+            console.print(f"pretraining: kept in the results file, but {output} is gone: running it again (it must "
+                          "reproduce the kept losses)", highlight=False)  # fmt: skip
+            again = pretrain()
+            check_reproduced(stages["pretrain"], again, what="the pretraining", json_path=args.json)
+            stages["pretrain"].setdefault("reruns", []).append(rerun_record(again))
+            save()
+        return str(output)
 
-    done: dict[str, Path] = {}  # each row's run folder, for the rows that learn from its best model
-    for row in plan.rows:
-        key = f"row:{row.name}"
-        run_name = f"acc-{stamp}-{row.name}"
-        if key in results["stages"]:
-            console.print(f"{row.name}: kept from the results file", highlight=False)
-            done[row.name] = storage / run_name
-            continue
-        teacher = resolve_teachers(row, done)
+    def train_row(row: Row) -> dict[str, Any]:
+        teacher = resolve_teachers(row, {n: run_of(n) for n in row_teachers(row) if f"row:{n}" in stages})
+        backbone = pretrained()
         # A resume state after every epoch, not every 5th (the GPU default): a CPU epoch takes minutes, and a stopped
         # row resumes from its newest state. Results are the same either way (resuming is exact).
-        overrides = [*common, "checkpoint.every_epochs=1", *([f"model.pretrained={pretrained}"] if pretrained else []),
+        overrides = [*common, "checkpoint.every_epochs=1", *([f"model.pretrained={backbone}"] if backbone else []),
                      *plan.finetune_set,
-                     f"name={run_name}", "tracking.registered_model=fer-vitmae-bench-accuracy", *row.set,
+                     f"name=acc-{stamp}-{row.name}", "tracking.registered_model=fer-vitmae-bench-accuracy", *row.set,
                      *([f"distill.teacher={teacher}"] if teacher else [])]  # fmt: skip
         command = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(plan.finetune_config),
                    *sets(overrides)]  # fmt: skip
         run_job(command, console)
-        scored = score_best(storage / run_name, manifest, tta_modes=tuple(args.tta))
-        results["stages"][key] = {"set": row.spec, "finetune_set": list(plan.finetune_set),
-                                  "rows": table_rows(row, scored, " ".join(command[1:])), "curve": scored["curve"]}
-        done[row.name] = storage / run_name
+        scored = score_best(storage / f"acc-{stamp}-{row.name}", manifest, tta_modes=tuple(args.tta))
+        return {"set": row.spec, "finetune_set": list(plan.finetune_set),
+                "rows": table_rows(row, scored, " ".join(command[1:])), "curve": scored["curve"]}  # fmt: skip
+
+    def run_of(name: str) -> Path:
+        """Row ``name``'s run folder, run again (and checked against the results file) if it was kept but is gone:
+        a later row learns from its best model, or it is shipped."""
+        run = storage / f"acc-{stamp}-{name}"
+        key = f"row:{name}"
+        if key in stages and lost(run, folder_only=True):
+            if name not in rows:
+                raise FerdistError(f"{args.json} keeps row '{name}', whose run {run} is gone and is needed, but the "
+                                   "plan no longer has it; put it back in the plan, or put the run folder back")
+            console.print(f"{name}: kept in the results file, but its run {run} is gone and is needed: running it "
+                          "again (it must reproduce the kept epochs)", highlight=False)  # fmt: skip
+            again = train_row(rows[name])
+            check_reproduced(stages[key], again, what=f"row '{name}'", json_path=args.json)
+            stages[key].setdefault("reruns", []).append(rerun_record(again["rows"][0]))
+            save()
+        return run
+
+    output = storage / f"pretrained-acc-{stamp}"
+    if "pretrain" in stages and plan.pretrain_config is not None:
+        gone = " (its output is gone: run again if a row needs it)" if lost(output) else ""
+        console.print(f"pretraining: kept from the results file{gone}", highlight=False)
+    for row in plan.rows:
+        key = f"row:{row.name}"
+        if key in stages:
+            console.print(f"{row.name}: kept from the results file", highlight=False)
+            continue
+        stages[key] = train_row(row)
         save()
 
     results |= peer_and_majority(manifest, console)
@@ -501,13 +543,18 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
             console.print(f"{uri}: kept from the results file", highlight=False)
             results[key] = kept
             continue
-        results[key] = bundle_row(best["name"], out, uri, run=storage / f"acc-{stamp}-{best['name']}",
-                                  manifest=manifest, console=console)  # fmt: skip
+        results[key] = bundle_row(best["name"], out, uri, run=run_of(best["name"]), manifest=manifest,
+                                  console=console)  # fmt: skip
         save()
     results["complete"] = True
     save()
     print_accuracy(results, console)
     return results
+
+
+def row_teachers(row: Row) -> list[str]:
+    """The names of the earlier rows ``row`` learns from (its ``row:NAME`` teachers)."""
+    return [t[len(ROW_TEACHER) :] for t in row.teachers if t.startswith(ROW_TEACHER)]
 
 
 def bundle_target(name: str) -> tuple[Path, str]:
@@ -522,12 +569,23 @@ def bundle_target(name: str) -> tuple[Path, str]:
 
 def bundle_row(row: str, out: Path, uri: str, *, run: Path, manifest: Path, console: Console) -> dict[str, Any]:
     """The row's best model shipped as the bundle ``out`` (by ``jobs/export.py --format bundle``, as a maintainer
-    would), then scored on PrivateTest through ``uri``, as a user loads it."""
-    command = [sys.executable, str(ROOT / "jobs" / "export.py"), "--model", str(best_model_folder(run)), "--format",
-               "bundle", "--out", str(out), "--force", "--evaluate", str(manifest)]  # fmt: skip
+    would) at the view of a face PublicTest picks for it (`ferdist.bench.eval_crop`), then scored on PrivateTest
+    through ``uri``, as a user loads it."""
+    from ferdist.bench.eval_crop import pick_view
+    from ferdist.data.loader import open_dataset
+    from ferdist.track.registry import load_model
+
+    folder = best_model_folder(run)
+    loaded = load_model(str(folder))
+    picked, val = pick_view(loaded.model, loaded.cfg.model, open_dataset(str(manifest)))
+    console.print(f"{row}: PublicTest picks the view {picked:g} ("
+                  + ", ".join(f"{crop:g}: {v['accuracy']:.2%}" for crop, v in val.items()) + ")", highlight=False)
+    command = [sys.executable, str(ROOT / "jobs" / "export.py"), "--model", str(folder), "--format", "bundle",
+               "--out", str(out), "--force", "--evaluate", str(manifest), "--eval-crop", f"{picked:g}"]  # fmt: skip
     run_job(command, console)
     score = score_uri(uri, manifest)
     return {"model_uri": uri, "row": row, "test_acc": score["accuracy"], "test_macro_f1": score["macro_f1"],
+            "eval_crop": picked, "view_val_acc": {f"{crop:g}": v["accuracy"] for crop, v in val.items()},
             "command": " ".join(command[1:])}  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,24 @@ def crop_fraction(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number; give fractions such as 0.95") from None
-    if not 0.5 <= value <= 1.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"{text} is outside [0.5, 1] (the fraction of the face's side the model sees)")
+    from ferdist.config import eval_crop_problem
+
+    if problem := eval_crop_problem(value):
+        raise argparse.ArgumentTypeError(problem)
     return value
+
+
+def pick_view(
+    model: Any, model_cfg: Any, dataset: Any, crops: Sequence[float] = CANDIDATES
+) -> tuple[float, dict[float, dict[str, Any]]]:
+    """The view PublicTest picks for ``model`` among ``crops`` (a tie goes to the larger view), and every candidate's
+    PublicTest scores (single model, no TTA). PrivateTest is not looked at."""
+    from ferdist.bench.recipe import timed_evaluation
+    from ferdist.serve.inference import Predictor
+
+    val = {crop: timed_evaluation(Predictor.of(model, dataclasses.replace(model_cfg, eval_crop=crop)), dataset, "val")
+           for crop in crops}  # fmt: skip
+    return max(crops, key=lambda crop: (val[crop]["accuracy"], crop)), val
 
 
 def add_arguments(parser: argparse.ArgumentParser, real_fer2013: Path) -> None:
@@ -67,8 +83,7 @@ def bench_eval_crop(args: argparse.Namespace, console: Console) -> dict[str, Any
     own = cfg.model.eval_crop
     view = lambda crop: dataclasses.replace(cfg.model, eval_crop=crop)  # noqa: E731
     crops = sorted(set(args.crops), reverse=True)
-    val = {crop: timed_evaluation(Predictor.of(model, view(crop)), dataset, "val") for crop in crops}
-    picked = max(crops, key=lambda crop: (val[crop]["accuracy"], crop))
+    picked, val = pick_view(model, cfg.model, dataset, crops)
     test = {crop: timed_evaluation(Predictor.of(model, view(crop)), dataset, "test") for crop in {picked, own, 1.0}}
     results |= {
         "model_eval_crop": own, "picked": picked, "train_mean_crop_side": mean_crop_side(cfg.augment.crop_scale),

@@ -91,17 +91,20 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_destination(out: Path, *, force: bool) -> None:
+def check_destination(
+    out: Path, *, force: bool, holds: str = "bundle", marker: str = SAFE_MODEL_FILE, fmt: str = "bundle"
+) -> None:
     """Refuses an ``out`` that is a file, or a folder holding files that ``force`` does not allow to be replaced: only
-    an earlier bundle is ever replaced, never a folder of something else."""
+    an earlier export of the same kind (``holds``, known by its ``marker`` file; written by ``--format fmt``) is ever
+    replaced, never a folder of something else."""
     if out.exists() and not out.is_dir():
-        raise FerdistError(f"--out {out} is a file; --format bundle writes a folder, so give a folder name")
+        raise FerdistError(f"--out {out} is a file; --format {fmt} writes a folder, so give a folder name")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise FerdistError(f"{out} already exists; pass --force to replace it, or choose another --out")
-        if not (out / SAFE_MODEL_FILE).is_file():
-            raise FerdistError(f"{out} holds files but no bundle (no {SAFE_MODEL_FILE}); --force replaces only an "
-                               "earlier bundle, so choose another --out")  # fmt: skip
+        if not (out / marker).is_file():
+            raise FerdistError(f"{out} holds files but no {holds} (no {marker}); --force replaces only an earlier "
+                               f"{holds}, so choose another --out")  # fmt: skip
     check_writable(out, what="--out", folder=True)  # e.g. a file where a folder of its path should be
 
 

@@ -183,10 +183,17 @@ MAX_COMBINATIONS = 4096
 """Above this many combinations of searched values, only every pair of dimensions is built and checked."""
 
 
-def combinations(dims: tuple[Dimension, ...]) -> list[tuple[tuple[str, Any], ...]]:
+def combinations(dims: tuple[Dimension, ...], *, every_int: int = 0) -> list[tuple[tuple[str, Any], ...]]:
     """The (key, value) combinations a trial can draw, as far as they can be listed: every choice, and each range's
-    two ends; all of them up to `MAX_COMBINATIONS`, else every pair of dimensions."""
-    options = [[(d.key, v) for v in d.values] for d in dims]
+    two ends (a randint's every value, where it has at most ``every_int``); all of them up to `MAX_COMBINATIONS`, else
+    every pair of dimensions."""
+
+    def values(d: Dimension) -> tuple[Any, ...]:
+        if d.kind == "randint" and d.values[1] - d.values[0] < every_int:
+            return tuple(range(d.values[0], d.values[1] + 1))
+        return d.values
+
+    options = [[(d.key, v) for v in values(d)] for d in dims]
     if math.prod(len(o) for o in options) <= MAX_COMBINATIONS:
         return list(itertools.product(*options))
     return [pair for a, b in itertools.combinations(options, 2) for pair in itertools.product(a, b)]
@@ -202,8 +209,12 @@ def check_combinations(dims: tuple[Dimension, ...], base_flat: dict[str, Any], *
     if len(dims) < 2:
         return
     for combo in combinations(dims):
-        where = " with ".join(f"search.{k} = {v!r}" for k, v in combo)
-        from_flat_dict({**base_flat, **dict(combo)}, origin=f"{origin}: {where}")
+        from_flat_dict({**base_flat, **dict(combo)}, origin=f"{origin}: {described(combo)}")
+
+
+def described(combo: tuple[tuple[str, Any], ...]) -> str:
+    """A combination as a refusal names it: ``search.optim.lr = 0.1 with search.loop.epochs = 5``."""
+    return " with ".join(f"search.{k} = {v!r}" for k, v in combo)
 
 
 def _flatten_search(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -14,7 +14,6 @@ published as the registered model.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import statistics
@@ -28,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ferdist.config import RunConfig, from_flat_dict, redacted, to_flat_dict, to_yaml
 from ferdist.launch.trainer import build_trainer, fit, storage_target
 from ferdist.track import tracking
-from ferdist.tune.sweep import Dimension, Sweep, trial_epochs_budget
+from ferdist.tune.sweep import Dimension, Sweep, combinations, described, trial_epochs_budget
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,9 @@ SHAPE_KEYS = ("model.freeze_blocks", "model.image_size")
 def check_searched_shapes(base: RunConfig, search: tuple[Dimension, ...]) -> None:
     """Before Ray starts: every searched depth or size fits every searched backbone (``model.freeze_blocks: {choice:
     [0, 99]}`` on a 12-block ViT-B), as `ferdist.train.model.check_pretrained` checks the base config. A randint
-    over one of them is checked at every value it can draw (up to 256 of them, else at its ends).
+    over one of them is checked at every value it can draw (up to 256 of them, else at its ends); past
+    `ferdist.tune.sweep.MAX_COMBINATIONS` combinations, every pair of dimensions (a backbone refuses one setting at a
+    time).
 
     Raises:
         FerdistError: the first combination the backbone refuses, naming its values.
@@ -99,14 +100,8 @@ def check_searched_shapes(base: RunConfig, search: tuple[Dimension, ...]) -> Non
     dims = [d for d in search if d.key in (*SHAPE_KEYS, "model.pretrained")]
     if not any(d.key in SHAPE_KEYS for d in dims):
         return
-    options = []
-    for d in dims:
-        values = d.values
-        if d.kind == "randint" and d.values[1] - d.values[0] < 256:
-            values = tuple(range(d.values[0], d.values[1] + 1))
-        options.append([(d.key, v) for v in values])
-    for combo in itertools.product(*options):
-        where = " with ".join(f"search.{k} = {v!r}" for k, v in combo)
+    for combo in combinations(tuple(dims), every_int=256):
+        where = described(combo)
         cfg = from_flat_dict({**to_flat_dict(base), **dict(combo)}, origin=where)
         try:
             check_pretrained(cfg.model, endpoint_url=cfg.data.endpoint_url)
