@@ -171,14 +171,18 @@ def load_plan(path: Path) -> Plan:
             if t.strip() and names_local_path(t) and not Path(t).expanduser().exists():
                 raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which does not exist; name a "
                                    "model folder, a models:/ URI, peer:fer or row:NAME")  # fmt: skip
-        # The benchmark sets model.pretrained and distill.teacher itself, and names the run after the row. The
-        # teachers as written (row:NAME stands for a row's model) meet distill's own checks: blanks, repeats, peers.
-        teachers = "[" + ", ".join(json.dumps(t) for t in row.teachers) + "]"
-        stand_in = [f"name=acc-0-{row.name}", *([f"distill.teacher={teachers}"] if row.teachers else [])]
-        _checked(path, f"row '{row.name}'",
-                 lambda row=row, stand_in=stand_in: load_config(plan.finetune_config,
-                                                                [*plan.finetune_set, *row.set, *stand_in]))  # fmt: skip
+        _checked(path, f"row '{row.name}'", lambda row=row: load_config(plan.finetune_config, checked_set(plan, row)))
     return plan
+
+
+def checked_set(plan: Plan, row: Row, extra: tuple[str, ...] = (), *, stamp: str = "0") -> list[str]:
+    """The overrides a row's job gets, as far as they are known before anything runs: the benchmark sets
+    model.pretrained and distill.teacher itself, and names the run after the row. The teachers as written (row:NAME
+    stands for a row's model) meet distill's own checks (blanks, repeats, peers), and settings such as distill.kind
+    that need a teacher see it. ``extra``: the benchmark's --set, last."""
+    teachers = "[" + ", ".join(json.dumps(t) for t in row.teachers) + "]"
+    return [*plan.finetune_set, *row.set, *extra, f"name=acc-{stamp}-{row.name}",
+            *([f"distill.teacher={teachers}"] if row.teachers else [])]  # fmt: skip
 
 
 def _overrides(value: Any, path: Path, what: str) -> tuple[str, ...]:
@@ -362,8 +366,8 @@ def check_options(args: argparse.Namespace, plan: Plan, stamp: str) -> None:
 
     for row in plan.rows:
         _checked(None, f"--set/--name with row '{row.name}'",
-                 lambda row=row: load_config(plan.finetune_config, [*plan.finetune_set, *row.set, *args.set,
-                                                                    f"name=acc-{stamp}-{row.name}"]))  # fmt: skip
+                 lambda row=row: load_config(plan.finetune_config,
+                                             checked_set(plan, row, tuple(args.set), stamp=stamp)))  # fmt: skip
     if plan.pretrain_config is not None:
         _checked(None, "--set/--name with the pretraining",
                  lambda: load_config(plan.pretrain_config,

@@ -187,6 +187,17 @@ def test_the_benchmarks_own_options_are_one_sentence_before_anything_is_written(
     assert not out.exists() and (other / "notes.txt").read_text() == "keep"
 
 
+def test_the_shipped_plan_passes_the_benchmarks_own_checks() -> None:
+    """Its teacher rows set distill.kind, which needs the teacher the benchmark adds itself: checking the options
+    without it refused the shipped plan before its first row."""
+    import argparse
+
+    from ferdist.bench.accuracy import check_options
+
+    args = argparse.Namespace(set=["tracking.backend=none"], bundle="fer2013-vitmae-small", bundle_distilled=None)
+    check_options(args, load_plan(PLAN), "cpu")
+
+
 def test_no_data_is_an_error_for_the_benchmarks_that_need_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
