@@ -11,7 +11,8 @@ Hours on a CPU, so it survives being stopped: with ``--json`` the results file i
 same command with ``--resume`` continues: a finished stage is kept, an interrupted one is resumed *inside* itself
 (the jobs resume a run of the same name from its last checkpoint). A stage's ``wall_s`` is therefore the sum of its
 epochs' own times (train + evaluate + checkpoint, from the run's history), which a stop does not inflate; start-up
-is not in it.
+is not in it. A kept stage whose output is gone (the file outlives the machine) and is still needed runs again: the
+same epochs keep it, other epochs replace it and run again what learnt from it (`supersede`).
 
 The headline rows are chosen by PublicTest too: ``best_no_teacher`` / ``best_with_teacher`` are the rows with the
 best val accuracy among those without / with a teacher (no TTA), and report their PrivateTest accuracy.
@@ -396,31 +397,58 @@ def lost(path: Path, *, folder_only: bool = False) -> bool:
     return not path.is_dir() if folder_only else not (path / "config.json").is_file()
 
 
-def check_reproduced(kept: dict[str, Any], again: dict[str, Any], *, what: str, json_path: Path | None) -> None:
-    """A lost stage run again must give what the results file kept, epoch by epoch (the jobs are deterministic on one
-    machine: seeded, and resumed exactly), or the rows kept came from another model.
+def difference(kept: dict[str, Any], again: dict[str, Any]) -> str | None:
+    """Where a stage run again differs from what the results file kept, epoch by epoch (the pretraining's loss as
+    kept, to 5 decimals; a row's train and PublicTest curve), in words; None if it gives the same epochs. The jobs
+    are seeded, but floating point on another machine (or another thread schedule) can differ in the last bits, and
+    training amplifies that within a few epochs."""
 
-    Raises:
-        FerdistError: the first epoch that differs, and what to do.
-    """
     def points(stage: dict[str, Any]) -> list[Any]:
-        if "loss" in stage:  # the pretraining: its per-epoch reconstruction loss, as kept (5 decimals)
+        if "loss" in stage:
             return [round(x, 5) for x in stage["loss"]]
         keys = ("train_loss", "train_acc", "val_acc", "val_ema_acc")
         return [{k: round(p[k], 6) for k in keys if k in p} for p in stage["curve"]]
 
     then, now = points(kept), points(again)
     if then == now:
-        return
-    both = min(len(then), len(now))
-    epoch = next((i for i in range(both) if then[i] != now[i]), None)
+        return None
     shown = lambda point: (", ".join(f"{k} {v}" for k, v in point.items()) if isinstance(point, dict)  # noqa: E731
                            else str(point))  # fmt: skip
-    said = (f"epoch {epoch + 1}: {shown(then[epoch])} then, {shown(now[epoch])} now" if epoch is not None
-            else f"{len(then)} epochs then, {len(now)} now")  # fmt: skip
-    raise FerdistError(f"{what} was lost and run again, but it does not reproduce what {json_path} kept ({said}), "
-                       "so the rows kept learnt from another model; start a new results file without "
-                       "--resume")  # fmt: skip
+    epoch = next((i for i in range(min(len(then), len(now))) if then[i] != now[i]), None)
+    if epoch is None:
+        return f"{len(then)} epochs then, {len(now)} now"
+    return f"epoch {epoch + 1}: {shown(then[epoch])} then, {shown(now[epoch])} now"
+
+
+def learnt_from(plan: Plan, key: str) -> list[str]:
+    """The stages (``row:NAME``) that learnt from stage ``key``, directly or through a teacher: every row for the
+    pretraining, the rows taught by a row (and the rows they teach) for a row."""
+    if key == "pretrain":
+        return [f"row:{row.name}" for row in plan.rows] if plan.pretrain_config is not None else []
+    out: list[str] = []
+    for row in plan.rows:  # in plan order, so a teacher comes before the rows it teaches
+        if any(f"row:{t}" in (key, *out) for t in row_teachers(row)):
+            out.append(f"row:{row.name}")
+    return out
+
+
+def supersede(plan: Plan, stages: dict[str, Any], key: str, again: dict[str, Any], why: str) -> list[dict[str, Any]]:
+    """Stage ``key`` ran again (its output was lost) and gave other epochs (``why``): ``again`` replaces it, and the
+    kept stages that learnt from the old one leave ``stages``, so they run again. Returns what the results file notes
+    of the stages it replaced (``superseded``): the old numbers stay on record."""
+    def summary(name: str, stage: dict[str, Any]) -> dict[str, Any]:
+        if "loss" in stage:
+            return {"stage": name, "epochs": stage["epochs"], "final_loss": stage["loss"][-1],
+                    "wall_s": stage["wall_s"]}  # fmt: skip
+        keys = ("name", "test_acc", "test_macro_f1", "val_acc", "best_epoch")
+        return {"stage": name, "rows": [{k: r[k] for k in keys if k in r} for r in stage["rows"]]}
+
+    notes = [summary(key, stages[key]) | {"why": f"its output was lost, and run again it gave other epochs ({why})"}]
+    stages[key] = again
+    for dependent in learnt_from(plan, key):
+        if dependent in stages:
+            notes.append(summary(dependent, stages.pop(dependent)) | {"why": f"it learnt from the superseded {key}"})
+    return notes
 
 
 def rerun_record(stage: dict[str, Any]) -> dict[str, Any]:
@@ -441,6 +469,8 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
     results = ensure_shards(args, results, console, required=True)
     results |= {"name": stamp, "settings": settings_of(args), "complete": False, "rows": [],
                 "stages": saved.get("stages", {})}  # fmt: skip
+    if "superseded" in saved:  # what earlier runs replaced stays on record
+        results["superseded"] = saved["superseded"]
     stages = results["stages"]
     common = [f"data.manifest={manifest.resolve()}", f"checkpoint.storage_path={storage}", *args.set]
     sets = lambda overrides: [part for o in overrides for part in ("--set", o)]  # noqa: E731
@@ -471,20 +501,30 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
         }  # fmt: skip
 
     def pretrained() -> str | None:
-        """The backbone every row fine-tunes: pretrained now, kept, or (kept but lost) run again and checked."""
+        """The backbone every row fine-tunes: pretrained now, kept, or (kept but lost) run again: kept if it gives the
+        same epochs, else it replaces the kept one and every kept row runs again on it."""
         if plan.pretrain_config is None:
             return None
         if "pretrain" not in stages:
             stages["pretrain"] = pretrain()
             save()
         elif lost(output):
-            console.print(f"pretraining: kept in the results file, but {output} is gone: running it again (it must "
-                          "reproduce the kept losses)", highlight=False)  # fmt: skip
-            again = pretrain()
-            check_reproduced(stages["pretrain"], again, what="the pretraining", json_path=args.json)
-            stages["pretrain"].setdefault("reruns", []).append(rerun_record(again))
-            save()
+            console.print(f"pretraining: kept in the results file, but {output} is gone: running it again",
+                          highlight=False)  # fmt: skip
+            rerun("pretrain", pretrain())
         return str(output)
+
+    def rerun(key: str, again: dict[str, Any]) -> None:
+        if (why := difference(stages[key], again)) is None:
+            stages[key].setdefault("reruns", []).append(rerun_record(again if key == "pretrain" else again["rows"][0]))
+        else:
+            notes = supersede(plan, stages, key, again, why)
+            results["superseded"] = [*results.get("superseded", []), *notes]
+            replaced.update(n["stage"] for n in notes)
+            console.print(f"{key}: run again, it gave other epochs ({why}): it replaces the kept one"
+                          + (f", and {', '.join(n['stage'] for n in notes[1:])} run again" if notes[1:] else ""),
+                          highlight=False)  # fmt: skip
+        save()
 
     def train_row(row: Row) -> dict[str, Any]:
         teacher = resolve_teachers(row, {n: run_of(n) for n in row_teachers(row) if f"row:{n}" in stages})
@@ -503,8 +543,8 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
                 "rows": table_rows(row, scored, " ".join(command[1:])), "curve": scored["curve"]}  # fmt: skip
 
     def run_of(name: str) -> Path:
-        """Row ``name``'s run folder, run again (and checked against the results file) if it was kept but is gone:
-        a later row learns from its best model, or it is shipped."""
+        """Row ``name``'s run folder, run again if it was kept but is gone (a later row learns from its best model,
+        or it is shipped): kept if it gives the same epochs, else it replaces the kept row."""
         run = storage / f"acc-{stamp}-{name}"
         key = f"row:{name}"
         if key in stages and lost(run, folder_only=True):
@@ -512,24 +552,29 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
                 raise FerdistError(f"{args.json} keeps row '{name}', whose run {run} is gone and is needed, but the "
                                    "plan no longer has it; put it back in the plan, or put the run folder back")
             console.print(f"{name}: kept in the results file, but its run {run} is gone and is needed: running it "
-                          "again (it must reproduce the kept epochs)", highlight=False)  # fmt: skip
-            again = train_row(rows[name])
-            check_reproduced(stages[key], again, what=f"row '{name}'", json_path=args.json)
-            stages[key].setdefault("reruns", []).append(rerun_record(again["rows"][0]))
-            save()
+                          "again", highlight=False)  # fmt: skip
+            rerun(key, train_row(rows[name]))
         return run
 
+    def run_pending() -> None:
+        # A lost pretraining is settled first: if it is superseded, every kept row runs again, in plan order.
+        if any(f"row:{r.name}" not in stages for r in plan.rows):
+            pretrained()
+        for row in plan.rows:
+            key = f"row:{row.name}"
+            if key not in stages:
+                stages[key] = train_row(row)
+                save()
+
     output = storage / f"pretrained-acc-{stamp}"
+    replaced: set[str] = set()  # the stages this run replaced (a bundle kept from one of them is stale)
     if "pretrain" in stages and plan.pretrain_config is not None:
         gone = " (its output is gone: run again if a row needs it)" if lost(output) else ""
         console.print(f"pretraining: kept from the results file{gone}", highlight=False)
     for row in plan.rows:
-        key = f"row:{row.name}"
-        if key in stages:
+        if f"row:{row.name}" in stages:
             console.print(f"{row.name}: kept from the results file", highlight=False)
-            continue
-        stages[key] = train_row(row)
-        save()
+    run_pending()
 
     results |= peer_and_majority(manifest, console)
     results.setdefault("bundled", {"model_uri": None, "test_acc": None})
@@ -543,12 +588,18 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
             continue
         kept = saved.get(key) or {}
         out, uri = bundle_target(name)
-        if kept.get("row") == best["name"] and bench_results.relative(uri) == kept.get("model_uri") and out.is_dir():
+        if (kept.get("row") == best["name"] and f"row:{best['name']}" not in replaced
+                and bench_results.relative(uri) == kept.get("model_uri") and out.is_dir()):  # fmt: skip
             console.print(f"{uri}: kept from the results file", highlight=False)
             results[key] = kept
             continue
-        results[key] = bundle_row(best["name"], out, uri, run=run_of(best["name"]), manifest=manifest,
-                                  console=console)  # fmt: skip
+        while True:  # the best row's lost run, run again, may replace it (and the rows it taught): ends, as a
+            run = run_of(best["name"])  # replaced row's run is here
+            run_pending()
+            if (now := results["best_with_teacher" if teacher else "best_no_teacher"]) == best:
+                break
+            best = now
+        results[key] = bundle_row(best["name"], out, uri, run=run, manifest=manifest, console=console)
         save()
     results["complete"] = True
     save()

@@ -80,7 +80,8 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
 
     # A fresh machine keeps the results file but not the runs: a row added since learns from a kept row, so that
-    # row and the pretraining are run again, and kept only because they give the very epochs the file holds.
+    # row and the pretraining run again. The jobs are seeded, so here (one machine) they give the very epochs the
+    # file holds and are kept; where they do not (`supersede`, tested on its own), they replace what was kept.
     import shutil
 
     shutil.rmtree(tmp_path / "runs")
@@ -90,11 +91,12 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     capsys.readouterr()
     assert benchmark.main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
-    assert "pretraining: kept from the results file (its output is gone" in out
-    assert "base: kept in the results file, but its run" in out and "slow-lr: kept" in out
+    assert "pretraining: kept in the results file, but" in out and "is gone: running it again" in out
+    assert "base: kept in the results file, but its run" in out
     again = json.loads((tmp_path / "acc.json").read_text())
-    assert again["rows"][: len(rows_before)] == rows_before and again["rows"][-3]["name"] == "taught"
-    assert again["rows"][-3]["teacher"] == "row:base" and again["best_with_teacher"]["name"] == "taught"
+    assert again["rows"][: len(rows_before)] == rows_before and "superseded" not in again, out
+    assert again["rows"][-3]["name"] == "taught" and again["rows"][-3]["teacher"] == "row:base"
+    assert again["best_with_teacher"]["name"] == "taught"
     for stage in ("pretrain", "row:base"):
         assert [r["reproduced"] for r in again["stages"][stage]["reruns"]] == [True]
     assert "reruns" not in again["stages"]["row:slow-lr"]  # nothing learns from it: not run again
