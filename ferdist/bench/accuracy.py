@@ -90,7 +90,7 @@ def teacher_description(row: Row) -> str | None:
     said = []
     for t in row.teachers:
         if t.startswith(ROW_TEACHER):
-            said.append(f"row {t[len(ROW_TEACHER):]}: FER2013 train, its epoch picked on PublicTest")
+            said.append(f"row {t.removeprefix(ROW_TEACHER)}: FER2013 train, its epoch picked on PublicTest")
         elif t == "peer:fer":
             said.append(PEER_SAW)
         else:
@@ -166,7 +166,7 @@ def load_plan(path: Path) -> Plan:
     for i, row in enumerate(plan.rows):
         earlier = {r.name for r in plan.rows[:i]}
         for t in row.teachers:
-            if t.startswith(ROW_TEACHER) and t[len(ROW_TEACHER) :] not in earlier:
+            if t.startswith(ROW_TEACHER) and t.removeprefix(ROW_TEACHER) not in earlier:
                 raise FerdistError(f"the plan {path}: row '{row.name}' learns from {t}, which is not a row before it; "
                                    f"name an earlier row")  # fmt: skip
             if t.strip() and names_local_path(t) and not Path(t).expanduser().exists():
@@ -225,7 +225,7 @@ def resolve_teachers(row: Row, done: dict[str, Path]) -> list[str]:
     out = []
     for t in row.teachers:
         if t.startswith(ROW_TEACHER):
-            name = t[len(ROW_TEACHER):]
+            name = t.removeprefix(ROW_TEACHER)
             if name not in done:
                 raise FerdistError(f"row '{row.name}' learns from {t}, which has not run before it; list row "
                                    f"'{name}' earlier in the plan")  # fmt: skip
@@ -609,7 +609,7 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
 
 def row_teachers(row: Row) -> list[str]:
     """The names of the earlier rows ``row`` learns from (its ``row:NAME`` teachers)."""
-    return [t[len(ROW_TEACHER) :] for t in row.teachers if t.startswith(ROW_TEACHER)]
+    return [t.removeprefix(ROW_TEACHER) for t in row.teachers if t.startswith(ROW_TEACHER)]
 
 
 def bundle_target(name: str) -> tuple[Path, str]:
