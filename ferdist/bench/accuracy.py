@@ -12,7 +12,10 @@ same command with ``--resume`` continues: a finished stage is kept, an interrupt
 (the jobs resume a run of the same name from its last checkpoint). A stage's ``wall_s`` is therefore the sum of its
 epochs' own times (train + evaluate + checkpoint, from the run's history), which a stop does not inflate; start-up
 is not in it. A kept stage whose output is gone (the file outlives the machine) and is still needed runs again: the
-same epochs keep it, other epochs replace it and run again what learnt from it (`supersede`).
+same epochs keep it, other epochs replace it and run again what learnt from it (`supersede`). So that a fresh
+clone need not, the outputs later stages learn from (the pretrained backbone, the best model of a row that teaches
+another) are also kept beside the results file (`kept_root`, safetensors with their sha256 in the file): commit
+both, and a resume uses those copies where the machine's own are gone.
 
 The headline rows are chosen by PublicTest too: ``best_no_teacher`` / ``best_with_teacher`` are the rows with the
 best val accuracy among those without / with a teacher (no TTA), and report their PrivateTest accuracy.
@@ -21,8 +24,10 @@ best val accuracy among those without / with a teacher (no TTA), and report thei
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -216,8 +221,8 @@ def _teachers(value: Any, path: Path) -> tuple[str, ...]:
 
 
 def resolve_teachers(row: Row, done: dict[str, Path]) -> list[str]:
-    """The row's teachers as distill.teacher URIs: ``row:NAME`` becomes the best model folder of that row's run
-    (``done``: the run folders of the rows before it).
+    """The row's teachers as distill.teacher URIs: ``row:NAME`` becomes the best model folder of that row (``done``:
+    the best model folders of the rows before it).
 
     Raises:
         FerdistError: a ``row:NAME`` that has not run before this row.
@@ -229,7 +234,7 @@ def resolve_teachers(row: Row, done: dict[str, Path]) -> list[str]:
             if name not in done:
                 raise FerdistError(f"row '{row.name}' learns from {t}, which has not run before it; list row "
                                    f"'{name}' earlier in the plan")  # fmt: skip
-            out.append(str(best_model_folder(done[name])))
+            out.append(str(done[name]))
         else:
             out.append(t)
     return out
@@ -391,10 +396,15 @@ def check_options(args: argparse.Namespace, plan: Plan, stamp: str) -> None:
             raise FerdistError(f"{flag} {name}: {exn}") from None
 
 
-def lost(path: Path, *, folder_only: bool = False) -> bool:
-    """Whether a kept stage's output is gone (a fresh machine, or a cleaned folder): the pretrained folder has its
-    ``config.json``, a row's run is its folder."""
-    return not path.is_dir() if folder_only else not (path / "config.json").is_file()
+def backbone_lost(path: Path) -> bool:
+    """Whether the kept pretraining's output is gone (a fresh machine, or a cleaned folder): a pretrained folder has
+    its ``config.json``."""
+    return not (path / "config.json").is_file()
+
+
+def run_lost(path: Path) -> bool:
+    """Whether a kept row's run is gone: a run is its folder."""
+    return not path.is_dir()
 
 
 def difference(kept: dict[str, Any], again: dict[str, Any]) -> str | None:
@@ -456,6 +466,81 @@ def rerun_record(stage: dict[str, Any]) -> dict[str, Any]:
     return {"wall_s": stage["wall_s"], "reproduced": True} | ({"img_s": stage["img_s"]} if "img_s" in stage else {})
 
 
+KEPT_SUFFIX = "-kept"
+
+
+def kept_root(json_path: Path | None) -> Path | None:
+    """The folder beside the results file (``accuracy-cpu.json`` → ``accuracy-cpu-kept/``) that keeps copies of the
+    outputs later stages learn from; None without ``--json``. A run's folders live on one machine, but a re-run
+    elsewhere gives other epochs (`difference`) and so costs every stage after it: committed with the results file,
+    the copies let a fresh clone go on from where the file stands."""
+    return None if json_path is None else json_path.with_name(f"{json_path.stem}{KEPT_SUFFIX}")
+
+
+def weights_sha256(folder: Path) -> str:
+    """The sha256 of the folder's ``model.safetensors``: what a kept copy must still hold to be used."""
+    from ferdist.train.checkpoint import SAFE_MODEL_FILE
+
+    digest = hashlib.sha256()
+    with (folder / SAFE_MODEL_FILE).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def keep_backbone(source: Path, dest: Path) -> dict[str, str]:
+    """A copy of the pretrained folder ``source`` (a ``save_pretrained`` folder) at ``dest``, without the marker that
+    names the machine's run folder; returns the stage's ``kept`` record."""
+    from ferdist.serve.bundled import put_in_place
+    from ferdist.train.mae import MARKER_FILE
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        for file in source.iterdir():
+            if file.is_file() and file.name != MARKER_FILE:
+                shutil.copy2(file, partial / file.name)
+        partial.chmod(0o755)
+        put_in_place(partial, dest)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return {"path": str(dest), "sha256": weights_sha256(dest)}
+
+
+def keep_model(source: Path, dest: Path, row: str) -> dict[str, str]:
+    """Row ``row``'s best model (the checkpoint folder ``source``) as a safetensors bundle at ``dest``, which any
+    ``--model`` or ``distill.teacher`` takes; returns the stage's ``kept`` record."""
+    from ferdist.serve import bundled
+    from ferdist.train.checkpoint import load_classifier
+    from ferdist.train.runs import SUMMARY_FILE
+
+    model, cfg = load_classifier(source)
+    summary = json.loads((source / SUMMARY_FILE).read_text()) if (source / SUMMARY_FILE).is_file() else None
+    card = (f"# {row}, kept by the accuracy benchmark\n\nThe best model (its epoch picked on FER2013 PublicTest) of "
+            f"the plan's row '{row}', kept beside the results file because a later row learns from it. Not a shipped "
+            "model: see ferdist/models/ for those.\n")  # fmt: skip
+    bundled.write_bundle(model, cfg, dest, summary=summary, card=card, force=True)
+    return {"path": str(dest), "sha256": weights_sha256(dest)}
+
+
+def kept_copy(stage: dict[str, Any], what: str, console: Console) -> Path | None:
+    """The copy of the stage's output kept beside the results file, if it is there and holds the weights the file
+    recorded (a copy from another run of the stage is said and not used)."""
+    from ferdist.train.checkpoint import SAFE_MODEL_FILE
+
+    record = stage.get("kept")
+    if not isinstance(record, dict) or not record.get("path"):
+        return None
+    folder = bench_results.local_path(record["path"])
+    if not (folder / SAFE_MODEL_FILE).is_file():
+        return None
+    if weights_sha256(folder) != record.get("sha256"):
+        console.print(f"{what}: the copy in {folder} is not the one the results file recorded (its sha256 differs): "
+                      "not used", highlight=False)  # fmt: skip
+        return None
+    return folder
+
+
 def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     plan = load_plan(Path(args.plan))
     manifest = Path(args.manifest)
@@ -508,11 +593,44 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
         if "pretrain" not in stages:
             stages["pretrain"] = pretrain()
             save()
-        elif lost(output):
+        elif backbone_lost(output):
+            if (copy := kept_copy(stages["pretrain"], "pretraining", console)) is not None:
+                if "pretrain" not in said:
+                    said.add("pretrain")
+                    console.print(f"pretraining: {output} is gone: the rows start from the copy kept in {copy}",
+                                  highlight=False)  # fmt: skip
+                return str(copy)
             console.print(f"pretraining: kept in the results file, but {output} is gone: running it again",
                           highlight=False)  # fmt: skip
             rerun("pretrain", pretrain())
+        keep("pretrain", output)
         return str(output)
+
+    def keep(key: str, source: Path) -> None:
+        """A copy of stage ``key``'s output ``source`` beside the results file, unless a good one is there."""
+        if root is None or not source.is_dir() or kept_copy(stages[key], key, console) is not None:
+            return
+        if key == "pretrain":
+            stages[key]["kept"] = keep_backbone(source, root / "pretrained")
+        else:
+            stages[key]["kept"] = keep_model(source, root / key.replace(":", "-"), key.removeprefix(ROW_TEACHER))
+        save()
+
+    def model_of(name: str) -> Path:
+        """Row ``name``'s best model: in its run, else the copy kept beside the results file, else from its run run
+        again (`run_of`)."""
+        key = f"row:{name}"
+        if key in stages and run_lost(storage / f"acc-{stamp}-{name}"):
+            if (copy := kept_copy(stages[key], name, console)) is not None:
+                if key not in said:
+                    said.add(key)
+                    console.print(f"{name}: its run is gone: its best model is the copy kept in {copy}",
+                                  highlight=False)  # fmt: skip
+                return copy
+        folder = best_model_folder(run_of(name))
+        if name in teaching:  # run again just now: its copy goes beside the results file too
+            keep(key, folder)
+        return folder
 
     def rerun(key: str, again: dict[str, Any]) -> None:
         if (why := difference(stages[key], again)) is None:
@@ -527,7 +645,7 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
         save()
 
     def train_row(row: Row) -> dict[str, Any]:
-        teacher = resolve_teachers(row, {n: run_of(n) for n in row_teachers(row) if f"row:{n}" in stages})
+        teacher = resolve_teachers(row, {n: model_of(n) for n in row_teachers(row) if f"row:{n}" in stages})
         backbone = pretrained()
         # A resume state after every epoch, not every 5th (the GPU default): a CPU epoch takes minutes, and a stopped
         # row resumes from its newest state. Results are the same either way (resuming is exact).
@@ -547,7 +665,7 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
         or it is shipped): kept if it gives the same epochs, else it replaces the kept row."""
         run = storage / f"acc-{stamp}-{name}"
         key = f"row:{name}"
-        if key in stages and lost(run, folder_only=True):
+        if key in stages and run_lost(run):
             if name not in rows:
                 raise FerdistError(f"{args.json} keeps row '{name}', whose run {run} is gone and is needed, but the "
                                    "plan no longer has it; put it back in the plan, or put the run folder back")
@@ -560,16 +678,25 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
         # A lost pretraining is settled first: if it is superseded, every kept row runs again, in plan order.
         if any(f"row:{r.name}" not in stages for r in plan.rows):
             pretrained()
+        elif "pretrain" in stages and not backbone_lost(output):
+            keep("pretrain", output)
         for row in plan.rows:
             key = f"row:{row.name}"
             if key not in stages:
                 stages[key] = train_row(row)
                 save()
+            run = storage / f"acc-{stamp}-{row.name}"
+            if row.name in teaching and not run_lost(run):
+                keep(key, best_model_folder(run))
 
     output = storage / f"pretrained-acc-{stamp}"
     replaced: set[str] = set()  # the stages this run replaced (a bundle kept from one of them is stale)
+    root = kept_root(args.json)
+    teaching = {name for row in plan.rows for name in row_teachers(row)}  # rows whose best model is kept
+    said: set[str] = set()  # the kept copies already announced
     if "pretrain" in stages and plan.pretrain_config is not None:
-        gone = " (its output is gone: run again if a row needs it)" if lost(output) else ""
+        gone = " (its output is gone: a row that needs it takes the kept copy, or runs it again)"
+        gone = gone if backbone_lost(output) else ""
         console.print(f"pretraining: kept from the results file{gone}", highlight=False)
     for row in plan.rows:
         if f"row:{row.name}" in stages:
@@ -594,12 +721,12 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
             results[key] = kept
             continue
         while True:  # the best row's lost run, run again, may replace it (and the rows it taught): ends, as a
-            run = run_of(best["name"])  # replaced row's run is here
+            folder = model_of(best["name"])  # replaced row's run is here
             run_pending()
             if (now := results["best_with_teacher" if teacher else "best_no_teacher"]) == best:
                 break
             best = now
-        results[key] = bundle_row(best["name"], out, uri, run=run, manifest=manifest, console=console)
+        results[key] = bundle_row(best["name"], out, uri, folder=folder, manifest=manifest, console=console)
         save()
     results["complete"] = True
     save()
@@ -622,15 +749,14 @@ def bundle_target(name: str) -> tuple[Path, str]:
     return bundled.ROOT / name, f"{bundled.PREFIX}{name}"
 
 
-def bundle_row(row: str, out: Path, uri: str, *, run: Path, manifest: Path, console: Console) -> dict[str, Any]:
-    """The row's best model shipped as the bundle ``out`` (by ``jobs/export.py --format bundle``, as a maintainer
-    would) at the view of a face PublicTest picks for it (`ferdist.bench.eval_crop`), then scored on PrivateTest
-    through ``uri``, as a user loads it."""
+def bundle_row(row: str, out: Path, uri: str, *, folder: Path, manifest: Path, console: Console) -> dict[str, Any]:
+    """The row's best model (``folder``) shipped as the bundle ``out`` (by ``jobs/export.py --format bundle``, as a
+    maintainer would) at the view of a face PublicTest picks for it (`ferdist.bench.eval_crop`), then scored on
+    PrivateTest through ``uri``, as a user loads it."""
     from ferdist.bench.eval_crop import pick_view
     from ferdist.data.loader import open_dataset
     from ferdist.track.registry import load_model
 
-    folder = best_model_folder(run)
     loaded = load_model(str(folder))
     picked, val = pick_view(loaded.model, loaded.cfg.model, open_dataset(str(manifest)))
     console.print(f"{row}: PublicTest picks the view {picked:g} ("

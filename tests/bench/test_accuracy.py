@@ -69,6 +69,9 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     assert shipped["model"]["eval_crop"] == bundled["eval_crop"]
     assert "Results on the test split of" in (tmp_path / "models" / "acc-t" / "MODEL_CARD.md").read_text()
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    # Beside the results file, a copy of what later stages learn from: here the backbone (no row teaches yet).
+    assert sorted(p.name for p in (tmp_path / "acc-kept").iterdir()) == ["pretrained"]
+    assert results["stages"]["pretrain"]["kept"]["path"] == "acc-kept/pretrained"
 
     # Resume: what ran is kept as it was (no job starts, nothing re-scored); a changed row is refused. (A row the
     # plan gained runs as any row does: only the stages the file holds are skipped.)
@@ -79,12 +82,14 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     assert json.loads((tmp_path / "acc.json").read_text())["rows"] == results["rows"]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
 
-    # A fresh machine keeps the results file but not the runs: a row added since learns from a kept row, so that
-    # row and the pretraining run again. The jobs are seeded, so here (one machine) they give the very epochs the
-    # file holds and are kept; where they do not (`supersede`, tested on its own), they replace what was kept.
+    # A fresh machine keeps the results file but not the runs, nor (here) the copies beside it: a row added since
+    # learns from a kept row, so that row and the pretraining run again. The jobs are seeded, so here (one machine)
+    # they give the very epochs the file holds and are kept; where they do not (`supersede`, tested on its own),
+    # they replace what was kept.
     import shutil
 
     shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(tmp_path / "acc-kept")
     rows_before = json.loads((tmp_path / "acc.json").read_text())["rows"]
     write_plan(plan, [{"name": "base"}, {"name": "slow-lr", "set": ["optim.lr=1e-5"]},
                       {"name": "taught", "teacher": "row:base", "set": ["loop.epochs=1"]}])  # fmt: skip
@@ -102,6 +107,23 @@ def test_accuracy_benchmark_rows_headlines_and_resume(
     assert "reruns" not in again["stages"]["row:slow-lr"]  # nothing learns from it: not run again
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(
         {*runs, "acc-t-taught"} - {"acc-t-slow-lr"})  # fmt: skip
+
+    # The copies are back (the backbone, and now the teaching row's best model): a fresh clone with the committed
+    # results file and copies runs only the row the plan gained, learning from the copies.
+    assert sorted(p.name for p in (tmp_path / "acc-kept").iterdir()) == ["pretrained", "row-base"]
+    shutil.rmtree(tmp_path / "runs")
+    write_plan(plan, [{"name": "base"}, {"name": "slow-lr", "set": ["optim.lr=1e-5"]},
+                      {"name": "taught", "teacher": "row:base", "set": ["loop.epochs=1"]},
+                      {"name": "taught-2", "teacher": "row:base", "set": ["loop.epochs=1", "seed=1"]}])  # fmt: skip
+    capsys.readouterr()
+    assert benchmark.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "the rows start from the copy kept in" in out and "base: its run is gone: its best model is the copy" in out
+    assert out.count("running:") == 1 and "is gone: running it again" not in out, out
+    last = json.loads((tmp_path / "acc.json").read_text())
+    command = last["stages"]["row:taught-2"]["rows"][0]["command"]
+    assert "model.pretrained=acc-kept/pretrained" in command and "acc-kept/row-base" in command, command
+    assert last["stages"]["pretrain"]["reruns"] == again["stages"]["pretrain"]["reruns"]  # nothing ran again
 
     write_plan(plan, [{"name": "base", "set": ["optim.lr=1e-2"]}])
     assert benchmark.main([*args, "--resume"]) == 2

@@ -216,13 +216,13 @@ def test_no_data_is_an_error_for_the_benchmarks_that_need_it(
 def test_a_lost_stage_run_again_is_kept_only_if_it_gives_the_same_epochs(tmp_path: Path) -> None:
     """A results file carried to a fresh machine keeps its stages but not their folders: a stage still needed is run
     again; the same epochs keep it, other epochs are said where they first differ."""
-    from ferdist.bench.accuracy import difference, lost
+    from ferdist.bench.accuracy import backbone_lost, difference, run_lost
 
-    assert lost(tmp_path / "pretrained") and lost(tmp_path / "run", folder_only=True)
+    assert backbone_lost(tmp_path / "pretrained") and run_lost(tmp_path / "run")
     (tmp_path / "run").mkdir()
-    assert not lost(tmp_path / "run", folder_only=True) and lost(tmp_path / "run")  # a run is its folder
+    assert not run_lost(tmp_path / "run") and backbone_lost(tmp_path / "run")  # a run is its folder, a backbone not
     (tmp_path / "run" / "config.json").write_text("{}")
-    assert not lost(tmp_path / "run")
+    assert not backbone_lost(tmp_path / "run")
     kept = {"loss": [0.84879, 0.75967, 0.7295]}
     assert difference(kept, {"loss": [0.848791, 0.759668, 0.729501]}) is None  # as kept: 5 decimals
     assert difference(kept, {"loss": [0.84879, 0.75968, 0.7295]}) == "epoch 2: 0.75967 then, 0.75968 now"
