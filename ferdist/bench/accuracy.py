@@ -500,6 +500,7 @@ def keep_backbone(source: Path, dest: Path) -> dict[str, str]:
         for file in source.iterdir():
             if file.is_file() and file.name != MARKER_FILE:
                 shutil.copy2(file, partial / file.name)
+                (partial / file.name).chmod(0o644)  # committed and read by whoever clones it
         partial.chmod(0o755)
         put_in_place(partial, dest)
     finally:
