@@ -24,7 +24,6 @@ best val accuracy among those without / with a teacher (no TTA), and report thei
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -479,13 +478,10 @@ def kept_root(json_path: Path | None) -> Path | None:
 
 def weights_sha256(folder: Path) -> str:
     """The sha256 of the folder's ``model.safetensors``: what a kept copy must still hold to be used."""
+    from ferdist.data.shards import sha256_hex
     from ferdist.train.checkpoint import SAFE_MODEL_FILE
 
-    digest = hashlib.sha256()
-    with (folder / SAFE_MODEL_FILE).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_hex((folder / SAFE_MODEL_FILE).read_bytes())  # a few MB: read whole, as a bundle's check does
 
 
 def keep_backbone(source: Path, dest: Path) -> dict[str, str]:
